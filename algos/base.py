@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from envs.denoising import DenoisingCore
+from envs.denoising import DenoisingCore, check_reward
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.worlds.base import World
@@ -59,18 +59,25 @@ class AlgoContext:
         return self.accelerator.gather(x.contiguous())
 
     def reward(self, rewards_fn, images: Tensor, prompts: list[str]) -> Tensor:
-        """Query a reward model, counting the queries and checking the output (shape (B,), finite)."""
+        """Query a reward model, counting the queries and checking the output (shape (B,), finite).
+
+        Raises a one-line ValueError naming the reward (the training loop adds the optimizer step)."""
         r = rewards_fn(images, prompts)
         self.counters.reward_queries += len(prompts)
-        if not isinstance(r, Tensor) or r.shape != (len(prompts),):
-            shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
-            raise ValueError(
-                f"reward {getattr(rewards_fn, 'name', rewards_fn)!r} returned {shape}, "
-                f"expected shape ({len(prompts)},)"
-            )
+        check_reward(r, len(prompts), self.reward_name(rewards_fn))
         if not torch.isfinite(r).all():
-            raise ValueError(f"reward {getattr(rewards_fn, 'name', rewards_fn)!r} returned NaN or inf")
+            raise ValueError(f"reward {self.reward_name(rewards_fn)!r} returned NaN or inf")
         return r
+
+    def reward_name(self, rewards_fn) -> str:
+        """The configured name of a reward model (``reward=<name>`` for the env's own reward)."""
+        env = self.env
+        if env is not None and (
+            rewards_fn is getattr(env, "reward_model", None) or getattr(rewards_fn, "__self__", None) is env
+        ):
+            return str(getattr(env, "reward_name", "reward"))
+        name = getattr(rewards_fn, "name", None)
+        return name if isinstance(name, str) else getattr(rewards_fn, "__name__", type(rewards_fn).__name__)
 
 
 @runtime_checkable

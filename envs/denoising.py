@@ -57,6 +57,14 @@ class Rollout:
         return self.sample.x0
 
 
+def check_reward(r: Any, batch: int, name: str) -> None:
+    """A reward model's output must be a (B,) tensor: else a one-line ValueError naming the reward."""
+    if not isinstance(r, Tensor):
+        raise ValueError(f"reward {name!r} returned {type(r).__name__}, expected a tensor of shape ({batch},)")
+    if tuple(r.shape) != (batch,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({batch},)")
+
+
 class DenoisingCore:
     """Functional, batched torch core of the denoising MDP.
 
@@ -136,10 +144,7 @@ class DenoisingCore:
     def terminal_reward(self, x0: Tensor, prompts: list[str]) -> Tensor:
         """r(c, decode(x_0)); keeps autograd (DRaFT)."""
         r = self.reward_model(self.world.decode(x0), prompts)
-        if r.shape != (len(prompts),):
-            raise ValueError(
-                f"reward {self.reward_name!r} returned shape {tuple(r.shape)}, expected ({len(prompts)},)"
-            )
+        check_reward(r, len(prompts), self.reward_name)
         return r
 
     # The behaviour policy of the off-policy view (S3) -------------------------------------------------------------

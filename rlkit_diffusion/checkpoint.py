@@ -7,9 +7,13 @@ A checkpoint is a directory ``<run>/checkpoints/step_<n>/`` with
 * ``optimizer.pt``           optimizer + lr-scheduler state, tensors only (read with ``torch.load(weights_only=True)``)
 * ``state.json``             step, counters, algorithm and data-iterator state, RNG states (JSON; tensors as lists)
 
-It is written into ``step_<n>.tmp`` and renamed to ``step_<n>`` in one ``os.replace``, so a kill during the write
-leaves the previous checkpoint intact; ``latest`` is a text file naming the newest complete checkpoint, also
-replaced atomically.
+It is written into ``step_<n>.tmp`` (files fsynced) and renamed to ``step_<n>`` in one ``os.replace``, so a kill
+during the write leaves the previous checkpoint intact; ``latest`` is a text file naming the newest complete
+checkpoint, also replaced atomically. Only directories named ``step_<8 digits>`` holding ``model.safetensors`` and
+``state.json`` count as checkpoints: a leftover ``step_<n>.tmp`` of a killed write never does, and the next save
+removes it. Rewriting an existing step first renames it to ``step_<n>.old`` (never deletes it before the new one is
+in place); a ``.old`` whose ``step_<n>`` is missing (a kill between the two renames) still counts, and is renamed
+back by the next save.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -74,12 +79,16 @@ def _unjson(obj: Any) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
+    """The global RNG states: torch (CPU, and CUDA when initialised), numpy and python ``random``."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], np_state[1], int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -88,6 +97,53 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.to(torch.uint8) for t in cuda])
+
+
+STEP_DIR = re.compile(r"step_\d{8}")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():  # platforms that cannot open a directory: its entries are flushed with the files
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint directory: named ``step_<8 digits>`` (or a ``.old`` copy whose ``step_<n>`` is gone),
+    with its weights and ``state.json``."""
+    name = path.name
+    if name.endswith(".old"):
+        name = name.removesuffix(".old")
+        if (path.parent / name).exists():
+            return False
+    return (
+        STEP_DIR.fullmatch(name) is not None
+        and (path / "model.safetensors").is_file()
+        and (path / "state.json").is_file()
+    )
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove the ``.tmp`` directories of killed writes; put back a ``.old`` whose replacement never arrived."""
+    for stale in root.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob("step_*.old"):
+        final = root / old.name.removesuffix(".old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
 
 
 def save_checkpoint(
@@ -105,8 +161,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _clean_leftovers(root)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
     if reference_state:
@@ -119,16 +174,25 @@ def save_checkpoint(
         opt["lr_scheduler"] = lr_scheduler.state_dict()
     if opt:
         torch.save(opt, tmp / "optimizer.pt")
-    with open(tmp / "state.json", "w") as f:
+    with open(tmp / "state.json", "w") as f:  # written last: a directory with state.json is complete
         json.dump(_jsonable({"step": step, "rng": rng_state(), **(state or {})}), f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    old = None
+    if final.exists():  # rewriting a step (e.g. the final checkpoint of a resumed run): never delete it first
+        old = root / f"step_{step:08d}.old"
+        os.replace(final, old)
     os.replace(tmp, final)
     latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name)
+    with open(latest_tmp, "w") as f:
+        f.write(final.name)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(latest_tmp, root / "latest")
+    _fsync(root)
+    if old is not None:
+        shutil.rmtree(old)
     return final
 
 
@@ -136,12 +200,11 @@ def latest_checkpoint(ckpt_root: Path | str) -> Path | None:
     """The newest complete checkpoint directory (``latest`` pointer, else the highest ``step_*``)."""
     root = Path(ckpt_root)
     pointer = root / "latest"
-    if pointer.exists():
+    if pointer.is_file():
         cand = root / pointer.read_text().strip()
-        if (cand / "state.json").exists():
+        if is_complete(cand):
             return cand
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    done = [p for p in done if (p / "state.json").exists()]
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
     return done[-1] if done else None
 
 

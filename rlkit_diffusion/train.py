@@ -12,7 +12,9 @@
                 clip grad norm; optimizer.step(); lr_scheduler.step(); zero_grad
             if an optimizer step happened:
                 algo.after_update(update)              # reference updates etc.
-                log / eval / checkpoint on their schedules
+                log / eval on their schedules
+        checkpoint if one fell due during this batch   # between batches only: a resume is exact
+    an error (bad reward, caption, batch) names the optimizer step; the run directory gets STOPPED with the reason
 
 The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``reward_queries`` or wall seconds
 ``wall_s`` — so algorithms whose steps cost orders of magnitude apart can be compared at equal cost.
@@ -68,7 +70,9 @@ class TrainConfig:
     eval_every: int = 0
     """Run the quick learning-curve evaluation every this many optimizer steps (0 = never)."""
     checkpoint_every: int = 0
-    """Write a checkpoint every this many optimizer steps (0 = only at the end)."""
+    """Write a checkpoint every this many optimizer steps (0 = only at the end). It is written once the collected batch
+    that reached the step is used up (algorithms with several optimizer steps per batch, e.g. DDPO's minibatches,
+    checkpoint at the next batch boundary), so that a resume continues exactly."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run (with a clear message) or ``skip`` the step and count it."""
     max_skipped: int = 10
@@ -232,63 +236,80 @@ def train(
     t_start = time.perf_counter()
     running: dict[str, list[float]] = {}
     model.train()
-    while not budget.done():
-        batch = algo.collect()
-        for mb in algo.minibatches(batch):
-            ctx_mgr = acc.accumulate(model) if acc is not None else _null()
-            with ctx_mgr:
-                losses = algo.loss(mb)
-                total = sum_losses(losses)
-                bad = not torch.isfinite(total.detach()).all()
-                if not bad or multi:  # multi-process: never skip the gradient all-reduce on one rank only (hang);
-                    (acc.backward(total) if acc is not None else total.backward())  # NaN grads reach every rank
-                    bad = bad or not _grads_finite(params)
-                if bad:
+    checkpoint_due = False
+    step_no = ctx.counters.updates + 1  # the optimizer step in progress (named by errors)
+    try:
+        while not budget.done():
+            step_no = ctx.counters.updates + 1
+            batch = algo.collect()
+            for mb in algo.minibatches(batch):
+                step_no = ctx.counters.updates + 1
+                ctx_mgr = acc.accumulate(model) if acc is not None else _null()
+                with ctx_mgr:
+                    losses = algo.loss(mb)
+                    total = sum_losses(losses)
+                    bad = not torch.isfinite(total.detach()).all()
+                    if not bad or multi:  # multi-process: never skip the gradient all-reduce on one rank only (hang);
+                        (acc.backward(total) if acc is not None else total.backward())  # NaN grads reach every rank
+                        bad = bad or not _grads_finite(params)
+                    if bad:
+                        opt.zero_grad(set_to_none=True)
+                        skipped += 1
+                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+                        msg = f"non-finite loss or gradient at optimizer step {step_no} ({where})"
+                        if cfg.on_nonfinite == "stop" or skipped > cfg.max_skipped:
+                            if run_dir is not None and main:
+                                (Path(run_dir) / "STOPPED").write_text(msg + "\n")
+                            raise DivergenceError(msg)
+                        continue
+                    synced = acc.sync_gradients if acc is not None else True
+                    if synced and cfg.max_grad_norm > 0:
+                        if acc is not None:
+                            gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        else:
+                            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                        if gn is not None:  # None under DeepSpeed, which clips inside its engine (gradient_clipping)
+                            losses["grad_norm"] = gn
+                    opt.step()
+                    if synced:
+                        sched.step()
                     opt.zero_grad(set_to_none=True)
-                    skipped += 1
-                    step_no = ctx.counters.updates + 1
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-                    msg = f"non-finite loss or gradient at optimizer step {step_no} ({where})"
-                    if cfg.on_nonfinite == "stop" or skipped > cfg.max_skipped:
-                        if run_dir is not None and main:
-                            (Path(run_dir) / "STOPPED").write_text(msg + "\n")
-                        raise DivergenceError(msg)
+                for k, v in losses.items():
+                    running.setdefault(k, []).append(to_float(v))
+                if not synced:
                     continue
-                synced = acc.sync_gradients if acc is not None else True
-                if synced and cfg.max_grad_norm > 0:
-                    if acc is not None:
-                        gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                    else:
-                        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    if gn is not None:  # None under DeepSpeed, which clips inside its engine (gradient_clipping)
-                        losses["grad_norm"] = gn
-                opt.step()
-                if synced:
-                    sched.step()
-                opt.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                running.setdefault(k, []).append(to_float(v))
-            if not synced:
-                continue
-            ctx.counters.updates += 1
-            update = ctx.counters.updates
-            for k, v in algo.after_update(update).items():
-                running.setdefault(k, []).append(to_float(v))
-            bar.update(max(0.0, min(budget.used(), budget.amount) - bar.n))
-            if update % max(1, cfg.log_every) == 0 and main:
-                row = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
-                row.update(_budget_row(ctx, budget, sched, skipped))
-                logger.log(update, row)
-                bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in list(row.items())[:3]})
-                running.clear()
-            if eval_fn is not None and cfg.eval_every and update % cfg.eval_every == 0:
-                metrics = eval_fn(update)
-                if main:
-                    logger.log(update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)})
-            if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
+                ctx.counters.updates += 1
+                update = ctx.counters.updates
+                for k, v in algo.after_update(update).items():
+                    running.setdefault(k, []).append(to_float(v))
+                bar.update(max(0.0, min(budget.used(), budget.amount) - bar.n))
+                if update % max(1, cfg.log_every) == 0 and main:
+                    row = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
+                    row.update(_budget_row(ctx, budget, sched, skipped))
+                    logger.log(update, row)
+                    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in list(row.items())[:3]})
+                    running.clear()
+                if eval_fn is not None and cfg.eval_every and update % cfg.eval_every == 0:
+                    metrics = eval_fn(update)
+                    if main:
+                        logger.log(
+                            update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)}
+                        )
+                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
+                    checkpoint_due = True
+                if budget.done():
+                    break
+            # Checkpoints are written between collected batches only: the rest of a batch (DDPO's further
+            # minibatches) is not in a checkpoint, so a mid-batch checkpoint could not resume exactly. When the
+            # budget is spent, the final checkpoint below is written instead.
+            if checkpoint_due and not budget.done():
                 last_ckpt = checkpoint() or last_ckpt
-            if budget.done():
-                break
+                checkpoint_due = False
+    except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
+        _name_the_step(err, step_no)
+        if run_dir is not None and main and not isinstance(err, DivergenceError):
+            (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
+        raise
     bar.close()
     model.eval()
     if acc is not None:
@@ -304,6 +325,12 @@ def train(
         "skipped_steps": skipped,
         "checkpoint": str(final_ckpt) if final_ckpt else None,
     }
+
+
+def _name_the_step(err: BaseException, step: int) -> None:
+    """Append "(at optimizer step N)" to a one-argument error message (same exception type and traceback)."""
+    if len(err.args) == 1 and isinstance(err.args[0], str) and "optimizer step" not in err.args[0]:
+        err.args = (f"{err.args[0]} (at optimizer step {step})",)
 
 
 def _gather_generator_states(acc: Any, generator: torch.Generator) -> list[torch.Tensor]:
