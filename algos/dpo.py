@@ -37,7 +37,7 @@ from torch import Tensor
 
 from algos.base import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.policy import DiffusionPolicy, cond_cat
-from rlkit_diffusion.worlds.base import PairSource
+from rlkit_diffusion.worlds.base import PairSource, World
 
 BETA_SCALE = {"official": 0.5, "diffusers": 1.0, "paper": 1.0}
 
@@ -261,9 +261,9 @@ def paired_predictions(
     eps = torch.cat([noise, noise])
     x_t = policy.add_noise(x0, eps, t2)  # q(x_t | x_0), eq. 2
     c2 = cond_cat([cond, cond])
-    model_pred = policy.model_output(x_t, t2, c2)
-    with torch.no_grad():
+    with torch.no_grad():  # the reference first: its activations are freed before the policy's graph is built
         ref_pred = ref_policy.model_output(x_t, t2, c2)
+    model_pred = policy.model_output(x_t, t2, c2)
     return model_pred, ref_pred, policy.training_target(x0, eps, t2)
 
 
@@ -373,6 +373,31 @@ def implicit_reward_accuracy(
     return {"implicit_acc": float(preference_accuracy(margin)), "implicit_margin": float(margin.mean())}
 
 
+@torch.no_grad()
+def reward_preference_accuracy(
+    world: World, pairs: PairSource, names: list[str], *, n_pairs: int = 512, batch_size: int = 256
+) -> dict[str, float]:
+    """Preference accuracy of explicit reward models on validation pairs (the other rows of Table 2).
+
+    A pair (c, x^w, x^l) counts as correct when r(c, D(x^w)) > r(c, D(x^l)), ½ on a tie: the same rule and the same
+    pairs as `implicit_reward_accuracy` (the stream is rewound afterwards). Returns ``{"reward_acc_<name>": ...}``.
+    """
+    state = pairs.state_dict()
+    margins: dict[str, list[Tensor]] = {name: [] for name in names}
+    try:
+        done = 0
+        while done < n_pairs:
+            prompts, x_w, x_l = pairs.next_batch(min(batch_size, n_pairs - done))
+            done += len(prompts)
+            images = world.decode(torch.cat([x_w, x_l]))  # (2B, ...): winners then losers
+            for name in names:
+                r = world.reward(name)(images, list(prompts) * 2).float()  # (2B,)
+                margins[name].append(r[: len(prompts)] - r[len(prompts) :])
+    finally:
+        pairs.load_state_dict(state)
+    return {f"reward_acc_{name}": float(preference_accuracy(torch.cat(m))) for name, m in margins.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The algorithms
 # --------------------------------------------------------------------------------------------------------------
@@ -459,7 +484,7 @@ class DPO(AlgorithmDefaults):
         ctx, cfg = self.ctx, self.config
         if cfg.implicit_eval_pairs <= 0 or ctx.world.val_pairs is None:
             return {}
-        return implicit_reward_accuracy(
+        out = implicit_reward_accuracy(
             ctx.policy,
             ctx.base.policy,
             ctx.world.val_pairs,
@@ -469,6 +494,10 @@ class DPO(AlgorithmDefaults):
             beta=getattr(cfg, "beta", 1.0),
             convention=getattr(cfg, "beta_convention", "official"),
         )
+        # Table 2's other rows: the explicit rewards on the same validation pairs.
+        names = [n for n in ctx.world.rewards if not n.startswith("jpeg")]
+        out.update(reward_preference_accuracy(ctx.world, ctx.world.val_pairs, names, n_pairs=cfg.implicit_eval_pairs))
+        return out
 
 
 class DPOL2(DPO):

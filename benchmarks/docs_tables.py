@@ -5,13 +5,16 @@
     python -m benchmarks.docs_tables                          # every algorithm on toy2d, seed 0, then rewrite docs
     python -m benchmarks.docs_tables --world shapes --seeds 0 1 2
     python -m benchmarks.docs_tables --algos dpo ddpo --runs runs/docs_tables/20250101-120000   # re-render only
+    python -m benchmarks.docs_tables --world shapes --experiment runs/<time>-head_to_head   # from the experiment
 
 For each algorithm it runs ``python -m benchmarks.run algo=<name> world=<world> seed=<s>`` (the repository's
 defaults and tuning files; ``--override algo:key=value`` adds a Hydra override for one algorithm and is printed
 under the table), reads the run's ``eval.json`` and ``config.yaml``, and rewrites the block between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` of ``docs/algos/<name>.md``; the head-to-head summary of
 ``docs/README.md`` is rewritten the same way. With several seeds each number is the mean ± standard deviation
-over seeds.
+over seeds. ``--experiment <dir>`` renders the tables from the runs of ``python -m benchmarks.run
+experiment=head_to_head`` instead (``<dir>/runs/<algo>/``, one seed, every module at the same training budget), so
+the docs and the head-to-head comparison are the same measurement.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from omegaconf import OmegaConf
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
 ALGOS = ["dpo", "dpo_l2", "sft", "rethink_dpo", "ddpo", "dpok", "draft", "draft_lv", "alignprop", "best_of_n"]
+HEAD_TO_HEAD = REPO_ROOT / "benchmarks" / "conf" / "experiment" / "head_to_head.yaml"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BLOCK = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
 
@@ -221,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out-dir", default="runs/docs_tables", help="parent of the new runs (relative to the repo)")
     p.add_argument("--runs", default=None, help="re-render from this earlier output directory instead of training")
+    p.add_argument(
+        "--experiment", default=None, help="re-render from the runs of an experiment=head_to_head directory instead"
+    )
     p.add_argument("--override", action="append", default=[], help="<algo>:<hydra override>, repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--docs-dir", default=str(DOCS), help="folder holding README.md and algos/<name>.md")
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         + (["--seeds " + " ".join(map(str, args.seeds))] if args.seeds != [0] else [])
         + [f"--override {o}" for o in args.override]
     )
+    if args.experiment:
+        return render_experiment(Path(args.experiment), args.algos, docs, regen + " --experiment <dir>")
     collected: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
     for algo in args.algos:
@@ -264,6 +273,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed (tables left unchanged): {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -> int:
+    """Rewrite the tables from an ``experiment=head_to_head`` directory (``runs/<algo>/`` of one seed)."""
+    configs = sorted((exp_dir / "runs").glob("*/config.yaml"))
+    if not configs:
+        raise SystemExit(f"--experiment: no runs under {exp_dir / 'runs'}")
+    world = OmegaConf.load(configs[0]).world.name
+    specs = {r.label: list(r.overrides) for r in OmegaConf.load(HEAD_TO_HEAD).sweep.runs}
+    collected: dict[str, list[dict[str, Any]]] = {}
+    for algo in algos:
+        run_dir = exp_dir / "runs" / algo
+        if not (run_dir / "eval.json").exists():
+            print(f"{algo}: no finished run in {run_dir} (table left unchanged)", file=sys.stderr)
+            continue
+        result, config = load_run(run_dir)
+        command = " ".join(["python -m benchmarks.run", f"world={world}", *specs.get(algo, [f"algo={algo}"])])
+        note = f"# one run of: python -m benchmarks.run experiment=head_to_head world={world}"
+        replace_block(docs / "algos" / f"{algo}.md", algo_table([result], config, [note, command], regen))
+        collected[algo] = [result]
+    if collected:  # one experiment is one comparison: its summary is rewritten even when a module is missing
+        missing = [a for a in ALGOS if a not in collected]
+        block = summary_table(collected, world, regen)
+        if missing:
+            note = f"Not in this experiment's runs: {', '.join(missing)} (their pages keep earlier tables)."
+            block = block.replace(END, note + "\n" + END)
+        replace_block(docs / "README.md", block)
+    print(f"tables rewritten from {exp_dir} for: {', '.join(collected) or 'none'}", flush=True)
+    return 0 if collected else 1
 
 
 if __name__ == "__main__":

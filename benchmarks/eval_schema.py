@@ -56,8 +56,11 @@ OPTIONAL_FLOAT_KEYS = [
     "heldout_win_rate_vs_base_ci_high",
     "proxy_reward_base",
     "proxy_reward_trained",
-    "implicit_reward_accuracy",
+    "implicit_acc",
     "best_of_n_equivalent",
+    "best_of_n_equivalent_by_proxy",
+    "inference_nfe_per_sample",
+    "inference_nfe_per_sample_base",
     "distance_to_optimum_base",
     "distance_to_optimum_trained",
 ]

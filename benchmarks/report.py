@@ -18,6 +18,7 @@ import base64
 import html
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ TABLE_COLUMNS = [
     ("proxy_reward_trained", "proxy", "{:.3f}"),
     ("kl_to_ref", "KL to ref", "{:.2f}"),
     ("diversity", "diversity", "{:.3f}"),
-    ("implicit_reward_accuracy", "implicit acc", "{:.1%}"),
+    ("implicit_acc", "implicit acc", "{:.1%}"),
     ("unet_nfe", "train NFE", "{:.3g}"),
     ("reward_queries", "reward queries", "{:.3g}"),
     ("train_wall_s", "train s", "{:.0f}"),
@@ -77,7 +78,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     out: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
-        out[(r["eval"].get("world", "?"), r["eval"].get("algo", "?"))].append(r)
+        algo = r["eval"].get("algo", "?")
+        label = r["eval"].get("label")
+        out[(r["eval"].get("world", "?"), f"{algo} [{label}]" if label else algo)].append(r)
     return dict(sorted(out.items()))
 
 
@@ -226,12 +229,9 @@ def image_grid(groups, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(paths: list[Path], out: Path | None = None) -> Path:
-    runs = [load_run(r) for r in find_runs(paths)]
-    out = out or paths[0]
-    out.mkdir(parents=True, exist_ok=True)
-    groups = group(runs)
-    figures: list[tuple[str, Path | None]] = [
+def figures(groups, out: Path) -> list[tuple[str, Path]]:
+    """Every figure of a comparison (written into ``out``): ``[(title, path)]``, those with data only."""
+    figs: list[tuple[str, Path | None]] = [
         ("Learning curves against each budget axis", plot_curves(groups, out)),
         (
             "Reward–KL frontier",
@@ -261,7 +261,21 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
             ),
         ),
     ]
-    figures += [("Samples: base vs each algorithm", p) for p in image_grid(groups, out)]
+    figs += [("Samples: base vs each algorithm", p) for p in image_grid(groups, out)]
+    return [(t, p) for t, p in figs if p is not None]
+
+
+def find_sections(paths: list[Path]) -> list[Path]:
+    """Experiment directories (``experiment.json`` + ``section.md``, `benchmarks.experiments`) below ``paths``."""
+    return [e.parent for p in paths for e in sorted(p.rglob("experiment.json")) if (e.parent / "section.md").exists()]
+
+
+def write_report(paths: list[Path], out: Path | None = None) -> Path:
+    runs = [load_run(r) for r in find_runs(paths)]
+    out = out or paths[0]
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group(runs)
+    figs = figures(groups, out)
     md = [
         "# rlkit-diffusion report",
         "",
@@ -270,16 +284,25 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         table(groups),
         "",
     ]
-    for title, p in figures:
-        if p is not None:
-            md += [f"## {title}", "", f"![{title}]({p.name})", ""]
+    for title, p in figs:
+        md += [f"## {title}", "", f"![{title}]({p.name})", ""]
+    sections = find_sections(paths)
+    for d in sections:  # paper-style experiments: their own sections, image links made relative to the report
+        text = (d / "section.md").read_text()
+        for img in sorted(d.glob("*.png")):
+            rel = os.path.relpath(img, out.resolve()) if out.resolve() != d.resolve() else img.name
+            text = text.replace(f"]({img.name})", f"]({rel})")
+        md += [text, ""]
     md += ["## Runs", ""] + [f"- `{r['dir']}`" for r in runs]
     (out / "report.md").write_text("\n".join(md) + "\n")
     body = [f"<h1>rlkit-diffusion report</h1><p>{len(runs)} runs.</p>", _md_table_to_html(table(groups))]
-    for title, p in figures:
-        if p is not None:
-            b64 = base64.b64encode(p.read_bytes()).decode()
-            body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{b64}'/>")
+    seen = {p.resolve() for _, p in figs}
+    extra = [(f"{d.name}: {i.stem}", i) for d in sections for i in sorted(d.glob("*.png")) if i.resolve() not in seen]
+    for title, p in figs + extra:
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{b64}'/>")
+    for d in sections:
+        body.append(f"<pre>{html.escape((d / 'section.md').read_text())}</pre>")
     (out / "report.html").write_text(
         "<html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"

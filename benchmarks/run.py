@@ -63,10 +63,15 @@ def _new_run_dir(cfg: DictConfig) -> Path:
     except ValueError:  # not under @hydra.main (e.g. called from a test with compose())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.out_dir) / f"{stamp}-{cfg.algo.name}-{cfg.world.name}-s{cfg.seed}"
-    if (run_dir / "eval.json").exists() or (run_dir / "checkpoints").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; refusing to overwrite it")
+    refuse_existing_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a directory that holds a run (its eval.json or checkpoints)."""
+    if (run_dir / "eval.json").exists() or (run_dir / "checkpoints").exists():
+        raise FileExistsError(f"run directory {run_dir} already holds a run; refusing to overwrite it")
 
 
 def save_samples(world, policy, base_policy, eval_cfg: EvalConfig, run_dir: Path, algo_sampler=None, n: int = 8):
@@ -74,18 +79,22 @@ def save_samples(world, policy, base_policy, eval_cfg: EvalConfig, run_dir: Path
     scores (``samples.safetensors`` + ``samples.json``): the report's side-by-side image grids."""
     from safetensors.torch import save_file
 
-    from rlkit_diffusion.evaluate import sample_split, score
+    from rlkit_diffusion.evaluate import edit_inputs, sample_split, score
 
     prompts = world.train_prompts[:n]
     cfg = EvalConfig(**{**vars(eval_cfg), "samples_per_prompt": 1})
-    base = sample_split(world, base_policy, prompts, cfg, desc="grid base")["x0"]
-    trained = sample_split(world, policy, prompts, cfg, desc="grid policy", sampler=algo_sampler)["x0"]
+    x_in = edit_inputs(world, prompts, cfg)  # eval.mode=sdedit: the images being edited
+    edit = {"x_input": x_in, "strength": cfg.strength if x_in is not None else 1.0}
+    base = sample_split(world, base_policy, prompts, cfg, desc="grid base", **edit)["x0"]
+    trained = sample_split(world, policy, prompts, cfg, desc="grid policy", sampler=algo_sampler, **edit)["x0"]
     tensors = {
         "base": world.decode(base).float().cpu().contiguous(),
         "trained": world.decode(trained).float().cpu().contiguous(),
         "base_gold": torch.as_tensor(score(world, eval_cfg.reward, base, prompts)).float(),
         "trained_gold": torch.as_tensor(score(world, eval_cfg.reward, trained, prompts)).float(),
     }
+    if x_in is not None:
+        tensors["input"] = world.decode(x_in).float().cpu().contiguous()
     save_file(tensors, str(run_dir / "samples.safetensors"))
     (run_dir / "samples.json").write_text(json.dumps({"prompts": prompts}))
 
@@ -106,6 +115,19 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path, Path]:
     if ckpt is None:
         raise FileNotFoundError(f"resume: no complete checkpoint under {run_dir / 'checkpoints'}")
     return run_dir, ckpt
+
+
+def init_from_run(policy, path: Path) -> None:
+    """Load the trainable weights of a run directory's last checkpoint (or of a checkpoint directory) into the
+    policy; the reference stays the world's base model."""
+    from rlkit_diffusion.checkpoint import load_checkpoint, load_trainable_state
+    from rlkit_diffusion.reference import unwrap
+
+    ckpt = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    if ckpt is None:
+        raise FileNotFoundError(f"init_from: no complete checkpoint under {path / 'checkpoints'}")
+    load_trainable_state(unwrap(policy.eps_model), load_checkpoint(ckpt)["model"])
+    print(f"init_from: policy weights from {ckpt}", flush=True)
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -138,14 +160,17 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     else:
         base = Reference(policy, "frozen")
 
+    if cfg.get("init_from"):  # start from a finished run's weights (e.g. evaluate it in another mode, train.steps=0)
+        init_from_run(policy, Path(cfg.init_from))
+
     resume_from = None
     if cfg.resume:
         run_dir, resume_from = resolve_resume(cfg)
     run_dir = run_dir or (_new_run_dir(cfg) if main else None)
     if run_dir is not None and main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if main:  # a resume keeps the run's config.yaml: a resume that fails (e.g. a mismatched config) changes nothing
+        OmegaConf.save(cfg, run_dir / ("config.resume.yaml" if resume_from else "config.yaml"), resolve=True)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
     ctx = AlgoContext(
         world=world,
@@ -168,16 +193,20 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         )
         return {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith(("_low", "_high"))}
 
-    summary = train(
-        algo,
-        ctx,
-        train_cfg,
-        budget=budget_cfg,
-        run_dir=run_dir if main else None,
-        logger=logger,
-        eval_fn=eval_fn,
-        resume_from=resume_from,
-    )
+    if train_cfg.steps == 0 and budget_cfg.kind == "steps" and budget_cfg.amount is None:
+        algo.setup(ctx)  # evaluation only (e.g. of init_from's weights): no optimizer step, no checkpoint
+        summary = {"train_nfe": 0, "reward_queries": 0, "updates": 0, "train_wall_s": 0.0, "checkpoint": None}
+    else:
+        summary = train(
+            algo,
+            ctx,
+            train_cfg,
+            budget=budget_cfg,
+            run_dir=run_dir if main else None,
+            logger=logger,
+            eval_fn=eval_fn,
+            resume_from=resume_from,
+        )
     logger.close()
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
@@ -192,6 +221,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "algo": cfg.algo.name,
         "world": world_name,
         "seed": int(cfg.seed),
+        **({"label": cfg.label} if cfg.get("label") else {}),
         **metrics,
         "unet_nfe": summary["train_nfe"],
         "reward_queries": summary["reward_queries"],
@@ -239,6 +269,9 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
         lines.append(f"  distance to p*: {f('distance_to_optimum_base')} -> {f('distance_to_optimum_trained')}")
     if "implicit_acc" in r:
         lines.append(f"  implicit-reward accuracy (val pairs): {f('implicit_acc')}")
+    if "best_of_n_equivalent" in r:
+        bound = "≥ " if r.get("best_of_n_equivalent_censored") else ""
+        lines.append(f"  matches best-of-N of the base (by gold) at N = {bound}{r['best_of_n_equivalent']:.2f} (S8)")
     lines.append(f"  KL to reference: {f('kl_to_ref')}   inference NFE/sample: {f('inference_nfe_per_sample')}")
     lines.append(f"  wall: {r['wall_s']:.1f}s")
     lines.append(f"  run directory: {run_dir}")
@@ -275,6 +308,10 @@ def main(cfg: DictConfig) -> float:
         from benchmarks import tutorial
 
         return tutorial.run(cfg)
+    if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section (benchmarks/experiments.py)
+        from benchmarks import experiments
+
+        return experiments.run(cfg)
     result = run(cfg)
     return float(result.get("win_rate_vs_base", float("nan")))
 
@@ -282,6 +319,9 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     try:
         check_overrides(sys.argv[1:])
-    except ValueError as err:
+        for o in sys.argv[1:]:  # an explicit hydra.run.dir naming a run: refuse before Hydra writes .hydra/ into it
+            if o.lstrip("+").startswith("hydra.run.dir="):
+                refuse_existing_run(Path(o.partition("=")[2]))
+    except (ValueError, FileExistsError) as err:
         sys.exit(f"benchmarks.run: {err}")
     main()

@@ -45,6 +45,9 @@ class RunConfig:
     """The reward online algorithms optimise (never ``gold`` unless asked: gold is the evaluation truth)."""
     resume: str | None = None
     """A run directory (or ``latest``) to resume from its last checkpoint."""
+    init_from: str | None = None
+    """A run directory (or checkpoint directory) whose trained weights initialise the policy — with
+    ``train.steps=0``, evaluates a finished run again in another mode (e.g. ``eval.mode=sdedit``)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -56,6 +59,12 @@ class RunConfig:
     experiment: str | None = None
     """Set by an ``experiment=<name>`` config that is not a single run (e.g. ``toy2d_tutorial``, dispatched by
     ``benchmarks.run.main`` to `benchmarks.tutorial.run`); None = one training run."""
+    label: str | None = None
+    """A name for this run inside a comparison (e.g. ``beta=5000`` in an experiment); the report groups by
+    (world, algo, label)."""
+    sweep: Any = None
+    """Set by the paper-style ``experiment=<name>`` configs: the runs of the experiment and its report section
+    (`benchmarks.experiments`); None = one training run."""
     tutorial: Any = None
     """Settings of ``experiment=toy2d_tutorial`` (``conf/experiment/toy2d_tutorial.yaml``); None otherwise."""
 

@@ -16,6 +16,19 @@ Metric formulas (all rewards are the world's ``gold`` reward unless named ``prox
   categories or HPSv2's styles): the win rate and its CI per category.
 * ``diversity``: the world's diversity measure (shapes: entropy of the attributes a caption leaves unspecified;
   otherwise the mean pairwise distance between samples of one prompt).
+* ``best_of_n_equivalent`` (supp. S8): the N at which best-of-N over the *base* model's draws, picked by the gold
+  reward, matches the trained policy's mean gold reward. ``best_of_n_curve[N-1]`` = E[max of N base draws] per
+  prompt (averaged over prompts), estimated without bias from the split's ``samples_per_prompt`` base draws by order
+  statistics: E[max_N] = Σ_i r_(i) C(i−1, N−1) / C(n, N) (r_(1) ≤ … ≤ r_(n)); N is interpolated linearly between
+  integers. ``best_of_n_equivalent_censored`` is true when the policy beats even best-of-n (then N ≥ n).
+  ``best_of_n_curve_by_proxy`` / ``best_of_n_equivalent_by_proxy``: the same with the draws picked by the proxy
+  reward (what the best-of-N baseline can actually do) and still scored by gold.
+* ``win_rate_vs_base_by_reward`` (``eval.rewards=[...]``): win rate vs base under each named reward — the AI-feedback
+  matrix of the paper's Fig. 6 evaluates every trained model under every reward.
+* ``eval_mode``: ``sample`` (from pure noise) or ``sdedit`` (image-to-image editing, §5.3): each row starts from
+  the world's edit input x_in (shapes: a corrupted render that differs from the caption in one attribute) noised to
+  t = strength·T, x_t ~ q(x_t | x_in) — the env's ρ_0 becomes q(x_t | x_in) — and denoises the rest of the
+  schedule. Base and policy edit the same inputs with the same noises; wins are scored against the caption.
 * ``inference_nfe_per_sample``: UNet evaluations spent sampling one evaluation sample (the inference cost of Table 1;
   N× the base's for best-of-N), ``inference_reward_queries_per_sample`` likewise for reward calls.
 
@@ -27,9 +40,10 @@ module's own sampling of the policy, and the attributes ``kl_to_ref`` (reported 
 
 from __future__ import annotations
 
+import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +53,8 @@ from tqdm.auto import tqdm
 
 from rlkit_diffusion.policy import DiffusionPolicy, SampleOutput
 from rlkit_diffusion.worlds.base import World
+
+EVAL_MODES = ("sample", "sdedit")
 
 
 @dataclass
@@ -63,6 +79,20 @@ class EvalConfig:
     """Also evaluate held-out prompts."""
     num_inference_steps: int | None = None
     """Sampling steps (None = the policy's default)."""
+    mode: str = "sample"
+    """``sample`` (text-to-image from pure noise) or ``sdedit`` (edit the world's inputs, SDEdit; paper §5.3)."""
+    strength: float = 0.6
+    """SDEdit: the edit starts at t = strength·T (1 = pure noise, i.e. plain sampling)."""
+    rewards: list[str] = field(default_factory=list)
+    """Further rewards to report win rates under (``win_rate_vs_base_by_reward``; Fig. 6's AI-feedback matrix)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in EVAL_MODES:
+            raise ValueError(f"eval.mode={self.mode!r} is not a valid choice; available: {', '.join(EVAL_MODES)}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"eval.strength must be in (0, 1], got {self.strength}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"eval.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
 
 
 def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -98,47 +128,82 @@ def sample_split(
     x_input: Tensor | None = None,
     strength: float = 1.0,
     sampler: Any = None,
+    progress: bool = True,
 ) -> dict[str, Tensor]:
     """Sample ``policy`` on ``prompts`` with the evaluation noises; optionally the path KL to ``ref_policy``.
 
     Returns ``{"x0": (B, ...), "kl": (B,), "nfe": sampling UNet evaluations}``; rows are ordered as ``prompts``.
-    With a ``sampler`` (module docstring) it replaces plain sampling and no path KL is computed.
+    With a ``sampler`` (module docstring) it replaces plain sampling and no path KL is computed. With ``x_input``
+    (B, ...) in model space and ``strength`` < 1, every row is an SDEdit of its input (module docstring).
     """
     schedule = policy.schedule(cfg.num_inference_steps, strength=strength)
+    # Progress: one tick per denoising step of a chunk (a forward hook; the reference's steps tick too).
+    n_chunks = math.ceil(len(prompts) / cfg.batch_size)
+    total = None if sampler is not None else n_chunks * len(schedule) * (1 if ref_policy is None else 2)
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=not progress)
+    modules = {id(m): m for m in (policy.eps_model, getattr(ref_policy, "eps_model", None)) if hasattr(m, "_apply")}
+
+    def tick(*_: Any) -> None:  # a forward hook must return None (anything else replaces the module's output)
+        bar.update(1)
+
+    hooks = [m.register_forward_hook(tick) for m in modules.values()]
+    try:
+        return _sample_chunks(world, policy, prompts, cfg, schedule, ref_policy, x_input, sampler)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+
+
+def _sample_chunks(world, policy, prompts, cfg, schedule, ref_policy, x_input, sampler) -> dict[str, Any]:
     device = world.device
     x0s, kls, nfe = [], [], 0
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    x_T_all = torch.randn((len(prompts), *world.sample_shape), generator=g)
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=len(prompts) < 512):
+    noise_all = torch.randn((len(prompts), *world.sample_shape), generator=g)
+    for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        x_T = x_T_all[start : start + len(chunk)].to(device)
+        noise = noise_all[start : start + len(chunk)].to(device)  # (B, *sample_shape)
         cond = world.encoder(chunk)
-        if x_input is not None:
-            t0 = schedule.timesteps[:1].expand(len(chunk)).to(device)
-            x_T = policy.add_noise(x_input[start : start + len(chunk)].to(device), x_T, t0)
+        x_in = None if x_input is None else x_input[start : start + len(chunk)].to(device)
+
+        def draw(noise: Tensor, cond: Any, gen: torch.Generator, trajectory: bool = False, x_in=x_in) -> Any:
+            """One sample per row from ``noise``: x_T = noise, or (SDEdit) x_t = √ᾱ_t x_in + √(1−ᾱ_t) noise at the
+            schedule's first timestep t = strength·T, i.e. a draw of the env's ρ_0 = q(x_t | x_in)."""
+            x_T = noise
+            if x_in is not None:
+                x_T = policy.add_noise(x_in, noise, schedule.timesteps[:1].expand(len(noise)).to(device))
+            out = _sample(policy, world, x_T, cond, schedule, gen, trajectory)
+            return out if trajectory else out.x0
+
         step_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + start)
         nfe0 = policy.nfe
-        if sampler is not None:
-            draw = lambda x, c, gen: _sample(policy, world, x, c, schedule, gen, False).x0  # noqa: E731
-            x0s.append(sampler.sample(draw, chunk, x_T, cond, step_gen))
+        if sampler is not None:  # an inference-time procedure (best-of-N) draws through `draw`
+            x0s.append(sampler.sample(draw, chunk, noise, cond, step_gen))
             nfe += policy.nfe - nfe0
-            continue
-        out: SampleOutput = _sample(policy, world, x_T, cond, schedule, step_gen, ref_policy is not None)
-        nfe += policy.nfe - nfe0
-        x0s.append(out.x0)
-        if ref_policy is not None:
-            kl = torch.zeros(len(chunk), device=device)
-            uncond = world.uncond(len(chunk))
-            for i in range(len(schedule)):
-                x_t, t = out.latents[i], schedule.timesteps[i]
-                eps_ref = ref_policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=world.guidance_scale)
-                mean_ref, _, _ = ref_policy.step_distribution(x_t, t, schedule.prev_timesteps[i], eps_ref)
-                kl += policy.gaussian_kl(out.means[i], mean_ref, out.stds[:, i])
-            kls.append(kl)
+        elif ref_policy is None:
+            x0s.append(draw(noise, cond, step_gen))
+            nfe += policy.nfe - nfe0
+        else:
+            out: SampleOutput = draw(noise, cond, step_gen, trajectory=True)
+            nfe += policy.nfe - nfe0  # before the reference's forwards
+            x0s.append(out.x0)
+            kls.append(path_kl(policy, ref_policy, world, out, schedule, cond))
     res = {"x0": torch.cat(x0s), "nfe": nfe}
     if kls:
         res["kl"] = torch.cat(kls)
     return res
+
+
+def path_kl(policy, ref_policy, world, out: SampleOutput, schedule, cond) -> Tensor:
+    """Σ_t KL(π_θ(·|x_t, c) ‖ π_ref(·|x_t, c)) along one batch of policy trajectories: (B,) nats (eq. 10)."""
+    kl = torch.zeros(out.x0.shape[0], device=out.x0.device)
+    uncond = world.uncond(out.x0.shape[0])
+    for i in range(len(schedule)):
+        x_t, t = out.latents[i], schedule.timesteps[i]
+        eps_ref = ref_policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=world.guidance_scale)
+        mean_ref, _, _ = ref_policy.step_distribution(x_t, t, schedule.prev_timesteps[i], eps_ref)
+        kl += policy.gaussian_kl(out.means[i], mean_ref, out.stds[:, i])
+    return kl
 
 
 def _sample(policy, world, x_T, cond, schedule, generator, trajectory: bool) -> SampleOutput:
@@ -201,6 +266,58 @@ def category_win_rates(
     return out
 
 
+def expected_best_of_n(rewards: np.ndarray, select_by: np.ndarray | None = None) -> np.ndarray:
+    """E[reward of the best of N draws] for N = 1..n, from n draws per prompt (supp. S8), averaged over prompts.
+
+    Args:
+        rewards: (P, n) rewards of n independent draws for each of P prompts.
+        select_by: (P, n) scores that pick the best draw (e.g. the proxy reward, as the best-of-N baseline does);
+            None = the rewards themselves (an oracle best-of-N).
+
+    Returns:
+        (n,) curve; entry N−1 is the unbiased order-statistics estimate Σ_i r_(i) C(i−1, N−1) / C(n, N) over N draws
+        without replacement from the n, with the draws sorted ascending by ``select_by`` (r_(i) = the reward of the
+        i-th), averaged over prompts. Entry 0 is the mean reward.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    keys = rewards if select_by is None else np.asarray(select_by, dtype=np.float64)
+    r = np.take_along_axis(rewards, np.argsort(keys, axis=1, kind="stable"), axis=1)  # (P, n) in selection order
+    n = r.shape[1]
+    curve = np.empty(n)
+    for big_n in range(1, n + 1):
+        w = np.array([math.comb(i - 1, big_n - 1) for i in range(1, n + 1)], dtype=np.float64) / math.comb(n, big_n)
+        curve[big_n - 1] = float((r @ w).mean())
+    return curve
+
+
+def best_of_n_equivalent(curve: np.ndarray, target: float) -> tuple[float, bool]:
+    """The N at which the best-of-N curve reaches ``target`` (linear between integers): ``(N, censored)``.
+
+    N = 1 when the target does not beat plain sampling; ``censored`` = True (and N = n) when even best-of-n falls
+    short of the target.
+    """
+    if target <= curve[0]:
+        return 1.0, False
+    if target > curve[-1]:
+        return float(len(curve)), True
+    k = int(np.argmax(curve >= target))  # first index with curve[k] >= target; k >= 1
+    frac = (target - curve[k - 1]) / max(curve[k] - curve[k - 1], 1e-12)
+    return float(k + frac), False
+
+
+def edit_inputs(world: World, prompts: list[str], cfg: EvalConfig) -> Tensor | None:
+    """The SDEdit inputs of the rows (``eval.mode=sdedit``), or None for plain sampling."""
+    if cfg.mode != "sdedit":
+        return None
+    make = world.extras.get("sdedit_inputs")
+    if make is None:
+        raise ValueError(
+            f"eval.mode=sdedit: world {world.name!r} has no edit inputs (extras['sdedit_inputs']); available "
+            "for world=shapes"
+        )
+    return make(prompts, cfg.seed)
+
+
 def evaluate(
     world: World,
     policy: DiffusionPolicy,
@@ -228,20 +345,48 @@ def evaluate(
     for split, plist in splits:
         plist = plist[: cfg.max_prompts] if cfg.max_prompts else plist
         prompts = [p for p in plist for _ in range(cfg.samples_per_prompt)]
+        x_in = edit_inputs(world, prompts, cfg)
+        edit = {"x_input": x_in, "strength": cfg.strength if x_in is not None else 1.0}
         if split not in cache:
-            b = sample_split(world, base_policy, prompts, cfg, desc=f"eval base [{split}]")
+            b = sample_split(world, base_policy, prompts, cfg, desc=f"eval base [{split}]", **edit)
             cache[split] = {
                 "x0": b["x0"],
+                "nfe": b["nfe"],
                 "gold": score(world, cfg.reward, b["x0"], prompts, cfg.batch_size),
                 "proxy": score(world, proxy, b["x0"], prompts, cfg.batch_size) if proxy in world.rewards else None,
             }
+            for name in cfg.rewards:
+                cache[split][f"reward:{name}"] = score(world, name, b["x0"], prompts, cfg.batch_size)
         base = cache[split]
         s = sample_split(
-            world, policy, prompts, cfg, ref_policy=base_policy, desc=f"eval policy [{split}]", sampler=sampler
+            world, policy, prompts, cfg, ref_policy=base_policy, desc=f"eval policy [{split}]", sampler=sampler, **edit
         )
         r_t = score(world, cfg.reward, s["x0"], prompts, cfg.batch_size)
         wins = win_rate(r_t, base["gold"])
         pre = "" if split == "train" else "heldout_"
+        per_prompt = (len(plist), cfg.samples_per_prompt)
+        curve = expected_best_of_n(base["gold"].reshape(per_prompt))
+        n_eq, censored = best_of_n_equivalent(curve, float(r_t.mean()))
+        out[f"{pre}best_of_n_equivalent"], out[f"{pre}best_of_n_equivalent_censored"] = n_eq, censored
+        out[f"{pre}best_of_n_curve"] = [float(v) for v in curve]
+        if base["proxy"] is not None:  # the realistic baseline: base draws picked by the proxy, scored by gold
+            curve_proxy = expected_best_of_n(base["gold"].reshape(per_prompt), base["proxy"].reshape(per_prompt))
+            out[f"{pre}best_of_n_curve_by_proxy"] = [float(v) for v in curve_proxy]
+            out[f"{pre}best_of_n_equivalent_by_proxy"] = best_of_n_equivalent(curve_proxy, float(r_t.mean()))[0]
+        if cfg.rewards:
+            by_reward = {}
+            for name in cfg.rewards:
+                r_name = score(world, name, s["x0"], prompts, cfg.batch_size)
+                w = win_rate(r_name, base[f"reward:{name}"])
+                lo_r, hi_r = bootstrap_ci(w, cfg.bootstrap, cfg.seed)
+                by_reward[name] = {
+                    "win_rate": float(w.mean()),
+                    "ci_low": lo_r,
+                    "ci_high": hi_r,
+                    "reward_base": float(base[f"reward:{name}"].mean()),
+                    "reward_trained": float(r_name.mean()),
+                }
+            out[f"{pre}win_rate_vs_base_by_reward"] = by_reward
         lo, hi = bootstrap_ci(wins, cfg.bootstrap, cfg.seed)
         out[f"{pre}win_rate_vs_base"] = float(wins.mean())
         out[f"{pre}win_rate_vs_base_ci_low"], out[f"{pre}win_rate_vs_base_ci_high"] = lo, hi
@@ -256,6 +401,7 @@ def evaluate(
             out.update(_summary(f"{pre}proxy_reward_trained", proxy_trained, cfg))
         out[f"{pre}kl_to_ref"] = float(s["kl"].mean()) if "kl" in s else float(getattr(sampler, "kl_to_ref", "nan"))
         out[f"{pre}inference_nfe_per_sample"] = s["nfe"] / len(prompts)
+        out[f"{pre}inference_nfe_per_sample_base"] = base["nfe"] / len(prompts)
         out[f"{pre}inference_reward_queries_per_sample"] = float(getattr(sampler, "reward_queries_per_sample", 0))
         div = world.extras.get("diversity", default_diversity)
         out[f"{pre}diversity"] = div(s["x0"], prompts)
@@ -272,6 +418,9 @@ def evaluate(
     # Aliases of the foundation schema.
     out["reward_base"] = out["gold_reward_base"]
     out["reward_trained"] = out["gold_reward_trained"]
+    out["eval_mode"] = cfg.mode
+    if cfg.mode == "sdedit":
+        out["eval_strength"] = cfg.strength
     out["eval_wall_s"] = time.perf_counter() - t0
     out["peak_mem_mb"] = peak_memory_mb(world.device)
     if was_training:

@@ -20,6 +20,14 @@ def toy_world():
     return build_toy2d(optimum_pool=2048)
 
 
+@pytest.fixture(scope="session")
+def shapes_world_small():
+    """The shapes world with its shipped assets, 8 training captions and a 10-step sampler (fast evaluations)."""
+    from rlkit_diffusion.worlds.shapes import build_shapes
+
+    return build_shapes(n_train_prompts=8, n_heldout_prompts=4, num_inference_steps=10)
+
+
 def tiny_unet(cross_attention_dim: int = 8, sample_size: int = 8, seed: int = 0):
     """A tiny random UNet2DConditionModel (block_out_channels (8, 16))."""
     from diffusers import UNet2DConditionModel

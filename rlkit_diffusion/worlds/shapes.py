@@ -110,6 +110,50 @@ def attribute_entropy(images: Tensor, prompts: list[str]) -> float:
     return float(sum(ents) / len(ents)) if ents else float("nan")
 
 
+EDIT_ATTRIBUTES = ("colour", "shape", "background", "size", "position")
+"""The attribute an SDEdit input gets wrong: the first of these that the caption specifies."""
+
+
+def sdedit_scenes(prompts: list[str], seed: int, strength: tuple[float, float] = (0.2, 0.6)):
+    """The scenes behind the SDEdit inputs (`sdedit_inputs`): each satisfies its caption except for the first
+    specified attribute of ``EDIT_ATTRIBUTES`` (usually the colour: "a red circle" gets, say, a green circle), which
+    takes another value (an object colour always stays visible on its background); every nuisance factor is present
+    with a strength drawn from ``strength``. Deterministic in ``seed``. Returns ``(SceneSpec, edited attribute or
+    None per caption)``."""
+    from rlkit_diffusion.worlds.shapes_render import ATTRIBUTES, COMPATIBLE
+    from rlkit_diffusion.worlds.shapes_text import caption_targets, scenes_for_captions
+
+    g = torch.Generator().manual_seed(seed)
+    spec = scenes_for_captions(prompts, g, p_nuisance=1.0, strength=strength)
+    targets = caption_targets(prompts)
+    fields = {name: getattr(spec, name).clone() for name in EDIT_ATTRIBUTES}
+    edited: list[str | None] = [None] * len(prompts)
+    for i in range(len(prompts)):
+        for attr in EDIT_ATTRIBUTES:
+            want = int(targets[attr][i])
+            if want < 0:
+                continue
+            allowed = [v for v in range(len(ATTRIBUTES[attr])) if v != want]
+            if attr == "colour":
+                allowed = [v for v in allowed if COMPATIBLE[v, fields["background"][i]]]
+            elif attr == "background":
+                allowed = [v for v in allowed if COMPATIBLE[fields["colour"][i], v]]
+            if allowed:
+                fields[attr][i] = allowed[int(torch.randint(len(allowed), (1,), generator=g))]
+                edited[i] = attr
+                break
+    return spec.replace(**fields), edited
+
+
+def sdedit_inputs(prompts: list[str], seed: int) -> Tensor:
+    """Inputs of ``eval.mode=sdedit`` on shapes (paper §5.3): corrupted renders that contradict their caption in one
+    attribute (`sdedit_scenes`), so that the caption asks for a change. Returns (B, 3, 16, 16) in model space."""
+    from rlkit_diffusion.worlds.shapes_render import render
+
+    spec, _ = sdedit_scenes(prompts, seed)
+    return to_model_space(render(spec, generator=torch.Generator().manual_seed(seed + 1)))
+
+
 def build_shapes(
     *,
     device: str | torch.device = "cpu",
@@ -185,7 +229,10 @@ def build_shapes(
         decode=to_images,
         encode=to_model_space,
         guidance_scale=guidance_scale,
-        extras={"diversity": lambda x0, prompts: attribute_entropy(to_images(x0), prompts)},
+        extras={
+            "diversity": lambda x0, prompts: attribute_entropy(to_images(x0), prompts),
+            "sdedit_inputs": sdedit_inputs,
+        },
     )
 
 

@@ -1,0 +1,392 @@
+"""Paper-style experiments: ``python -m benchmarks.run experiment=<name>`` trains every run the experiment needs and
+writes its report section.
+
+==============  =================================================  ==================================================
+experiment      runs (world=shapes; each an ordinary run directory)  section
+==============  =================================================  ==================================================
+table1          dpo, sft, ddpo, dpok, draft, best_of_n at equal      Table 1: open vocabulary / equal inference cost /
+                UNet NFEs                                            divergence control per method, ✓/✗ + numbers
+head_to_head    the nine modules at equal UNet NFEs                  comparison table, Table 1, curves, frontier, grid
+table2          dpo                                                  Table 2: preference accuracy on validation pairs
+                                                                     of the implicit reward vs gold/proxy/clip/…
+fig6            dpo on labels of each reward (AI feedback)           Fig. 6: win rate under each reward (matrix)
+beta_sweep      dpo at several β                                     S5: gold reward and KL to the base vs β
+best_of_n       dpo with 16 evaluation draws per caption             S8: best-of-N curve of the base vs the DPO model
+sdedit          dpo evaluated in ``eval.mode=sdedit``                §5.3: win rate of edits vs the base's edits
+==============  =================================================  ==================================================
+
+The experiment file (``conf/experiment/<name>.yaml``) lists its runs under ``sweep.runs`` as
+``{label, overrides}``; each run is composed from the normal config with those overrides followed by the command
+line's own overrides (so ``experiment=beta_sweep train.steps=20`` shortens every run) and ``label=<label>``, and
+runs through `benchmarks.run.run` — the one training loop and the one evaluation. The experiment directory holds
+``runs/<label>/`` (complete runs are reused when the same directory is run again, e.g. after an interruption:
+``hydra.run.dir=<experiment dir>``), ``section.md``, its figures and ``experiment.json``;
+``python -m benchmarks.report <dir>`` includes the section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from benchmarks import report
+
+Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
+"""(runs, params, experiment dir) -> markdown lines; figures are written into the experiment dir."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running the sweep
+# --------------------------------------------------------------------------------------------------------------
+def _user_overrides() -> list[str]:
+    """The command line's overrides (except ``experiment=``), applied to every run of the experiment."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main
+        return []
+    return [o for o in task if o.split("=", 1)[0].lstrip("+~") not in ("experiment", "hydra.run.dir")]
+
+
+def compose_run(overrides: list[str]) -> DictConfig:
+    """The config of one run of the experiment (the normal defaults plus ``overrides``)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    with initialize_config_module("benchmarks.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def experiment_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
+
+
+def run(cfg: DictConfig, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:
+    """Run every run of ``cfg.sweep`` (skipping complete ones), then write the section. Returns the wall seconds."""
+    from benchmarks.run import run as run_one
+
+    t0 = time.perf_counter()
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
+    if sweep["section"] not in SECTIONS:
+        raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
+    exp_dir = Path(exp_dir or experiment_dir(cfg))
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    extra = _user_overrides() if overrides is None else list(overrides)
+    runs, timings = [], {}
+    for i, spec in enumerate(sweep["runs"]):
+        label = spec["label"]
+        run_dir = exp_dir / "runs" / _slug(label)
+        print(f"[{cfg.experiment}] run {i + 1}/{len(sweep['runs'])}: {label}", flush=True)
+        if (run_dir / "eval.json").exists():
+            print(f"[{cfg.experiment}]   complete already, reused: {run_dir}", flush=True)
+        else:
+            t_run = time.perf_counter()
+            sub = compose_run(
+                [*spec.get("overrides", []), *extra, label_override(label), f"out_dir={exp_dir / 'runs'}"]
+            )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_one(sub, run_dir=run_dir)
+            timings[label] = time.perf_counter() - t_run
+        runs.append(report.load_run(run_dir))
+    lines = SECTIONS[sweep["section"]](runs, sweep.get("params", {}), exp_dir)
+    wall = time.perf_counter() - t0
+    title = sweep.get("title", cfg.experiment)
+    body = [f"## {title}", "", *lines, "", f"_{len(runs)} runs, {wall / 60:.1f} min (`experiment={cfg.experiment}`)._"]
+    (exp_dir / "section.md").write_text("\n".join(body) + "\n")
+    record = {
+        "experiment": cfg.experiment,
+        "title": title,
+        "section": sweep["section"],
+        "runs": {r["eval"].get("label", r["dir"].name): str(r["dir"].relative_to(exp_dir)) for r in runs},
+        "run_wall_s": timings,
+        "wall_s": wall,
+    }
+    (exp_dir / "experiment.json").write_text(json.dumps(record, indent=2))
+    print(f"[{cfg.experiment}] section: {exp_dir / 'section.md'} ({wall:.0f} s)", flush=True)
+    return wall
+
+
+def label_override(label: str) -> str:
+    """``label=<label>`` quoted for Hydra's override grammar (labels such as ``beta=500`` contain ``=``)."""
+    escaped = label.replace("\\", "\\\\").replace("'", "\\'")
+    return f"label='{escaped}'"
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+def _pct(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.1%}"
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "–" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+def _cfg(r: dict[str, Any], key: str) -> Any:
+    """A value of the run's resolved config (``config.yaml``), e.g. ``algo.beta``."""
+    return OmegaConf.select(OmegaConf.load(r["dir"] / "config.yaml"), key)
+
+
+def _label(r: dict[str, Any]) -> str:
+    return r["eval"].get("label") or r["eval"]["algo"]
+
+
+def _win(e: dict[str, Any], pre: str = "") -> str:
+    return (
+        f"{_pct(e.get(f'{pre}win_rate_vs_base'))} [{_pct(e.get(f'{pre}win_rate_vs_base_ci_low'))}, "
+        f"{_pct(e.get(f'{pre}win_rate_vs_base_ci_high'))}]"
+    )
+
+
+def table1_marks(e: dict[str, Any], kl_budget: float) -> dict[str, tuple[bool, str]]:
+    """Table 1's three properties of one run, each ``(holds, the number behind the mark)``.
+
+    * open vocabulary: the gain carries to held-out captions — held-out win rate vs base with its 95% CI above ½;
+    * equal inference cost: sampling costs what the base's does — UNet NFEs per sample ≤ the base's, no reward
+      queries at inference;
+    * divergence control: the policy stays near the reference — path KL to the base ≤ ``kl_budget`` nats.
+    """
+    held_lo = e.get("heldout_win_rate_vs_base_ci_low", float("nan"))
+    nfe, nfe_base = e.get("inference_nfe_per_sample", float("nan")), e.get("inference_nfe_per_sample_base")
+    ratio = nfe / nfe_base if nfe_base else float("nan")
+    queries = e.get("inference_reward_queries_per_sample", 0.0)
+    kl = e.get("kl_to_ref", float("nan"))
+    return {
+        "open vocabulary": (held_lo > 0.5, f"held-out win {_win(e, 'heldout_')}"),
+        "equal inference cost": (ratio <= 1.0 + 1e-9 and queries == 0, f"{ratio:.0f}× NFE, {queries:.0f} reward q."),
+        "divergence control": (kl <= kl_budget, f"KL {_num(kl, '.0f')}"),
+    }
+
+
+def section_table1(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    kl_budget = float(params.get("kl_budget", 200.0))
+    props = ["open vocabulary", "equal inference cost", "divergence control"]
+    lines = [
+        "| method | " + " | ".join(props) + " | win rate vs base | gold |",
+        "|---|" + "---|" * (len(props) + 2),
+    ]
+    for r in runs:
+        e = r["eval"]
+        marks = table1_marks(e, kl_budget)
+        cells = [f"{'✓' if ok else '✗'} ({why})" for ok, why in (marks[p] for p in props)]
+        gold = f"{_num(e.get('gold_reward_base'))} → {_num(e.get('gold_reward_trained'))}"
+        lines.append(f"| {_label(r)} | " + " | ".join(cells) + f" | {_win(e)} | {gold} |")
+    lines += [
+        "",
+        "Marks are measured: open vocabulary = held-out win rate's 95% CI above 50%; equal inference cost = UNet "
+        "NFEs per sample ≤ the base's and no reward queries at inference; divergence control = path KL to the base "
+        f"≤ {kl_budget:.0f} nats (`sweep.params.kl_budget`).",
+    ]
+    return lines
+
+
+def section_head_to_head(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    groups = report.group(runs)
+    budgets = {(r["eval"].get("unet_nfe"), r["eval"].get("algo")) for r in runs}
+    lines = [report.table(groups), "", f"Training UNet NFEs per run: {sorted({b[0] for b in budgets})}.", ""]
+    lines += ["### Table 1 (measured on these runs)", "", *section_table1(runs, params, out), ""]
+    for title, path in report.figures(groups, out):
+        lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    return lines
+
+
+def section_table2(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    lines = ["| scorer | preference accuracy on validation pairs |", "|---|---|"]
+    for r in runs:
+        e = r["eval"]
+        if "implicit_acc" in e:
+            lines.append(f"| implicit reward of {_label(r)} (S4.1) | {_pct(e['implicit_acc'])} |")
+    e = runs[0]["eval"]
+    for key in sorted(k for k in e if k.startswith("reward_acc_")):
+        name = key.removeprefix("reward_acc_")
+        note = " (the hidden truth: label-noise ceiling)" if name == "gold" else ""
+        lines.append(f"| {name} reward{note} | {_pct(e[key])} |")
+    lines += [
+        "| the base model (θ = θ_ref: every margin is 0) | 50.0% |",
+        "",
+        "Accuracy = fraction of held-out labelled pairs (c, x^w, x^l) the scorer ranks x^w above x^l (ties ½); the "
+        "implicit reward is −½β·E_{t,ε}[(‖ε−ε_θ(x^w_t)‖² − ‖ε−ε_ref(x^w_t)‖²) − (same for x^l)] (supp. S4.1).",
+    ]
+    return lines
+
+
+def section_fig6(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    names = list(params.get("rewards") or runs[0]["eval"].get("win_rate_vs_base_by_reward", {}).keys())
+    matrix = np.full((len(runs), len(names)), np.nan)
+    for i, r in enumerate(runs):
+        by = r["eval"].get("win_rate_vs_base_by_reward", {})
+        for j, n in enumerate(names):
+            if n in by:
+                matrix[i, j] = by[n]["win_rate"]
+    lines = [
+        "| trained on labels of ↓ / win rate under → | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for i, r in enumerate(runs):
+        lines.append(f"| {_label(r)} | " + " | ".join(_pct(v) for v in matrix[i]) + " |")
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 0.6 * len(runs) + 1.6))
+    im = ax.imshow(matrix, cmap="RdYlGn", vmin=0.2, vmax=0.8)
+    for i in range(len(runs)):
+        for j in range(len(names)):
+            if math.isfinite(matrix[i, j]):
+                ax.text(j, i, f"{matrix[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(runs)), [_label(r) for r in runs])
+    ax.set_xlabel("evaluated by (win rate vs base)")
+    ax.set_ylabel("DPO trained on labels of")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(out / "fig6_ai_feedback.png", dpi=110)
+    plt.close(fig)
+    return [*lines, "", "![AI feedback matrix](fig6_ai_feedback.png)"]
+
+
+def section_beta_sweep(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    rows = sorted(runs, key=lambda r: float(_cfg(r, "algo.beta")))
+    betas = [float(_cfg(r, "algo.beta")) for r in rows]
+    lines = ["| β | gold reward (95% CI) | win rate vs base | KL to base | proxy |", "|---|---|---|---|---|"]
+    for beta, r in zip(betas, rows):
+        e = r["eval"]
+        lines.append(
+            f"| {beta:g} | {_num(e['gold_reward_trained'])} [{_num(e['gold_reward_trained_ci_low'])},"
+            f" {_num(e['gold_reward_trained_ci_high'])}] | {_win(e)} | {_num(e['kl_to_ref'], '.1f')} |"
+            f" {_num(e.get('proxy_reward_trained'))} |"
+        )
+    plt = report._plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    gold = [r["eval"]["gold_reward_trained"] for r in rows]
+    err = np.array(
+        [
+            [g - r["eval"]["gold_reward_trained_ci_low"], r["eval"]["gold_reward_trained_ci_high"] - g]
+            for g, r in zip(gold, rows)
+        ]
+    ).T
+    axes[0].errorbar(betas, gold, yerr=err, marker="o", capsize=3)
+    axes[0].axhline(rows[0]["eval"]["gold_reward_base"], color="k", ls="--", lw=0.8, label="base")
+    axes[0].set_ylabel("gold reward")
+    axes[1].plot(betas, [r["eval"]["kl_to_ref"] for r in rows], marker="o")
+    axes[1].set_ylabel("path KL to base (nats)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("β (official convention)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "beta_sweep.png", dpi=110)
+    plt.close(fig)
+    return [*lines, "", "![beta sweep](beta_sweep.png)"]
+
+
+def section_best_of_n(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    e = runs[0]["eval"]
+    oracle, by_proxy = e["best_of_n_curve"], e.get("best_of_n_curve_by_proxy")
+    n = np.arange(1, len(oracle) + 1)
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(n, oracle, marker="o", label="best of N base draws, picked by gold (oracle)")
+    if by_proxy:
+        ax.plot(n, by_proxy, marker="s", label="best of N base draws, picked by proxy")
+    for r in runs:
+        ax.axhline(r["eval"]["gold_reward_trained"], ls="--", color="C3", lw=1)
+        ax.text(n[-1], r["eval"]["gold_reward_trained"], f" {_label(r)}", va="bottom", ha="right", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("N (base draws per caption)")
+    ax.set_ylabel("gold reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "best_of_n.png", dpi=110)
+    plt.close(fig)
+    lines = ["| model | gold reward | ≙ best-of-N by gold | ≙ best-of-N by proxy |", "|---|---|---|---|"]
+    for r in runs:
+        e = r["eval"]
+        cens = "≥ " if e.get("best_of_n_equivalent_censored") else ""
+        lines.append(
+            f"| {_label(r)} | {_num(e['gold_reward_trained'])} | {cens}{_num(e['best_of_n_equivalent'], '.2f')} |"
+            f" {_num(e.get('best_of_n_equivalent_by_proxy', math.nan), '.2f')} |"
+        )
+    lines += ["", "| N | " + " | ".join(str(i) for i in n) + " |", "|---|" + "---|" * len(n)]
+    lines.append("| by gold | " + " | ".join(f"{v:.2f}" for v in oracle) + " |")
+    if by_proxy:
+        lines.append("| by proxy | " + " | ".join(f"{v:.2f}" for v in by_proxy) + " |")
+    return [*lines, "", "![best of N](best_of_n.png)"]
+
+
+def section_sdedit(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    lines = ["| model | edit win rate vs base's edits | held-out | gold of edits: base → model |", "|---|---|---|---|"]
+    for r in runs:
+        e = r["eval"]
+        gold = f"{_num(e['gold_reward_base'])} → {_num(e['gold_reward_trained'])}"
+        name = f"{_label(r)} (strength {e.get('eval_strength', math.nan):g})"
+        lines.append(f"| {name} | {_win(e)} | {_win(e, 'heldout_')} | {gold} |")
+    grid = sdedit_grid(runs[0], out)
+    if grid is not None:
+        lines += ["", f"![SDEdit grid]({grid.name})"]
+    return lines
+
+
+def sdedit_grid(r: dict[str, Any], out: Path) -> Path | None:
+    """Rows: the corrupted input, the base's edit, the model's edit (gold under each edit); columns: captions."""
+    from safetensors.torch import load_file
+
+    f = r["dir"] / "samples.safetensors"
+    if not f.exists():
+        return None
+    t = load_file(str(f))
+    if "input" not in t or t["base"].ndim != 4:
+        return None
+    prompts = json.loads((r["dir"] / "samples.json").read_text())["prompts"]
+    rows = [("input", t["input"], None), ("base edit", t["base"], t["base_gold"])]
+    rows.append((f"{_label(r)} edit", t["trained"], t["trained_gold"]))
+    plt = report._plt()
+    n = len(prompts)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.15, len(rows) * 1.35), squeeze=False)
+    for i, (name, imgs, gold) in enumerate(rows):
+        for j in range(n):
+            ax = axes[i][j]
+            ax.imshow(imgs[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if gold is not None:
+                ax.set_xlabel(f"{float(gold[j]):.2f}", fontsize=6)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if i == 0:
+                ax.set_title(prompts[j][:28], fontsize=5)
+    fig.tight_layout()
+    path = out / "sdedit_grid.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SECTIONS: dict[str, Section] = {
+    "table1": section_table1,
+    "head_to_head": section_head_to_head,
+    "table2": section_table2,
+    "fig6": section_fig6,
+    "beta_sweep": section_beta_sweep,
+    "best_of_n": section_best_of_n,
+    "sdedit": section_sdedit,
+}
