@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from algos.base import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.policy import DiffusionPolicy, cond_cat
@@ -348,11 +349,13 @@ def implicit_reward_accuracy(
     margins = []
     was_training = policy.eps_model.training
     policy.eps_model.eval()
+    bar = tqdm(total=n_pairs, desc="implicit-reward accuracy", unit="pair", leave=False)
     try:
         done = 0
         while done < n_pairs:
             prompts, x_w, x_l = pairs.next_batch(min(batch_size, n_pairs - done))
             done += len(prompts)
+            bar.update(len(prompts))
             margins.append(
                 implicit_reward_margin(
                     policy,
@@ -367,6 +370,7 @@ def implicit_reward_accuracy(
                 )
             )
     finally:
+        bar.close()
         pairs.load_state_dict(state)
         policy.eps_model.train(was_training)
     margin = torch.cat(margins)

@@ -101,6 +101,22 @@ def table(groups: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def category_table(groups: dict[tuple[str, str], list[dict]]) -> str | None:
+    """Win rate vs base per caption category (``win_rate_by_category`` of both splits; mean over seeds), or None."""
+    keys = ("win_rate_by_category", "heldout_win_rate_by_category")
+    cats = sorted({c for rs in groups.values() for r in rs for k in keys for c in r["eval"].get(k, {})})
+    if not cats:
+        return None
+    lines = ["| world | algo | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    for (world, algo), rs in groups.items():
+        cells = []
+        for c in cats:
+            vals = [r["eval"][k][c]["win_rate"] for r in rs for k in keys if c in r["eval"].get(k, {})]
+            cells.append(f"{np.mean(vals):.1%}" if vals else "–")
+        lines.append(f"| {world} | {algo} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _plt():
     import matplotlib
 
@@ -284,6 +300,9 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         table(groups),
         "",
     ]
+    by_category = category_table(groups)
+    if by_category:
+        md += ["## Win rate vs base by caption category", "", by_category, ""]
     for title, p in figs:
         md += [f"## {title}", "", f"![{title}]({p.name})", ""]
     sections = find_sections(paths)

@@ -281,3 +281,27 @@ def test_init_from_with_zero_steps_re_evaluates_a_finished_run(tmp_path):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
     with pytest.raises(FileNotFoundError, match="init_from"):
         run(compose_cfg(["world=toy2d", "train.steps=0", f"init_from={tmp_path / 'nowhere'}"]), tmp_path / "x")
+
+
+def test_report_has_win_rates_by_caption_category(tmp_path):
+    from benchmarks.report import category_table, group
+
+    cat = {"2 attributes": {"win_rate": 0.7}, "3 attributes": {"win_rate": 0.5}}
+    runs = [
+        _fake(tmp_path, "a", win_rate_by_category=cat, heldout_win_rate_by_category={"paraphrase": {"win_rate": 0.6}}),
+        _fake(tmp_path, "b", algo="sft", win_rate_by_category={"2 attributes": {"win_rate": 0.4}}),
+    ]
+    table = category_table(group(runs)).splitlines()
+    assert table[0] == "| world | algo | 2 attributes | 3 attributes | paraphrase |"
+    assert "| shapes | dpo [a] | 70.0% | 50.0% | 60.0% |" in table and "| shapes | sft [b] | 40.0% | – | – |" in table
+    assert "by caption category" in write_report([tmp_path / "runs"], tmp_path / "r").read_text()
+
+
+def test_shapes_prompt_categories():
+    from rlkit_diffusion.worlds.shapes import eval_prompts, prompt_categories
+
+    train, held = eval_prompts(64, 64, 0)
+    cats = prompt_categories(train, held)
+    assert {cats[p] for p in held} == {"paraphrase", "unseen colour+shape"}
+    assert {cats[p] for p in train} <= {"1 attribute", *(f"{n} attributes" for n in range(2, 6))}
+    assert cats["a square"] == "1 attribute"

@@ -154,6 +154,19 @@ def sdedit_inputs(prompts: list[str], seed: int) -> Tensor:
     return to_model_space(render(spec, generator=torch.Generator().manual_seed(seed + 1)))
 
 
+def prompt_categories(train: list[str], heldout: list[str]) -> dict[str, str]:
+    """Categories of the evaluation captions for per-category win rates: training captions by how many attributes
+    they specify (``2 attributes``), held-out captions as ``paraphrase`` or ``unseen colour+shape``."""
+    from rlkit_diffusion.worlds.shapes_text import is_paraphrase, parse_caption
+
+    out = {}
+    for p in train:
+        n = len(parse_caption(p).specified())
+        out[p] = f"{n} attribute{'' if n == 1 else 's'}"
+    out.update({p: "paraphrase" if is_paraphrase(p) else "unseen colour+shape" for p in heldout})
+    return out
+
+
 def build_shapes(
     *,
     device: str | torch.device = "cpu",
@@ -232,6 +245,7 @@ def build_shapes(
         extras={
             "diversity": lambda x0, prompts: attribute_entropy(to_images(x0), prompts),
             "sdedit_inputs": sdedit_inputs,
+            "prompt_categories": prompt_categories(train_prompts, heldout_prompts),
         },
     )
 
