@@ -22,6 +22,7 @@ The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ class TrainConfig:
     """Log training metrics every this many optimizer steps."""
     eval_every: int = 0
     """Run the quick learning-curve evaluation every this many optimizer steps (0 = never)."""
+    eval_points: int = 0
+    """Run it each time another 1/eval_points of the budget is spent, whatever its kind (0 = never): algorithms
+    with very different step costs get learning-curve points at the same budget fractions."""
     checkpoint_every: int = 0
     """Write a checkpoint every this many optimizer steps (0 = only at the end). It is written once the collected batch
     that reached the step is used up (algorithms with several optimizer steps per batch, e.g. DDPO's minibatches,
@@ -226,6 +230,9 @@ def train(
         )
 
     last_ckpt: Path | None = None
+    # Learning-curve points at budget fractions k/eval_points (after a resume: the next one still ahead).
+    eval_span = budget.amount / cfg.eval_points if cfg.eval_points else math.inf
+    next_eval_at = (math.floor(budget.used() / eval_span) + 1) * eval_span if cfg.eval_points else math.inf
     bar = tqdm(
         total=budget.amount,
         desc=f"train {getattr(algo, 'name', 'algo')} [{budget.kind}]",
@@ -289,7 +296,12 @@ def train(
                     logger.log(update, row)
                     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in list(row.items())[:3]})
                     running.clear()
-                if eval_fn is not None and cfg.eval_every and update % cfg.eval_every == 0:
+                due = bool(cfg.eval_every) and update % cfg.eval_every == 0
+                if cfg.eval_points and budget.used() >= next_eval_at:
+                    due = True
+                    while next_eval_at <= budget.used():
+                        next_eval_at += eval_span
+                if eval_fn is not None and due:
                     metrics = eval_fn(update)
                     if main:
                         logger.log(

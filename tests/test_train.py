@@ -99,3 +99,19 @@ def test_nfe_budget_stops_the_loop():
     assert out["train_nfe"] == 40 and out["updates"] == 5  # 8 samples per step
     with pytest.raises(ValueError, match="budget.kind"):
         train(_NaNAfter(-1), _ctx(world), TrainConfig(), budget=BudgetConfig("epochs", 1), progress=False)
+
+
+def test_eval_points_fall_at_budget_fractions_of_any_kind():
+    """``eval_points=4`` evaluates when 1/4, 2/4, 3/4 and all of the budget are spent — in NFEs here, 8 per step."""
+    world = build_toy2d(optimum_pool=8)
+    calls = []
+    cfg = TrainConfig(steps=1000, eval_points=4)
+    train(
+        _NaNAfter(-1),
+        _ctx(world),
+        cfg,
+        budget=BudgetConfig("nfe", 80),
+        progress=False,
+        eval_fn=lambda update: calls.append(update) or {},
+    )
+    assert calls == [3, 5, 8, 10]  # NFE 24 ≥ 20, 40 ≥ 40, 64 ≥ 60, 80 ≥ 80
