@@ -52,6 +52,24 @@ class DRaFTConfig:
     """Recompute each tracked step in the backward pass (memory flat in K)."""
     kl_weight: float = 0.0
     """DRaFT+: weight of the ε-space penalty to the reference at the tracked states (0 = off)."""
+    allow_gradient_free: bool = False
+    """Accept a K whose tracked steps are all identity steps (no gradient reaches the network; set-up refuses it
+    otherwise). Only for cost measurements (`benchmarks.perf`)."""
+
+
+def identity_tail(policy, schedule: Schedule) -> int:
+    """How many final steps of ``schedule`` are the identity: DDIM from ᾱ_t to ᾱ_prev = ᾱ_t (the last step t = 0 →
+    ᾱ_final = ᾱ_0 of a scheduler with ``set_alpha_to_one=False``) returns x_t unchanged for any ε, so a gradient
+    truncated to those steps is exactly zero."""
+    a_t = policy.alpha_bar(schedule.timesteps)  # (n,)
+    a_prev = policy.alpha_bar(schedule.prev_timesteps)
+    same = (a_t == a_prev).tolist()
+    tail = 0
+    for flag in reversed(same):
+        if not flag:
+            break
+        tail += 1
+    return tail
 
 
 @dataclass
@@ -118,6 +136,14 @@ class DRaFT(AlgorithmDefaults):
         for k in self.k_range():
             if not 0 < k <= n:
                 raise ValueError(f"{self.name}: K must be in [1, {n}] for a {n}-step schedule, got {k}")
+        tail = identity_tail(ctx.policy, ctx.env.schedule)
+        k_lo, k_hi = self.k_range()
+        if k_lo <= tail and not self.config.allow_gradient_free:
+            raise ValueError(
+                f"{self.name}: the last {tail} step(s) of this {n}-step schedule are the identity (t = "
+                f"{int(ctx.env.schedule.timesteps[-1])} → ᾱ_prev = ᾱ_t), so K = {k_lo} carries no gradient to the "
+                f"network; use K ≥ {tail + 1} (algo.k, or algo.k_min for randomised truncation)"
+            )
         if self.config.kl_weight > 0:
             self.reference = ctx.base
 

@@ -430,7 +430,8 @@ def draft_items(world, policy, b: int, repeats: int) -> dict:
         ("alignprop_kT", "alignprop", n, True),
     ):
         extra = {"truncation": "fixed"} if name == "alignprop" else {}
-        algo = setup_algo(name, ctx, k=k, checkpoint=ckpt, **extra)
+        # K = 1 is an identity step on shapes (no gradient): its cost is still what is measured here.
+        algo = setup_algo(name, ctx, k=k, checkpoint=ckpt, allow_gradient_free=True, **extra)
         prompts = algo.collect()
         inp = make_inputs(world, prompts, guided=True)
         out[item] = interleaved(
@@ -495,7 +496,7 @@ def memory_items(world, dpo_steps: dict, policies: dict[str, Any], b: int, ks: l
         unet = unet_of(ctx.policy.eps_model)
         out[f"{key}_mb"] = []
         for k in ks:
-            algo = setup_algo("draft", ctx, k=k, checkpoint=ckpt)
+            algo = setup_algo("draft", ctx, k=k, checkpoint=ckpt, allow_gradient_free=True)
             out[f"{key}_mb"].append(peak_mb(train_step(algo, ctx, algo.collect()), dev, unet))
         out[f"{key}_growth"] = out[f"{key}_mb"][-1] / out[f"{key}_mb"][0]
         if key == "draft_ckpt":  # the floor: the bare checkpointed chain at the smallest and the largest K

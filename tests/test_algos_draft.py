@@ -74,9 +74,17 @@ def test_gradient_routing(toy_world):
 
 
 def test_k1_has_no_gradient_on_toy2d_because_the_last_step_is_the_identity(toy_world):
-    """DDIM from t = 0 to ᾱ_final = ᾱ_0 returns x_t unchanged, so the ε of that step cannot move x_0."""
+    """DDIM from t = 0 to ᾱ_final = ᾱ_0 returns x_t unchanged, so the ε of that step cannot move x_0: set-up refuses
+    K = 1 with the fix in the message, and forcing it shows the gradient is exactly zero."""
+    from algos.draft import identity_tail
+
     ctx = toy_context(toy_world, batch_size=8)
-    algo = DRaFT(DRaFTConfig(k=1))
+    assert identity_tail(ctx.policy, ctx.env.schedule) == 1
+    with pytest.raises(ValueError, match=r"draft: the last 1 step\(s\) .* are the identity .* use K ≥ 2 \(algo.k"):
+        DRaFT(DRaFTConfig(k=1)).setup(ctx)
+    with pytest.raises(ValueError, match="algo.k_min for randomised truncation"):
+        AlignProp(AlignPropConfig(truncation="uniform", k_min=1)).setup(ctx)
+    algo = DRaFT(DRaFTConfig(k=1, allow_gradient_free=True))
     algo.setup(ctx)
     algo.loss(algo.collect())["loss"].backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in ctx.policy.eps_model.parameters())
@@ -97,7 +105,7 @@ def test_alignprop_truncation_draws(toy_world):
     n = len(ctx.env.schedule)
     cases = [
         (AlignPropConfig(truncation="uniform", k_min=2, k_max=5), {2, 3, 4, 5}),
-        (AlignPropConfig(truncation="gaussian", k_mean=10.0, k_std=30.0), {1, n}),  # wide: both clip ends are hit
+        (AlignPropConfig(truncation="gaussian", k_min=2, k_mean=10.0, k_std=30.0), {2, n}),  # wide: both ends hit
         (AlignPropConfig(truncation="fixed", k=4), {4}),
     ]
     for cfg, must in cases:
