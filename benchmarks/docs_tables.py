@@ -228,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--experiment", default=None, help="re-render from the runs of an experiment=head_to_head directory instead"
     )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        help="experiment directories whose sections (section.md + figures) are pasted into docs/experiments.md",
+    )
     p.add_argument("--override", action="append", default=[], help="<algo>:<hydra override>, repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--docs-dir", default=str(DOCS), help="folder holding README.md and algos/<name>.md")
@@ -240,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         + (["--seeds " + " ".join(map(str, args.seeds))] if args.seeds != [0] else [])
         + [f"--override {o}" for o in args.override]
     )
+    if args.sections:
+        return paste_sections([Path(d) for d in args.sections], docs)
     if args.experiment:
         return render_experiment(Path(args.experiment), args.algos, docs, regen + " --experiment <dir>")
     collected: dict[str, list[dict[str, Any]]] = {}
@@ -275,6 +283,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def paste_sections(exp_dirs: list[Path], docs: Path) -> int:
+    """Rewrite the results block of ``docs/experiments.md`` with each experiment's ``section.md``; its figures are
+    copied to ``docs/images/experiments/<experiment>_<figure>.png`` and the links rewritten."""
+    import shutil
+
+    images = docs / "images" / "experiments"
+    images.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for d in exp_dirs:
+        record = json.loads((d / "experiment.json").read_text())
+        text = (d / "section.md").read_text()
+        for png in sorted(d.glob("*.png")):
+            if f"]({png.name})" in text:
+                target = images / f"{record['experiment']}_{png.name}"
+                shutil.copyfile(png, target)
+                text = text.replace(f"]({png.name})", f"](images/experiments/{target.name})")
+        parts.append(re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE).strip())  # one heading level down
+    block = "\n".join([START, *[p + "\n" for p in parts], END])
+    replace_block(docs / "experiments.md", block)
+    print(f"docs/experiments.md: {len(parts)} sections", flush=True)
+    return 0
+
+
 def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -> int:
     """Rewrite the tables from an ``experiment=head_to_head`` directory (``runs/<algo>/`` of one seed)."""
     configs = sorted((exp_dir / "runs").glob("*/config.yaml"))
@@ -291,11 +322,16 @@ def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -
         result, config = load_run(run_dir)
         command = " ".join(["python -m benchmarks.run", f"world={world}", *specs.get(algo, [f"algo={algo}"])])
         note = f"# one run of: python -m benchmarks.run experiment=head_to_head world={world}"
-        replace_block(docs / "algos" / f"{algo}.md", algo_table([result], config, [note, command], regen))
+        block = algo_table([result], config, [note, command], regen).replace(", which ran:", ", from the run of:")
+        replace_block(docs / "algos" / f"{algo}.md", block)
         collected[algo] = [result]
     if collected:  # one experiment is one comparison: its summary is rewritten even when a module is missing
         missing = [a for a in ALGOS if a not in collected]
-        block = summary_table(collected, world, regen)
+        block = summary_table(collected, world, regen).replace(
+            "(each algorithm at the repository's defaults and tuning;",
+            "(the runs of `python -m benchmarks.run experiment=head_to_head`: every module at the same training "
+            "budget in UNet NFEs, best_of_n paying at inference instead;",
+        )
         if missing:
             note = f"Not in this experiment's runs: {', '.join(missing)} (their pages keep earlier tables)."
             block = block.replace(END, note + "\n" + END)

@@ -106,7 +106,9 @@ def run(cfg: DictConfig, exp_dir: Path | None = None, overrides: list[str] | Non
     lines = SECTIONS[sweep["section"]](runs, sweep.get("params", {}), exp_dir)
     wall = time.perf_counter() - t0
     title = sweep.get("title", cfg.experiment)
-    body = [f"## {title}", "", *lines, "", f"_{len(runs)} runs, {wall / 60:.1f} min (`experiment={cfg.experiment}`)._"]
+    runs_wall = sum(float(r["eval"].get("wall_s", 0.0)) for r in runs)  # each run's own build+train+eval time
+    footer = f"_{len(runs)} runs, {runs_wall / 60:.1f} min of run time (`experiment={cfg.experiment}`)._"
+    body = [f"## {title}", "", *lines, "", footer]
     (exp_dir / "section.md").write_text("\n".join(body) + "\n")
     record = {
         "experiment": cfg.experiment,
@@ -115,6 +117,7 @@ def run(cfg: DictConfig, exp_dir: Path | None = None, overrides: list[str] | Non
         "runs": {r["eval"].get("label", r["dir"].name): str(r["dir"].relative_to(exp_dir)) for r in runs},
         "run_wall_s": timings,
         "wall_s": wall,
+        "runs_wall_s": runs_wall,
     }
     (exp_dir / "experiment.json").write_text(json.dumps(record, indent=2))
     print(f"[{cfg.experiment}] section: {exp_dir / 'section.md'} ({wall:.0f} s)", flush=True)

@@ -80,7 +80,7 @@ def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     for r in runs:
         algo = r["eval"].get("algo", "?")
         label = r["eval"].get("label")
-        out[(r["eval"].get("world", "?"), f"{algo} [{label}]" if label else algo)].append(r)
+        out[(r["eval"].get("world", "?"), f"{algo} [{label}]" if label and label != algo else algo)].append(r)
     return dict(sorted(out.items()))
 
 

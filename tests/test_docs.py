@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-PAGES = sorted([DOCS / "README.md", DOCS / "derivation.md", *(DOCS / "algos").glob("*.md")])
+PAGES = sorted([DOCS / "README.md", DOCS / "derivation.md", DOCS / "experiments.md", *(DOCS / "algos").glob("*.md")])
 
 # The Diffusion-DPO paper (Wallace et al.) numbers its equations 1-14 in the main text, 15-16 in S1 (DDPO),
 # 17-18 in S2 (primary derivation), 19-27 in S3 (RL view) and 28-50 in S4 (noise-aware preference model).

@@ -305,3 +305,22 @@ def test_shapes_prompt_categories():
     assert {cats[p] for p in held} == {"paraphrase", "unseen colour+shape"}
     assert {cats[p] for p in train} <= {"1 attribute", *(f"{n} attributes" for n in range(2, 6))}
     assert cats["a square"] == "1 attribute"
+
+
+def test_docs_tables_paste_experiment_sections(tmp_path):
+    from benchmarks.docs_tables import END, START
+    from benchmarks.docs_tables import main as docs_tables_main
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "experiment.json").write_text(json.dumps({"experiment": "beta_sweep"}))
+    (exp / "section.md").write_text("## S5 title\n\n### sub\n\n![beta sweep](beta_sweep.png)\n")
+    (exp / "beta_sweep.png").write_bytes(b"\x89PNG fake")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "experiments.md").write_text(f"# Experiments\n\n{START}\nold\n{END}\n")
+    assert docs_tables_main(["--sections", str(exp), "--docs-dir", str(docs)]) == 0
+    text = (docs / "experiments.md").read_text()
+    assert "### S5 title" in text and "#### sub" in text and "old" not in text
+    assert "](images/experiments/beta_sweep_beta_sweep.png)" in text
+    assert (docs / "images" / "experiments" / "beta_sweep_beta_sweep.png").read_bytes() == b"\x89PNG fake"
