@@ -146,11 +146,15 @@ def plot_curves(groups, out: Path) -> Path | None:
                 pts = [(m[axis], m[metric]) for m in r["metrics"] if metric in m and axis in m]
                 if not pts:
                     continue
+                base = r["eval"].get(metric.removeprefix("eval/").replace("_trained", "_base"))
+                if base is not None:  # every curve starts at the base model, budget 0
+                    pts = [(0.0, base), *pts]
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, color=colours[key], alpha=0.8, label=None if key in seen else f"{key[1]} ({key[0]})")
                 seen.add(key)
             ax.set_xlabel(axis_label)
             ax.set_ylabel(label)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
