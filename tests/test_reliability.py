@@ -459,12 +459,13 @@ class FlakyReward:
     ],
 )
 def test_bad_reward_names_the_reward_and_the_step(toy_world, tmp_path, algo_name, fault, message):
-    from algos import build_algo
+    from algos import algo_config_class, build_algo
     from algos.base import AlgoContext
     from envs.denoising import DenoisingCore
     from rlkit_diffusion.reference import Reference
     from rlkit_diffusion.train import TrainConfig, train
 
+    extra = {"k": 2} if algo_name == "draft" else {}  # toy2d's last step is the identity: DRaFT-1 is refused
     env = DenoisingCore(toy_world)
     env.reward_model = FlakyReward(env.reward_model, bad_call=3, fault=fault)
     env.reward_name = "flaky"  # as if configured with reward=flaky
@@ -474,7 +475,11 @@ def test_bad_reward_names_the_reward_and_the_step(toy_world, tmp_path, algo_name
     try:
         with pytest.raises((ValueError, TypeError), match=message) as info:
             train(
-                build_algo(algo_name), ctx, TrainConfig(steps=5, checkpoint_every=1), run_dir=tmp_path, progress=False
+                build_algo(algo_name, algo_config_class(algo_name)(**extra)),
+                ctx,
+                TrainConfig(steps=5, checkpoint_every=1),
+                run_dir=tmp_path,
+                progress=False,
             )
     finally:
         policy.eps_model.load_state_dict(snapshot)  # the session's shared world
