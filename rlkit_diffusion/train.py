@@ -302,7 +302,12 @@ def train(
                     while next_eval_at <= budget.used():
                         next_eval_at += eval_span
                 if eval_fn is not None and due:
+                    nfe0, t_eval = ctx.policy.nfe, time.perf_counter()
                     metrics = eval_fn(update)
+                    # A learning-curve evaluation is not training: its UNet calls and seconds are not charged to
+                    # the budget (nor to unet_nfe / train_wall_s), so curves do not shorten the run they measure.
+                    ctx.policy.counter["nfe"] = nfe0
+                    budget.wall_offset -= time.perf_counter() - t_eval
                     if main:
                         logger.log(
                             update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)}

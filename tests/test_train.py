@@ -104,14 +104,15 @@ def test_nfe_budget_stops_the_loop():
 def test_eval_points_fall_at_budget_fractions_of_any_kind():
     """``eval_points=4`` evaluates when 1/4, 2/4, 3/4 and all of the budget are spent — in NFEs here, 8 per step."""
     world = build_toy2d(optimum_pool=8)
+    ctx = _ctx(world)
     calls = []
+
+    def eval_fn(update: int) -> dict:
+        calls.append(update)
+        ctx.policy.counter["nfe"] += 1000  # an evaluation samples with the policy: not charged to the budget
+        return {}
+
     cfg = TrainConfig(steps=1000, eval_points=4)
-    train(
-        _NaNAfter(-1),
-        _ctx(world),
-        cfg,
-        budget=BudgetConfig("nfe", 80),
-        progress=False,
-        eval_fn=lambda update: calls.append(update) or {},
-    )
+    out = train(_NaNAfter(-1), ctx, cfg, budget=BudgetConfig("nfe", 80), progress=False, eval_fn=eval_fn)
     assert calls == [3, 5, 8, 10]  # NFE 24 ≥ 20, 40 ≥ 40, 64 ≥ 60, 80 ≥ 80
+    assert out["train_nfe"] == 80 and out["updates"] == 10
