@@ -362,26 +362,7 @@ def sdedit_grid(r: dict[str, Any], out: Path) -> Path | None:
     prompts = json.loads((r["dir"] / "samples.json").read_text())["prompts"]
     rows = [("input", t["input"], None), ("base edit", t["base"], t["base_gold"])]
     rows.append((f"{_label(r)} edit", t["trained"], t["trained_gold"]))
-    plt = report._plt()
-    n = len(prompts)
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.15, len(rows) * 1.35), squeeze=False)
-    for i, (name, imgs, gold) in enumerate(rows):
-        for j in range(n):
-            ax = axes[i][j]
-            ax.imshow(imgs[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if gold is not None:
-                ax.set_xlabel(f"{float(gold[j]):.2f}", fontsize=6)
-            if j == 0:
-                ax.set_ylabel(name, fontsize=7)
-            if i == 0:
-                ax.set_title(prompts[j][:28], fontsize=5)
-    fig.tight_layout()
-    path = out / "sdedit_grid.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.draw_grid(rows, prompts, out / "sdedit_grid.png")
 
 
 SECTIONS: dict[str, Section] = {

@@ -208,6 +208,32 @@ def plot_scatter(
     return path
 
 
+def draw_grid(rows: list[tuple[str, Any, Any]], captions: list[str], path: Path, title: str | None = None) -> Path:
+    """One row of images per ``(name, images (n, 3, H, W) in [0, 1], gold (n,) or None)``, one column per caption,
+    the gold score under each image."""
+    plt = _plt()
+    n = len(captions)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.1, len(rows) * 1.3), squeeze=False)
+    for i, (name, imgs, gold) in enumerate(rows):
+        for j in range(n):
+            ax = axes[i][j]
+            ax.imshow(imgs[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if gold is not None:
+                ax.set_xlabel(f"{float(gold[j]):.2f}", fontsize=6)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=7)
+            if i == 0:
+                ax.set_title(captions[j][:28], fontsize=5)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def image_grid(groups, out: Path) -> list[Path]:
     """Per world: base samples, then one row per algorithm (first seed), same captions/noises, gold under each."""
     from safetensors.torch import load_file
@@ -220,31 +246,13 @@ def image_grid(groups, out: Path) -> list[Path]:
             by_world[world].append(
                 (algo, load_file(str(f)) | {"_meta": json.loads((rs[0]["dir"] / "samples.json").read_text())})
             )
-    plt = _plt() if by_world else None
     for world, items in by_world.items():
         first = items[0][1]
         if first["base"].ndim != 4:  # toy2d points have no picture
             continue
-        n = first["base"].shape[0]
         rows = [("base", first["base"], first["base_gold"])] + [(a, d["trained"], d["trained_gold"]) for a, d in items]
-        fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.1, len(rows) * 1.3), squeeze=False)
-        captions = first["_meta"]["prompts"]
-        for i, (name, imgs, gold) in enumerate(rows):
-            for j in range(n):
-                ax = axes[i][j]
-                ax.imshow(imgs[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_xlabel(f"{float(gold[j]):.2f}", fontsize=6)
-                if j == 0:
-                    ax.set_ylabel(name, fontsize=7)
-                if i == 0:
-                    ax.set_title(captions[j][:28], fontsize=5)
-        fig.suptitle(f"{world}: same captions and noises (gold reward under each image)", fontsize=8)
-        fig.tight_layout()
-        path = out / f"grid_{world}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        title = f"{world}: same captions and noises (gold reward under each image)"
+        path = draw_grid(rows, first["_meta"]["prompts"], out / f"grid_{world}.png", title)
         paths.append(path)
     return paths
 
