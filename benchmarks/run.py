@@ -239,7 +239,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, run_dir / "eval.json")
-    print_summary(result, run_dir)
+    report_path = None
+    if cfg.get("report", True):
+        from benchmarks.report import write_report
+
+        report_path = write_report([run_dir])  # report.md/html of this one run (figures, sample grid)
+    print_summary(result, run_dir, report_path)
     return result
 
 
@@ -248,7 +253,7 @@ def sampler(algo: Any) -> Any:
     return getattr(algo, "sampler", None)
 
 
-def print_summary(r: dict[str, Any], run_dir: Path) -> None:
+def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:
     def f(key: str) -> str:
         return f"{r[key]:.3f}" if key in r else "n/a"
 
@@ -275,6 +280,8 @@ def print_summary(r: dict[str, Any], run_dir: Path) -> None:
     lines.append(f"  KL to reference: {f('kl_to_ref')}   inference NFE/sample: {f('inference_nfe_per_sample')}")
     lines.append(f"  wall: {r['wall_s']:.1f}s")
     lines.append(f"  run directory: {run_dir}")
+    if report_path is not None:
+        lines.append(f"  report: {report_path}  (compare runs: python -m benchmarks.report <dirs>)")
     print("\n".join(lines), flush=True)
 
 

@@ -45,6 +45,8 @@ class RunConfig:
     """The reward online algorithms optimise (never ``gold`` unless asked: gold is the evaluation truth)."""
     resume: str | None = None
     """A run directory (or ``latest``) to resume from its last checkpoint."""
+    report: bool = True
+    """Write ``report.md``/``report.html`` of the run into its directory at the end."""
     init_from: str | None = None
     """A run directory (or checkpoint directory) whose trained weights initialise the policy — with
     ``train.steps=0``, evaluates a finished run again in another mode (e.g. ``eval.mode=sdedit``)."""

@@ -228,6 +228,7 @@ def test_table2_experiment_on_shapes_at_a_tiny_budget(tmp_path):
     ev = json.loads((exp_dir / "runs" / "dpo" / "eval.json").read_text())
     validate(ev)
     assert ev["label"] == "dpo" and ev["updates"] == 2
+    assert "grid_shapes.png" in (exp_dir / "runs" / "dpo" / "report.md").read_text()  # each run's own report
     assert {"reward_acc_gold", "reward_acc_proxy", "implicit_acc", "best_of_n_curve"} <= set(ev)
     assert len(ev["best_of_n_curve"]) == 2 and ev["best_of_n_curve"][1] >= ev["best_of_n_curve"][0]
     section = (exp_dir / "section.md").read_text()
