@@ -28,6 +28,7 @@ Conventions (peers disagree; each is reproducible with ``beta_convention``):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -323,6 +324,20 @@ def implicit_reward_margin(
     return total / n_draws
 
 
+def validation_batches(pairs: PairSource, n_pairs: int, batch_size: int) -> Iterator[tuple[list[str], Tensor, Tensor]]:
+    """The first ``n_pairs`` pairs of a stream as batches ``(prompts, x_w, x_l)``; the stream is rewound afterwards
+    (its ``state_dict``), so every evaluation scores the same pairs and training's stream is not consumed."""
+    state = pairs.state_dict()
+    try:
+        done = 0
+        while done < n_pairs:
+            batch = pairs.next_batch(min(batch_size, n_pairs - done))
+            done += len(batch[0])
+            yield batch
+    finally:
+        pairs.load_state_dict(state)
+
+
 def implicit_reward_accuracy(
     policy: DiffusionPolicy,
     ref_policy: DiffusionPolicy,
@@ -345,16 +360,12 @@ def implicit_reward_accuracy(
     Returns ``{"implicit_acc": ..., "implicit_margin": mean margin}``.
     """
     generator = torch.Generator().manual_seed(seed)
-    state = pairs.state_dict()
     margins = []
     was_training = policy.eps_model.training
     policy.eps_model.eval()
     bar = tqdm(total=n_pairs, desc="implicit-reward accuracy", unit="pair", leave=False)
     try:
-        done = 0
-        while done < n_pairs:
-            prompts, x_w, x_l = pairs.next_batch(min(batch_size, n_pairs - done))
-            done += len(prompts)
+        for prompts, x_w, x_l in validation_batches(pairs, n_pairs, batch_size):
             bar.update(len(prompts))
             margins.append(
                 implicit_reward_margin(
@@ -371,7 +382,6 @@ def implicit_reward_accuracy(
             )
     finally:
         bar.close()
-        pairs.load_state_dict(state)
         policy.eps_model.train(was_training)
     margin = torch.cat(margins)
     return {"implicit_acc": float(preference_accuracy(margin)), "implicit_margin": float(margin.mean())}
@@ -386,19 +396,12 @@ def reward_preference_accuracy(
     A pair (c, x^w, x^l) counts as correct when r(c, D(x^w)) > r(c, D(x^l)), ½ on a tie: the same rule and the same
     pairs as `implicit_reward_accuracy` (the stream is rewound afterwards). Returns ``{"reward_acc_<name>": ...}``.
     """
-    state = pairs.state_dict()
     margins: dict[str, list[Tensor]] = {name: [] for name in names}
-    try:
-        done = 0
-        while done < n_pairs:
-            prompts, x_w, x_l = pairs.next_batch(min(batch_size, n_pairs - done))
-            done += len(prompts)
-            images = world.decode(torch.cat([x_w, x_l]))  # (2B, ...): winners then losers
-            for name in names:
-                r = world.reward(name)(images, list(prompts) * 2).float()  # (2B,)
-                margins[name].append(r[: len(prompts)] - r[len(prompts) :])
-    finally:
-        pairs.load_state_dict(state)
+    for prompts, x_w, x_l in validation_batches(pairs, n_pairs, batch_size):
+        images = world.decode(torch.cat([x_w, x_l]))  # (2B, ...): winners then losers
+        for name in names:
+            r = world.reward(name)(images, list(prompts) * 2).float()  # (2B,)
+            margins[name].append(r[: len(prompts)] - r[len(prompts) :])
     return {f"reward_acc_{name}": float(preference_accuracy(torch.cat(m))) for name, m in margins.items()}
 
 

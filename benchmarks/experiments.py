@@ -266,8 +266,7 @@ def section_fig6(runs: list[dict], params: dict[str, Any], out: Path) -> list[st
 
 
 def section_beta_sweep(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
-    rows = sorted(runs, key=lambda r: float(_cfg(r, "algo.beta")))
-    betas = [float(_cfg(r, "algo.beta")) for r in rows]
+    betas, rows = zip(*sorted(((float(_cfg(r, "algo.beta")), r) for r in runs), key=lambda p: p[0]))
     lines = ["| β | gold reward (95% CI) | win rate vs base | KL to base | proxy |", "|---|---|---|---|---|"]
     for beta, r in zip(betas, rows):
         e = r["eval"]

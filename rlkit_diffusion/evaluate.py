@@ -141,7 +141,9 @@ def sample_split(
     n_chunks = math.ceil(len(prompts) / cfg.batch_size)
     total = None if sampler is not None else n_chunks * len(schedule) * (1 if ref_policy is None else 2)
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=not progress)
-    modules = {id(m): m for m in (policy.eps_model, getattr(ref_policy, "eps_model", None)) if hasattr(m, "_apply")}
+    modules = {
+        id(m): m for m in (policy.eps_model, getattr(ref_policy, "eps_model", None)) if isinstance(m, torch.nn.Module)
+    }
 
     def tick(*_: Any) -> None:  # a forward hook must return None (anything else replaces the module's output)
         bar.update(1)
