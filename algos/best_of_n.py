@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from algos.base import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.worlds.base import World
 
 Draw = Callable[[Tensor, Any, torch.Generator], Tensor]  # (x_T, cond, generator) -> x_0, the evaluation's sampler

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from algos.base import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.policy import DiffusionPolicy, cond_map
 
 

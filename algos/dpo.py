@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from algos.base import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.policy import DiffusionPolicy, cond_cat
 from rlkit_diffusion.worlds.base import PairSource, World
 

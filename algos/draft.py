@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from algos.base import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.policy import Schedule, cond_cat
 
 

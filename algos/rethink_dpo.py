@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from algos.base import AlgoContext
 from algos.dpo import DPO, DPOConfig, dpo_loss, implicit_margin
+from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.reference import Reference, unwrap
 
 

@@ -282,8 +282,8 @@ def make_inputs(world, prompts: list[str], guided: bool) -> Inputs:
 # Algorithm set-up (as benchmarks/run.py wires it)
 # ----------------------------------------------------------------------------------------------------------------
 def make_ctx(world, policy, reference_kind: str, batch_size: int, reward: str = "proxy"):
-    from algos.base import AlgoContext
-    from envs.denoising import DenoisingCore
+    from rlkit_diffusion.algorithm import AlgoContext
+    from rlkit_diffusion.mdp import DenoisingCore
     from rlkit_diffusion.reference import Reference
 
     return AlgoContext(
@@ -308,7 +308,7 @@ def lora_policy(world):
 
 def train_step(algo, ctx, batch) -> Callable[[], None]:
     """One optimisation step's UNet work through the algorithm: loss, backward (no optimizer update)."""
-    from algos.base import sum_losses
+    from rlkit_diffusion.algorithm import sum_losses
 
     def step() -> None:
         ctx.policy.eps_model.zero_grad(set_to_none=True)

@@ -23,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import benchmarks.schema  # noqa: F401  (registers the structured-config schemas)
 from algos import algo_config_class, build_algo
-from algos.base import AlgoContext, Counters
-from envs.denoising import DenoisingCore
+from rlkit_diffusion.algorithm import AlgoContext, Counters
 from rlkit_diffusion.checkpoint import latest_checkpoint
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger
+from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference, add_lora
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
 from rlkit_diffusion.worlds import build_world

@@ -32,10 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from algos import algo_config_class, build_algo
-from algos.base import AlgoContext, Counters
 from benchmarks.run import _new_run_dir, seed_everything
-from envs.denoising import DenoisingCore
+from rlkit_diffusion.algorithm import AlgoContext, Counters
 from rlkit_diffusion.evaluate import EvalConfig, sample_split
+from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.train import TrainConfig, train
 from rlkit_diffusion.worlds import build_world

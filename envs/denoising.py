@@ -1,25 +1,14 @@
-"""The denoising chain as a Markov decision process (Diffusion-DPO supp. S3, eq. 19).
+"""Gymnasium adapters over the denoising MDP core (`rlkit_diffusion.mdp.DenoisingCore`).
 
-::
-
-    s_t = (c, t, x_t)          a_t = x_{t-1} ~ π_θ(· | s_t) = p_θ(x_{t-1} | x_t, c)
-    P(s_{t+1} | s_t, a_t) = δ(c) δ(t−1) δ(a_t)          ρ_0 = p(c) × δ_T × N(0, I)
-    R(s_t, a_t) = r(c, x_0) if t = 0 else 0
-
-Three layers, one set of maths:
-
-* `DenoisingCore` — batched torch, never detaches and never switches autograd off by itself (DRaFT backpropagates
-  through it). It holds the prompt distribution, the timestep schedule, decoding and the terminal reward; the
-  policy holds the network and the Gaussian step. It also exposes the forward process q(x_t | x_0), the
-  behaviour policy of the off-policy (Diffusion-DPO) view of S3, and ``rollout``, which drives the one sampling
-  loop (`DiffusionPolicy.sample`) from ρ_0 to the terminal reward.
 * `DenoisingVectorEnv` — a ``gymnasium.vector.VectorEnv`` over the core (numpy in, numpy out).
-* `DenoisingEnv` — a single-env adapter, registered as ``rlkit_diffusion/Denoising-v0``; passes ``check_env``.
+* `DenoisingEnv` — a single-env adapter, registered as ``rlkit_diffusion/Denoising-v0`` (by ``import envs``);
+  passes ``check_env``.
+
+The maths (ρ_0, P, R, the forward process, rollouts) lives in the core; these classes only convert.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Any
 
 import gymnasium as gym
@@ -27,171 +16,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
-from torch import Tensor
 
-from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput
+from rlkit_diffusion.mdp import DenoisingCore, State
 from rlkit_diffusion.worlds.base import World
-
-
-@dataclass
-class State:
-    """A batch of MDP states s = (c, t, x_t); all rows share the step index."""
-
-    prompts: list[str]
-    cond: Cond
-    index: int  # position in the schedule: 0 = x_T, N = x_0 (terminal)
-    x: Tensor  # (B, ...)
-
-
-@dataclass
-class Rollout:
-    """A batch of trajectories from ρ_0 to the terminal state, with terminal rewards."""
-
-    prompts: list[str]
-    cond: Cond
-    sample: SampleOutput
-    rewards: Tensor | None  # (B,) r(c, x_0) (None if not requested)
-
-    @property
-    def x0(self) -> Tensor:
-        return self.sample.x0
-
-
-def check_reward(r: Any, batch: int, name: str) -> None:
-    """A reward model's output must be a (B,) tensor: else a one-line ValueError naming the reward."""
-    if not isinstance(r, Tensor):
-        raise ValueError(f"reward {name!r} returned {type(r).__name__}, expected a tensor of shape ({batch},)")
-    if tuple(r.shape) != (batch,):
-        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({batch},)")
-
-
-class DenoisingCore:
-    """Functional, batched torch core of the denoising MDP.
-
-    Args:
-        world: the task (prompts, decoder, rewards).
-        reward: name of the reward model of the terminal reward (``world.rewards[reward]``).
-        num_inference_steps: N, the episode length (defaults to the policy's).
-        strength: SDEdit: episodes start at t = strength·T from q(x_t | x_input) instead of N(0, I).
-        split: prompt split of ρ_0: ``train`` or ``heldout``.
-    """
-
-    def __init__(
-        self,
-        world: World,
-        *,
-        reward: str = "proxy",
-        num_inference_steps: int | None = None,
-        strength: float = 1.0,
-        split: str = "train",
-    ):
-        self.world = world
-        self.reward_name = reward
-        self.reward_model = world.reward(reward)
-        self.schedule = world.policy.schedule(num_inference_steps, strength=strength)
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        self.prompts = world.train_prompts if split == "train" else world.heldout_prompts
-        self.sample_shape = tuple(world.sample_shape)
-
-    @property
-    def horizon(self) -> int:
-        return len(self.schedule)
-
-    def timestep(self, index: int) -> int:
-        """The diffusion timestep t of schedule position ``index`` (-1 once terminal)."""
-        return int(self.schedule.timesteps[index]) if index < self.horizon else -1
-
-    # ρ_0 ---------------------------------------------------------------------------------------------------------
-    def sample_prompts(self, n: int, generator: torch.Generator | None = None) -> list[str]:
-        """c ~ p(c): uniform over the split's prompts."""
-        idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
-        return [self.prompts[i] for i in idx.tolist()]
-
-    def initial_state(
-        self,
-        prompts: list[str],
-        *,
-        generator: torch.Generator | None = None,
-        x_T: Tensor | None = None,
-        x_input: Tensor | None = None,
-    ) -> State:
-        """s_0 = (c, T, x_T), x_T ~ N(0, I); for SDEdit (``x_input`` given) x_T ~ q(x_t | x_input)."""
-        device = self.world.device
-        cond = self.world.encoder(prompts)
-        if x_T is None:
-            x_T = torch.randn((len(prompts), *self.sample_shape), generator=generator, device=device)
-        if x_input is not None:
-            t = self.schedule.timesteps[:1].expand(len(prompts)).to(device)
-            x_T = self.forward_process(x_input.to(device), t, x_T)
-        self._check(x_T, len(prompts), "x_T")
-        return State(prompts=list(prompts), cond=cond, index=0, x=x_T)
-
-    # P and R -----------------------------------------------------------------------------------------------------
-    def transition(self, state: State, action: Tensor) -> State:
-        """s_{t+1} = (c, t−1, a_t): deterministic. Raises ValueError on a malformed action."""
-        if state.index >= self.horizon:
-            raise ValueError("the episode is over (t = 0): call initial_state / reset first")
-        self._check(action, len(state.prompts), "action")
-        return replace(state, index=state.index + 1, x=action)
-
-    def reward(self, state: State) -> Tensor:
-        """R = r(c, x_0) at the terminal state, 0 before (eq. 19). (B,)"""
-        if state.index < self.horizon:
-            return torch.zeros(len(state.prompts), device=state.x.device)
-        return self.terminal_reward(state.x, state.prompts)
-
-    def terminal_reward(self, x0: Tensor, prompts: list[str]) -> Tensor:
-        """r(c, decode(x_0)); keeps autograd (DRaFT)."""
-        r = self.reward_model(self.world.decode(x0), prompts)
-        check_reward(r, len(prompts), self.reward_name)
-        return r
-
-    # The behaviour policy of the off-policy view (S3) -------------------------------------------------------------
-    def forward_process(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), reparameterised with ``noise`` (eq. 2)."""
-        return self.world.policy.add_noise(x0, noise, t)
-
-    # Whole episodes through THE sampling loop --------------------------------------------------------------------
-    def rollout(
-        self,
-        policy: DiffusionPolicy,
-        prompts: list[str],
-        *,
-        generator: torch.Generator | None = None,
-        x_T: Tensor | None = None,
-        x_input: Tensor | None = None,
-        with_reward: bool = True,
-        **sample_kwargs: Any,
-    ) -> Rollout:
-        """Run ``policy`` from ρ_0 to t = 0 (`DiffusionPolicy.sample`) and score the final sample.
-
-        ``sample_kwargs`` go to `DiffusionPolicy.sample` (``grad``, ``k``, ``checkpoint``, ``return_trajectory``).
-        """
-        s0 = self.initial_state(prompts, generator=generator, x_T=x_T, x_input=x_input)
-        uncond = self.world.uncond(len(prompts))
-        out = policy.sample(
-            s0.x,
-            s0.cond,
-            schedule=self.schedule,
-            uncond=uncond,
-            guidance_scale=self.world.guidance_scale,
-            generator=generator,
-            **sample_kwargs,
-        )
-        rewards = self.terminal_reward(out.x0, s0.prompts) if with_reward else None
-        return Rollout(prompts=s0.prompts, cond=s0.cond, sample=out, rewards=rewards)
-
-    def _check(self, x: Tensor, batch: int, what: str) -> None:
-        expected = (batch, *self.sample_shape)
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{what} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
-        if tuple(x.shape) != expected:
-            raise ValueError(f"{what} has shape {tuple(x.shape)}, expected {expected}")
-        if not torch.is_floating_point(x):
-            raise ValueError(f"{what} must be a floating-point tensor of shape {expected}, got {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{what} of shape {expected} contains NaN or inf")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,29 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
+    """THE atomic file write of the project: ``write(tmp)`` fills a temporary file beside ``path`` (same folder, a
+    name unique to this process), which is fsynced and then renamed onto ``path`` in one ``os.replace``. A kill at
+    any moment leaves either the old file or the new one, never a torn one. Returns ``path``.
+
+    Example: ``atomic_write(p, lambda tmp: save_file(tensors, str(tmp)))``."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """`atomic_write` of a text file."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from algos.base import AlgoContext, Algorithm, sum_losses
+from rlkit_diffusion.algorithm import AlgoContext, Algorithm, sum_losses
 from rlkit_diffusion.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, set_rng_state
 from rlkit_diffusion.logging import MetricLogger, to_float
 from rlkit_diffusion.reference import unwrap
@@ -146,7 +146,7 @@ def train(
     """Train ``algo`` on ``ctx`` until the budget is spent. Returns a summary dict.
 
     Args:
-        algo: any object following `algos.base.Algorithm`.
+        algo: any object following `rlkit_diffusion.algorithm.Algorithm`.
         ctx: the algorithm context (world, policy, base reference, env, counters, accelerator).
         cfg: loop/optimiser settings.
         run_dir: where checkpoints go (``run_dir/checkpoints``); None = no checkpoints.

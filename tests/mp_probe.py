@@ -51,7 +51,7 @@ def shared_noise_predictions(self, prompts: list[str], x_w, x_l) -> dict[str, An
 
 def install(shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 0) -> list[tuple[Any, str, Any]]:
     """Apply the patches; returns ``(owner, name, original)`` triples for `uninstall`."""
-    import algos.base
+    import rlkit_diffusion.algorithm
     import rlkit_diffusion.train
     from algos import dpo
 
@@ -68,14 +68,14 @@ def install(shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 
         return save(*args, **kwargs)
 
     patch(rlkit_diffusion.train, "save_checkpoint", counting_save)
-    gather = algos.base.AlgoContext.gather
+    gather = rlkit_diffusion.algorithm.AlgoContext.gather
 
     def recording_gather(self, x):
         out = gather(self, x)
         RECORD["gathers"].append([list(x.shape), list(out.shape)])
         return out
 
-    patch(algos.base.AlgoContext, "gather", recording_gather)
+    patch(rlkit_diffusion.algorithm.AlgoContext, "gather", recording_gather)
     if shared_noise:
         patch(dpo.DPO, "predictions", shared_noise_predictions)
     if crash_rank >= 0:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from algos.draft import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig, DRaFTLV, DRaFTLVConfig, draft_loss
-from envs.denoising import DenoisingCore
+from rlkit_diffusion.mdp import DenoisingCore
 from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -44,9 +44,9 @@ def test_conventions_agree_at_matched_beta():
 
 
 def test_initial_loss_is_log2_and_ties(toy_world):
-    from algos.base import AlgoContext
     from algos.dpo import DPO
-    from envs.denoising import DenoisingCore
+    from rlkit_diffusion.algorithm import AlgoContext
+    from rlkit_diffusion.mdp import DenoisingCore
     from rlkit_diffusion.reference import Reference
 
     ctx = AlgoContext(

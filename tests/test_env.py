@@ -8,8 +8,9 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import rlkit_diffusion  # noqa: F401  (registers rlkit_diffusion/Denoising-v0)
-from envs.denoising import DenoisingCore, DenoisingEnv, DenoisingVectorEnv
+import envs  # noqa: F401  (registers rlkit_diffusion/Denoising-v0)
+from envs.denoising import DenoisingEnv, DenoisingVectorEnv
+from rlkit_diffusion.mdp import DenoisingCore
 
 
 def test_registered_env_passes_check_env(toy_world):

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmarks.run import check_overrides
-from envs.denoising import DenoisingCore, DenoisingEnv
+from envs.denoising import DenoisingEnv
 from rlkit_diffusion.data.pickapic import PickAPicReader, encode_image
+from rlkit_diffusion.mdp import DenoisingCore
 from tests.helpers import compose_cfg
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -460,8 +460,8 @@ class FlakyReward:
 )
 def test_bad_reward_names_the_reward_and_the_step(toy_world, tmp_path, algo_name, fault, message):
     from algos import algo_config_class, build_algo
-    from algos.base import AlgoContext
-    from envs.denoising import DenoisingCore
+    from rlkit_diffusion.algorithm import AlgoContext
+    from rlkit_diffusion.mdp import DenoisingCore
     from rlkit_diffusion.reference import Reference
     from rlkit_diffusion.train import TrainConfig, train
 
@@ -510,8 +510,8 @@ def test_empty_caption_in_the_data_names_the_caption_and_the_step(tmp_path):
     """(The text encoders' own checks — empty caption → error, too long → truncated with a warning — are tested in
     tests/test_shapes_text.py::test_encoder_truncation_warns_and_empty_raises and tests/test_sd_world.py.)"""
     from algos import build_algo
-    from algos.base import AlgoContext
-    from envs.denoising import DenoisingCore
+    from rlkit_diffusion.algorithm import AlgoContext
+    from rlkit_diffusion.mdp import DenoisingCore
     from rlkit_diffusion.reference import Reference
     from rlkit_diffusion.train import TrainConfig, train
     from rlkit_diffusion.worlds.toy2d import build_toy2d

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from algos.base import AlgoContext, AlgorithmDefaults
-from envs.denoising import DenoisingCore
+from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.train import BudgetConfig, DivergenceError, TrainConfig, train
 from rlkit_diffusion.worlds.toy2d import build_toy2d

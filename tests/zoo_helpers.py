@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from algos.base import AlgoContext
-from envs.denoising import DenoisingCore
+from rlkit_diffusion.algorithm import AlgoContext
+from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference
 from tests.helpers import run_toy
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.policy import Cond, DiffusionPolicy
+from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput
 
 
 class PromptEncoder(Protocol):
@@ -80,6 +80,16 @@ class World:
     def uncond(self, n: int) -> Cond:
         """Unconditional conditioning when the world uses guidance, else None."""
         return self.encoder.uncond(n) if self.guidance_scale != 1.0 else None
+
+    def denoise(self, policy: DiffusionPolicy, x_T: Tensor, cond: Cond, **sample_kwargs: Any) -> SampleOutput:
+        """THE sampling loop (`DiffusionPolicy.sample`) wired to this world: its guidance scale and unconditional
+        conditioning. ``sample_kwargs`` go to ``sample`` (``schedule``, ``generator``, ``grad``, ``k``, ...).
+
+        The MDP's rollout (`rlkit_diffusion.mdp.DenoisingCore.rollout`) and the world builders' own samplers (the
+        shapes pair zoo, toy2d's tilted optimum) all sample through here, so there is one wiring of the loop."""
+        return policy.sample(
+            x_T, cond, uncond=self.uncond(x_T.shape[0]), guidance_scale=self.guidance_scale, **sample_kwargs
+        )
 
     def reward(self, name: str):
         if name not in self.rewards:

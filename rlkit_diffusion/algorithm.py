@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from envs.denoising import DenoisingCore, check_reward
+from rlkit_diffusion.mdp import DenoisingCore, check_reward
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.worlds.base import World
