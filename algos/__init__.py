@@ -9,7 +9,7 @@ ALGOS: dict[str, tuple[str, str]] = {
     # name: (algorithm class, config dataclass)
     "dpo": ("algos.dpo:DPO", "algos.dpo:DPOConfig"),
     "dpo_l2": ("algos.dpo:DPOL2", "algos.dpo:DPOL2Config"),
-    "sft": ("algos.dpo:SFT", "algos.dpo:SFTConfig"),
+    "sft": ("algos.sft:SFT", "algos.sft:SFTConfig"),
     "rethink_dpo": ("algos.rethink_dpo:RethinkDPO", "algos.rethink_dpo:RethinkDPOConfig"),
     "ddpo": ("algos.ddpo:DDPO", "algos.ddpo:DDPOConfig"),
     "dpok": ("algos.ddpo:DPOK", "algos.ddpo:DPOKConfig"),

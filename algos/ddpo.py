@@ -332,19 +332,17 @@ class DDPO(AlgorithmDefaults):
 
     # Loss -----------------------------------------------------------------------------------------------------
     def step_outputs(self, policy: DiffusionPolicy, mb: Transitions):
-        """π(x_{t−1} | x_t, c) of ``policy`` at the minibatch's transitions, scoring the recorded actions."""
-        tr, ctx = mb.batch, self.ctx
-        sched = ctx.env.schedule
-        dev = tr.latents.device
-        i, k = mb.sample.to(dev), mb.step.to(dev)
+        """π(x_{t−1} | x_t, c) of ``policy`` at the minibatch's transitions, scoring the recorded actions
+        (`DenoisingCore.rescore`, the one re-scoring of stored trajectories)."""
+        tr = mb.batch
+        i, k = mb.sample.to(tr.latents.device), mb.step.to(tr.latents.device)
         pick = lambda c: c[i]  # noqa: E731
-        return policy.step(
+        return self.ctx.env.rescore(
+            policy,
             tr.latents[i, k],
-            sched.timesteps.to(dev)[k],
-            sched.prev_timesteps.to(dev)[k],
+            k,
             cond_map(pick, tr.cond),
             uncond=cond_map(pick, tr.uncond),
-            guidance_scale=ctx.world.guidance_scale,
             prev_sample=tr.latents[i, k + 1],
         )
 

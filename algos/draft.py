@@ -183,18 +183,16 @@ class DRaFT(AlgorithmDefaults):
         return self.ctx.reward(self.ctx.env.terminal_reward, x0, prompts)
 
     def eps_penalty(self, ro, k: int) -> Tensor:
-        """DRaFT+: (ε_θ − ε_ref)² at the detached states of the last k steps, ONE batched forward each. (kB, ...)"""
-        ctx = self.ctx
-        sched = ctx.env.schedule
-        n, b = len(sched), len(ro.prompts)
+        """DRaFT+: (ε_θ − ε_ref)² at the detached states of the last k steps, ONE batched forward each (the
+        trajectory re-scored by `DenoisingCore.rescore` under the policy and the reference). (kB, ...)"""
+        env = self.ctx.env
+        n, b = env.horizon, len(ro.prompts)
         x_t = torch.cat([ro.sample.latents[i].detach() for i in range(n - k, n)])  # (kB, ...)
-        t = sched.timesteps[n - k :].repeat_interleave(b).to(x_t.device)
+        index = torch.arange(n - k, n).repeat_interleave(b)  # (kB,) schedule positions
         cond = cond_cat([ro.cond] * k)
-        uncond = ctx.world.uncond(k * b)
-        w = ctx.world.guidance_scale
-        eps = ctx.policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=w)
+        eps = env.rescore(self.ctx.policy, x_t, index, cond).eps
         with torch.no_grad():
-            eps_ref = self.reference.policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=w)
+            eps_ref = env.rescore(self.reference.policy, x_t, index, cond).eps
         return (eps - eps_ref).pow(2)
 
 

@@ -15,8 +15,8 @@ exact minimiser of ‖φ − φ̃‖² + γ/(1 − γ) ‖φ − θ_0‖²: a pr
 pretrained model. γ = 0 gives the unregularised updated reference; ``ref_update=none`` keeps π_ref = θ_0 (DPO).
 
 (b) **Timestep-aware scale λ(t).** The timesteps are split into K = ``ts_buckets`` equal buckets; bucket k keeps a
-running scale s_k of the implicit-reward magnitude |inside| (`algos.dpo.implicit_margin`) of its samples, and the
-DPO argument of every sample is rescaled by a stop-gradient factor::
+running scale s_k of the implicit-reward magnitude |inside| (`rlkit_diffusion.preference.implicit_margin`) of its
+samples, and the DPO argument of every sample is rescaled by a stop-gradient factor::
 
     s_k   ← ρ s_k + (1 − ρ) mean_{i ∈ k} |inside_i|          (first visit: s_k ← the mean)   ρ = ts_decay  (T1)
     e_k   = (1 + κ c_k) / mean_j (1 + κ c_j),   c_k = (k + ½) / K   (bucket centre in t/T)    κ = ts_emphasis (T2)
@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from algos.dpo import DPO, DPOConfig, dpo_loss, implicit_margin
+from algos.dpo import DPO, DPOConfig, dpo_loss
 from rlkit_diffusion.algorithm import AlgoContext
+from rlkit_diffusion.preference import implicit_margin
 from rlkit_diffusion.reference import Reference, unwrap
 
 

@@ -335,7 +335,7 @@ def dpo_items(world, policies: dict[str, Any], b: int, repeats: int) -> tuple[di
         ctx = make_ctx(world, policy, kind, b)
         unet = unet_of(policy.eps_model)
         for name in DPO_FAMILY:
-            algo = setup_algo(name, ctx, implicit_eval_pairs=0)
+            algo = setup_algo(name, ctx)
             batch = algo.collect()
             inp = make_inputs(world, batch[0], guided=False)
             step = train_step(algo, ctx, batch)

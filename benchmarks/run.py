@@ -189,7 +189,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     def eval_fn(update: int) -> dict[str, float]:
         m = evaluate(
-            world, policy, base.policy, curve_cfg, proxy=cfg.reward, base_cache=base_cache, sampler=sampler(algo)
+            world, policy, base.policy, curve_cfg, proxy=cfg.reward, base_cache=base_cache, sampler=algo.sampler
         )
         return {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith(("_low", "_high"))}
 
@@ -212,10 +212,16 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
         return {}
-    metrics = evaluate(world, policy, base.policy, eval_cfg, proxy=cfg.reward, sampler=sampler(algo))
-    if hasattr(algo, "eval_metrics"):  # algorithm-specific evaluation, e.g. the DPO implicit-reward accuracy
-        metrics.update(algo.eval_metrics())
-    save_samples(world, policy, base.policy, eval_cfg, run_dir, sampler(algo))
+    metrics = evaluate(
+        world,
+        policy,
+        base.policy,
+        eval_cfg,
+        proxy=cfg.reward,
+        sampler=algo.sampler,
+        implicit_scale=algo.implicit_reward_scale(),
+    )
+    save_samples(world, policy, base.policy, eval_cfg, run_dir, algo.sampler)
     result = {
         "schema_version": EVAL_SCHEMA_VERSION,
         "algo": cfg.algo.name,
@@ -246,11 +252,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         report_path = write_report([run_dir])  # report.md/html of this one run (figures, sample grid)
     print_summary(result, run_dir, report_path)
     return result
-
-
-def sampler(algo: Any) -> Any:
-    """The algorithm's inference-time procedure (best-of-N), if any, used by the evaluation instead of sampling."""
-    return getattr(algo, "sampler", None)
 
 
 def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:

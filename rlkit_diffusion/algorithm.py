@@ -1,6 +1,7 @@
 """The algorithm protocol and the context every algorithm gets.
 
-The one training loop (`rlkit_diffusion.train.train`) drives any object with this shape::
+The one training loop (`rlkit_diffusion.train.train`) drives any object with this shape (`Algorithm` declares
+every member; `AlgorithmDefaults` gives the optional ones their defaults)::
 
     algo.setup(ctx)                      # once: reads the world, policy, reference, counters from ctx
     batch = algo.collect()               # data for one or more updates (pairs, rollouts, ...)
@@ -20,9 +21,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.mdp import DenoisingCore, check_reward
+from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.reference import Reference
+from rlkit_diffusion.rewards.base import check_reward
 from rlkit_diffusion.worlds.base import World
 
 
@@ -64,10 +66,7 @@ class AlgoContext:
         Raises a one-line ValueError naming the reward (the training loop adds the optimizer step)."""
         r = rewards_fn(images, prompts)
         self.counters.reward_queries += len(prompts)
-        check_reward(r, len(prompts), self.reward_name(rewards_fn))
-        if not torch.isfinite(r).all():
-            raise ValueError(f"reward {self.reward_name(rewards_fn)!r} returned NaN or inf")
-        return r
+        return check_reward(r, len(prompts), self.reward_name(rewards_fn))
 
     def reward_name(self, rewards_fn) -> str:
         """The configured name of a reward model (``reward=<name>`` for the env's own reward)."""
@@ -80,9 +79,31 @@ class AlgoContext:
         return name if isinstance(name, str) else getattr(rewards_fn, "__name__", type(rewards_fn).__name__)
 
 
+class Sampler(Protocol):
+    """An inference-time procedure that replaces plain sampling in the evaluation (best-of-N, supp. S8)."""
+
+    kl_to_ref: float  # reported as the method's KL to the reference (e.g. the best-of-N bound)
+    reward_queries_per_sample: int  # reward calls spent per evaluation sample
+
+    def sample(self, draw: Any, prompts: list[str], x_T: Tensor, cond: Any, generator: torch.Generator) -> Tensor:
+        """x_0 for each row of ``x_T``; ``draw(x_T, cond, generator) -> x_0`` is the evaluation's own episode."""
+        ...
+
+
 @runtime_checkable
 class Algorithm(Protocol):
+    """Every member the training loop (`rlkit_diffusion.train.train`), the evaluation and the runner use.
+
+    `AlgorithmDefaults` gives the optional ones their defaults: ``trains = True``, ``reference = None``,
+    ``sampler = None``, one minibatch per batch, no state, and the implicit reward at β = 1."""
+
     name: str
+    trains: bool
+    """False for an inference-time method (best-of-N): the loop returns at once, nothing is optimised."""
+    reference: Reference | None
+    """The reference the algorithm regularises towards, if any; an updated one (hard copy / EMA) is checkpointed."""
+    sampler: Sampler | None
+    """An inference-time procedure the evaluation uses instead of plain sampling (None = plain sampling)."""
 
     def setup(self, ctx: AlgoContext) -> None: ...
 
@@ -98,13 +119,21 @@ class Algorithm(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def implicit_reward_scale(self) -> tuple[float, str]:
+        """(β, convention) in which the evaluation reports the implicit reward margin r̂ = β log π_θ/π_ref (S4);
+        the implicit-reward accuracy does not depend on it."""
+        ...
+
 
 class AlgorithmDefaults:
-    """Optional defaults for the protocol's bookkeeping methods (one minibatch per batch, no extra state), and the
-    constructor ``Algo(config=None)``: the algorithm's ``config_class()`` when no config is given."""
+    """Defaults for the protocol's optional members (see `Algorithm`), and the constructor ``Algo(config=None)``:
+    the algorithm's ``config_class()`` when no config is given."""
 
     config_class: type
     ctx: AlgoContext
+    trains: bool = True
+    reference: Reference | None = None
+    sampler: Sampler | None = None
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()
@@ -123,6 +152,9 @@ class AlgorithmDefaults:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+    def implicit_reward_scale(self) -> tuple[float, str]:
+        return 1.0, "official"
 
 
 def sum_losses(losses: dict[str, Tensor]) -> Tensor:

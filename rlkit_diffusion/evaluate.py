@@ -51,10 +51,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rlkit_diffusion.policy import DiffusionPolicy, SampleOutput
+from rlkit_diffusion.mdp import DenoisingCore
+from rlkit_diffusion.policy import DiffusionPolicy
+from rlkit_diffusion.preference import implicit_reward_accuracy, reward_preference_accuracy
 from rlkit_diffusion.worlds.base import World
 
 EVAL_MODES = ("sample", "sdedit")
+NO_REWARD = {"with_reward": False}  # evaluation episodes are scored by `score`, reward by reward
 
 
 @dataclass
@@ -85,6 +88,10 @@ class EvalConfig:
     """SDEdit: the edit starts at t = strength·T (1 = pure noise, i.e. plain sampling)."""
     rewards: list[str] = field(default_factory=list)
     """Further rewards to report win rates under (``win_rate_vs_base_by_reward``; Fig. 6's AI-feedback matrix)."""
+    implicit_pairs: int = 256
+    """Validation pairs scored by the policy's implicit reward and by the explicit rewards (Table 2); 0 = skip."""
+    implicit_draws: int = 10
+    """(t, ε) draws averaged per pair by the implicit reward (S4.1)."""
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
@@ -132,14 +139,15 @@ def sample_split(
 ) -> dict[str, Tensor]:
     """Sample ``policy`` on ``prompts`` with the evaluation noises; optionally the path KL to ``ref_policy``.
 
-    Returns ``{"x0": (B, ...), "kl": (B,), "nfe": sampling UNet evaluations}``; rows are ordered as ``prompts``.
-    With a ``sampler`` (module docstring) it replaces plain sampling and no path KL is computed. With ``x_input``
-    (B, ...) in model space and ``strength`` < 1, every row is an SDEdit of its input (module docstring).
+    Every draw is an episode of the MDP (`DenoisingCore.rollout`): ρ_0 gives x_T (the evaluation's noise, or for
+    SDEdit — ``x_input`` (B, ...) in model space and ``strength`` < 1 — a draw of q(x_t | x_input)), then the one
+    sampling loop. Returns ``{"x0": (B, ...), "kl": (B,), "nfe": sampling UNet evaluations}``; rows are ordered
+    as ``prompts``. With a ``sampler`` (module docstring) it replaces plain sampling and no path KL is computed.
     """
-    schedule = policy.schedule(cfg.num_inference_steps, strength=strength)
+    core = DenoisingCore(world, reward=None, num_inference_steps=cfg.num_inference_steps, strength=strength)
     # Progress: one tick per denoising step of a chunk (a forward hook; the reference's steps tick too).
     n_chunks = math.ceil(len(prompts) / cfg.batch_size)
-    total = None if sampler is not None else n_chunks * len(schedule) * (1 if ref_policy is None else 2)
+    total = None if sampler is not None else n_chunks * core.horizon * (1 if ref_policy is None else 2)
     bar = tqdm(total=total, desc=desc, unit="step", leave=False, disable=not progress)
     modules = {
         id(m): m for m in (policy.eps_model, getattr(ref_policy, "eps_model", None)) if isinstance(m, torch.nn.Module)
@@ -150,76 +158,48 @@ def sample_split(
 
     hooks = [m.register_forward_hook(tick) for m in modules.values()]
     try:
-        return _sample_chunks(world, policy, prompts, cfg, schedule, ref_policy, x_input, sampler)
+        return _sample_chunks(core, policy, prompts, cfg, ref_policy, x_input, sampler)
     finally:
         for h in hooks:
             h.remove()
         bar.close()
 
 
-def _sample_chunks(world, policy, prompts, cfg, schedule, ref_policy, x_input, sampler) -> dict[str, Any]:
-    device = world.device
+def _sample_chunks(core: DenoisingCore, policy, prompts, cfg, ref_policy, x_input, sampler) -> dict[str, Any]:
+    """`sample_split` chunk by chunk. Noises come from CPU generators seeded by ``cfg.seed`` (x_T for all rows at
+    once, the step noises per chunk): `DiffusionPolicy.sample` draws each step's noise on the generator's device,
+    so CPU and CUDA runs see the same numbers (common random numbers everywhere)."""
+    world = core.world
     x0s, kls, nfe = [], [], 0
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     noise_all = torch.randn((len(prompts), *world.sample_shape), generator=g)
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
-        noise = noise_all[start : start + len(chunk)].to(device)  # (B, *sample_shape)
+        noise = noise_all[start : start + len(chunk)].to(world.device)  # (B, *sample_shape)
         cond = world.encoder(chunk)
-        x_in = None if x_input is None else x_input[start : start + len(chunk)].to(device)
-
-        def draw(noise: Tensor, cond: Any, gen: torch.Generator, trajectory: bool = False, x_in=x_in) -> Any:
-            """One sample per row from ``noise``: x_T = noise, or (SDEdit) x_t = √ᾱ_t x_in + √(1−ᾱ_t) noise at the
-            schedule's first timestep t = strength·T, i.e. a draw of the env's ρ_0 = q(x_t | x_in)."""
-            x_T = noise
-            if x_in is not None:
-                x_T = policy.add_noise(x_in, noise, schedule.timesteps[:1].expand(len(noise)).to(device))
-            out = _sample(policy, world, x_T, cond, schedule, gen, trajectory)
-            return out if trajectory else out.x0
-
+        x_in = None if x_input is None else x_input[start : start + len(chunk)].to(world.device)
+        episode = dict(x_input=x_in, cond=cond, **NO_REWARD)
         step_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + start)
         nfe0 = policy.nfe
-        if sampler is not None:  # an inference-time procedure (best-of-N) draws through `draw`
+        if sampler is not None:  # an inference-time procedure (best-of-N) draws through the same episodes
+
+            def draw(x_T: Tensor, cond: Any, gen: torch.Generator, chunk=chunk, x_in=x_in) -> Tensor:
+                return core.rollout(policy, chunk, x_T=x_T, x_input=x_in, cond=cond, generator=gen, **NO_REWARD).x0
+
             x0s.append(sampler.sample(draw, chunk, noise, cond, step_gen))
             nfe += policy.nfe - nfe0
         elif ref_policy is None:
-            x0s.append(draw(noise, cond, step_gen))
+            x0s.append(core.rollout(policy, chunk, x_T=noise, generator=step_gen, **episode).x0)
             nfe += policy.nfe - nfe0
         else:
-            out: SampleOutput = draw(noise, cond, step_gen, trajectory=True)
+            ro = core.rollout(policy, chunk, x_T=noise, generator=step_gen, return_trajectory=True, **episode)
             nfe += policy.nfe - nfe0  # before the reference's forwards
-            x0s.append(out.x0)
-            kls.append(path_kl(policy, ref_policy, world, out, schedule, cond))
+            x0s.append(ro.x0)
+            kls.append(core.path_kl(policy, ref_policy, ro))
     res = {"x0": torch.cat(x0s), "nfe": nfe}
     if kls:
         res["kl"] = torch.cat(kls)
     return res
-
-
-def path_kl(policy, ref_policy, world, out: SampleOutput, schedule, cond) -> Tensor:
-    """Σ_t KL(π_θ(·|x_t, c) ‖ π_ref(·|x_t, c)) along one batch of policy trajectories: (B,) nats (eq. 10)."""
-    kl = torch.zeros(out.x0.shape[0], device=out.x0.device)
-    uncond = world.uncond(out.x0.shape[0])
-    for i in range(len(schedule)):
-        x_t, t = out.latents[i], schedule.timesteps[i]
-        eps_ref = ref_policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=world.guidance_scale)
-        mean_ref, _, _ = ref_policy.step_distribution(x_t, t, schedule.prev_timesteps[i], eps_ref)
-        kl += policy.gaussian_kl(out.means[i], mean_ref, out.stds[:, i])
-    return kl
-
-
-def _sample(policy, world, x_T, cond, schedule, generator, trajectory: bool) -> SampleOutput:
-    """THE sampling loop with the evaluation's CPU generator: `DiffusionPolicy.sample` draws each step's noise on
-    the generator's device, so CPU and CUDA runs see the same numbers (common random numbers everywhere)."""
-    return policy.sample(
-        x_T,
-        cond,
-        schedule=schedule,
-        uncond=world.uncond(x_T.shape[0]),
-        guidance_scale=world.guidance_scale,
-        generator=generator,
-        return_trajectory=trajectory,
-    )
 
 
 @torch.no_grad()
@@ -329,12 +309,15 @@ def evaluate(
     proxy: str = "proxy",
     base_cache: dict[str, Any] | None = None,
     sampler: Any = None,
+    implicit_scale: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``policy`` against ``base_policy`` (the initial model). Returns flat metrics.
 
     ``base_cache`` (a dict, filled on first use) keeps the base samples and scores across calls, so periodic
     evaluations during training sample the base only once. ``sampler``: an inference-time procedure used for
-    ``policy``'s samples instead of plain sampling (module docstring).
+    ``policy``'s samples instead of plain sampling (module docstring). ``implicit_scale``: (β, convention) of the
+    implicit reward for the preference accuracy on validation pairs (Table 2; None = skip it, e.g. for learning
+    curves); the accuracy does not depend on it, the reported margin does.
     """
     t0 = time.perf_counter()
     cache = base_cache if base_cache is not None else {}
@@ -346,85 +329,143 @@ def evaluate(
     policy.eps_model.eval()
     for split, plist in splits:
         plist = plist[: cfg.max_prompts] if cfg.max_prompts else plist
-        prompts = [p for p in plist for _ in range(cfg.samples_per_prompt)]
-        x_in = edit_inputs(world, prompts, cfg)
-        edit = {"x_input": x_in, "strength": cfg.strength if x_in is not None else 1.0}
-        if split not in cache:
-            b = sample_split(world, base_policy, prompts, cfg, desc=f"eval base [{split}]", **edit)
-            cache[split] = {
-                "x0": b["x0"],
-                "nfe": b["nfe"],
-                "gold": score(world, cfg.reward, b["x0"], prompts, cfg.batch_size),
-                "proxy": score(world, proxy, b["x0"], prompts, cfg.batch_size) if proxy in world.rewards else None,
-            }
-            for name in cfg.rewards:
-                cache[split][f"reward:{name}"] = score(world, name, b["x0"], prompts, cfg.batch_size)
-        base = cache[split]
-        s = sample_split(
-            world, policy, prompts, cfg, ref_policy=base_policy, desc=f"eval policy [{split}]", sampler=sampler, **edit
-        )
-        r_t = score(world, cfg.reward, s["x0"], prompts, cfg.batch_size)
-        wins = win_rate(r_t, base["gold"])
         pre = "" if split == "train" else "heldout_"
-        per_prompt = (len(plist), cfg.samples_per_prompt)
-        curve = expected_best_of_n(base["gold"].reshape(per_prompt))
-        n_eq, censored = best_of_n_equivalent(curve, float(r_t.mean()))
-        out[f"{pre}best_of_n_equivalent"], out[f"{pre}best_of_n_equivalent_censored"] = n_eq, censored
-        out[f"{pre}best_of_n_curve"] = [float(v) for v in curve]
-        if base["proxy"] is not None:  # the realistic baseline: base draws picked by the proxy, scored by gold
-            curve_proxy = expected_best_of_n(base["gold"].reshape(per_prompt), base["proxy"].reshape(per_prompt))
-            out[f"{pre}best_of_n_curve_by_proxy"] = [float(v) for v in curve_proxy]
-            out[f"{pre}best_of_n_equivalent_by_proxy"] = best_of_n_equivalent(curve_proxy, float(r_t.mean()))[0]
-        if cfg.rewards:
-            by_reward = {}
-            for name in cfg.rewards:
-                r_name = score(world, name, s["x0"], prompts, cfg.batch_size)
-                w = win_rate(r_name, base[f"reward:{name}"])
-                lo_r, hi_r = bootstrap_ci(w, cfg.bootstrap, cfg.seed)
-                by_reward[name] = {
-                    "win_rate": float(w.mean()),
-                    "ci_low": lo_r,
-                    "ci_high": hi_r,
-                    "reward_base": float(base[f"reward:{name}"].mean()),
-                    "reward_trained": float(r_name.mean()),
-                }
-            out[f"{pre}win_rate_vs_base_by_reward"] = by_reward
-        lo, hi = bootstrap_ci(wins, cfg.bootstrap, cfg.seed)
-        out[f"{pre}win_rate_vs_base"] = float(wins.mean())
-        out[f"{pre}win_rate_vs_base_ci_low"], out[f"{pre}win_rate_vs_base_ci_high"] = lo, hi
-        categories = world.extras.get("prompt_categories")
-        if categories:
-            out[f"{pre}win_rate_by_category"] = category_win_rates(wins, prompts, categories, cfg)
-        out.update(_summary(f"{pre}gold_reward_base", base["gold"], cfg))
-        out.update(_summary(f"{pre}gold_reward_trained", r_t, cfg))
-        if base["proxy"] is not None:
-            out.update(_summary(f"{pre}proxy_reward_base", base["proxy"], cfg))
-            proxy_trained = score(world, proxy, s["x0"], prompts, cfg.batch_size)
-            out.update(_summary(f"{pre}proxy_reward_trained", proxy_trained, cfg))
-        out[f"{pre}kl_to_ref"] = float(s["kl"].mean()) if "kl" in s else float(getattr(sampler, "kl_to_ref", "nan"))
-        out[f"{pre}inference_nfe_per_sample"] = s["nfe"] / len(prompts)
-        out[f"{pre}inference_nfe_per_sample_base"] = base["nfe"] / len(prompts)
-        out[f"{pre}inference_reward_queries_per_sample"] = float(getattr(sampler, "reward_queries_per_sample", 0))
-        div = world.extras.get("diversity", default_diversity)
-        out[f"{pre}diversity"] = div(s["x0"], prompts)
-        out[f"{pre}diversity_base"] = div(base["x0"], prompts)
-        if world.optimum is not None and world.distance is not None:
-            d_t, d_b = [], []
-            for p in plist:
-                idx = [i for i, q in enumerate(prompts) if q == p]
-                target = world.optimum.samples(p, max(256, 2 * len(idx)), cfg.optimum_beta).to(s["x0"].device)
-                d_t.append(world.distance(s["x0"][idx], target))
-                d_b.append(world.distance(base["x0"][idx], target))
-            out[f"{pre}distance_to_optimum_trained"] = float(np.mean(d_t))
-            out[f"{pre}distance_to_optimum_base"] = float(np.mean(d_b))
+        out.update(_evaluate_split(world, policy, base_policy, cfg, split, plist, cache, proxy, sampler, pre))
     # Aliases of the foundation schema.
     out["reward_base"] = out["gold_reward_base"]
     out["reward_trained"] = out["gold_reward_trained"]
     out["eval_mode"] = cfg.mode
     if cfg.mode == "sdedit":
         out["eval_strength"] = cfg.strength
+    if implicit_scale is not None:
+        out.update(preference_accuracies(world, policy, base_policy, cfg, implicit_scale))
     out["eval_wall_s"] = time.perf_counter() - t0
     out["peak_mem_mb"] = peak_memory_mb(world.device)
     if was_training:
         policy.eps_model.train()
     return out
+
+
+def preference_accuracies(
+    world: World, policy: DiffusionPolicy, base_policy: DiffusionPolicy, cfg: EvalConfig, scale: tuple[float, str]
+) -> dict[str, float]:
+    """Table 2 for any trained policy: the preference accuracy of its implicit reward against the base on the
+    world's validation pairs (``implicit_acc``, ``implicit_margin``), and of each explicit reward on the same pairs
+    (``reward_acc_<name>``; JPEG compressibility is not a preference model and is left out)."""
+    if cfg.implicit_pairs <= 0 or world.val_pairs is None:
+        return {}
+    beta, convention = scale
+    out = implicit_reward_accuracy(
+        policy,
+        base_policy,
+        world.val_pairs,
+        world.encoder,
+        n_pairs=cfg.implicit_pairs,
+        n_draws=cfg.implicit_draws,
+        beta=beta,
+        convention=convention,
+    )
+    names = [n for n in world.rewards if not n.startswith("jpeg")]
+    out.update(reward_preference_accuracy(world, world.val_pairs, names, n_pairs=cfg.implicit_pairs))
+    return out
+
+
+def _base_split(world: World, base_policy, cfg: EvalConfig, prompts: list[str], proxy: str, edit: dict, split: str):
+    """The base model's samples and scores on one split (computed once per evaluation cache)."""
+    b = sample_split(world, base_policy, prompts, cfg, desc=f"eval base [{split}]", **edit)
+    base = {
+        "x0": b["x0"],
+        "nfe": b["nfe"],
+        "gold": score(world, cfg.reward, b["x0"], prompts, cfg.batch_size),
+        "proxy": score(world, proxy, b["x0"], prompts, cfg.batch_size) if proxy in world.rewards else None,
+    }
+    for name in cfg.rewards:
+        base[f"reward:{name}"] = score(world, name, b["x0"], prompts, cfg.batch_size)
+    return base
+
+
+def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, cache, proxy, sampler, pre: str):
+    """Every metric of one split (module docstring), keys prefixed by ``pre``."""
+    out: dict[str, Any] = {}
+    prompts = [p for p in plist for _ in range(cfg.samples_per_prompt)]
+    x_in = edit_inputs(world, prompts, cfg)
+    edit = {"x_input": x_in, "strength": cfg.strength if x_in is not None else 1.0}
+    if split not in cache:
+        cache[split] = _base_split(world, base_policy, cfg, prompts, proxy, edit, split)
+    base = cache[split]
+    s = sample_split(
+        world, policy, prompts, cfg, ref_policy=base_policy, desc=f"eval policy [{split}]", sampler=sampler, **edit
+    )
+    r_t = score(world, cfg.reward, s["x0"], prompts, cfg.batch_size)
+    wins = win_rate(r_t, base["gold"])
+    out.update(_best_of_n_metrics(base, r_t, (len(plist), cfg.samples_per_prompt), pre))
+    if cfg.rewards:
+        out[f"{pre}win_rate_vs_base_by_reward"] = _wins_by_reward(world, cfg, s["x0"], prompts, base)
+    lo, hi = bootstrap_ci(wins, cfg.bootstrap, cfg.seed)
+    out[f"{pre}win_rate_vs_base"] = float(wins.mean())
+    out[f"{pre}win_rate_vs_base_ci_low"], out[f"{pre}win_rate_vs_base_ci_high"] = lo, hi
+    categories = world.extras.get("prompt_categories")
+    if categories:
+        out[f"{pre}win_rate_by_category"] = category_win_rates(wins, prompts, categories, cfg)
+    out.update(_summary(f"{pre}gold_reward_base", base["gold"], cfg))
+    out.update(_summary(f"{pre}gold_reward_trained", r_t, cfg))
+    if base["proxy"] is not None:
+        out.update(_summary(f"{pre}proxy_reward_base", base["proxy"], cfg))
+        proxy_trained = score(world, proxy, s["x0"], prompts, cfg.batch_size)
+        out.update(_summary(f"{pre}proxy_reward_trained", proxy_trained, cfg))
+    out[f"{pre}kl_to_ref"] = float(s["kl"].mean()) if "kl" in s else float(getattr(sampler, "kl_to_ref", "nan"))
+    out[f"{pre}inference_nfe_per_sample"] = s["nfe"] / len(prompts)
+    out[f"{pre}inference_nfe_per_sample_base"] = base["nfe"] / len(prompts)
+    out[f"{pre}inference_reward_queries_per_sample"] = float(getattr(sampler, "reward_queries_per_sample", 0))
+    div = world.extras.get("diversity", default_diversity)
+    out[f"{pre}diversity"] = div(s["x0"], prompts)
+    out[f"{pre}diversity_base"] = div(base["x0"], prompts)
+    if world.optimum is not None and world.distance is not None:
+        out.update(_distance_to_optimum(world, cfg, plist, prompts, s["x0"], base["x0"], pre))
+    return out
+
+
+def _best_of_n_metrics(base: dict, r_t: np.ndarray, per_prompt: tuple[int, int], pre: str) -> dict[str, Any]:
+    """Supp. S8 from the base's draws: the best-of-N curves (picked by gold, and by the proxy) and the N at which
+    they reach the trained policy's mean gold reward."""
+    out: dict[str, Any] = {}
+    curve = expected_best_of_n(base["gold"].reshape(per_prompt))
+    n_eq, censored = best_of_n_equivalent(curve, float(r_t.mean()))
+    out[f"{pre}best_of_n_equivalent"], out[f"{pre}best_of_n_equivalent_censored"] = n_eq, censored
+    out[f"{pre}best_of_n_curve"] = [float(v) for v in curve]
+    if base["proxy"] is not None:  # the realistic baseline: base draws picked by the proxy, scored by gold
+        curve_proxy = expected_best_of_n(base["gold"].reshape(per_prompt), base["proxy"].reshape(per_prompt))
+        out[f"{pre}best_of_n_curve_by_proxy"] = [float(v) for v in curve_proxy]
+        out[f"{pre}best_of_n_equivalent_by_proxy"] = best_of_n_equivalent(curve_proxy, float(r_t.mean()))[0]
+    return out
+
+
+def _wins_by_reward(world: World, cfg: EvalConfig, x0: Tensor, prompts: list[str], base: dict) -> dict[str, dict]:
+    """Win rate vs base under each of ``cfg.rewards`` (Fig. 6's AI-feedback matrix)."""
+    by_reward = {}
+    for name in cfg.rewards:
+        r_name = score(world, name, x0, prompts, cfg.batch_size)
+        w = win_rate(r_name, base[f"reward:{name}"])
+        lo_r, hi_r = bootstrap_ci(w, cfg.bootstrap, cfg.seed)
+        by_reward[name] = {
+            "win_rate": float(w.mean()),
+            "ci_low": lo_r,
+            "ci_high": hi_r,
+            "reward_base": float(base[f"reward:{name}"].mean()),
+            "reward_trained": float(r_name.mean()),
+        }
+    return by_reward
+
+
+def _distance_to_optimum(world: World, cfg: EvalConfig, plist, prompts, x0: Tensor, x0_base: Tensor, pre: str):
+    """toy2d: energy distance of the trained and the base samples to draws of p* (β* = ``cfg.optimum_beta``)."""
+    d_t, d_b = [], []
+    for p in plist:
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        target = world.optimum.samples(p, max(256, 2 * len(idx)), cfg.optimum_beta).to(x0.device)
+        d_t.append(world.distance(x0[idx], target))
+        d_b.append(world.distance(x0_base[idx], target))
+    return {
+        f"{pre}distance_to_optimum_trained": float(np.mean(d_t)),
+        f"{pre}distance_to_optimum_base": float(np.mean(d_b)),
+    }

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput
+from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput, StepOutput
+from rlkit_diffusion.rewards.base import checked_reward
 from rlkit_diffusion.worlds.base import World
 
 
@@ -50,20 +51,13 @@ class Rollout:
         return self.sample.x0
 
 
-def check_reward(r: Any, batch: int, name: str) -> None:
-    """A reward model's output must be a (B,) tensor: else a one-line ValueError naming the reward."""
-    if not isinstance(r, Tensor):
-        raise ValueError(f"reward {name!r} returned {type(r).__name__}, expected a tensor of shape ({batch},)")
-    if tuple(r.shape) != (batch,):
-        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({batch},)")
-
-
 class DenoisingCore:
     """Functional, batched torch core of the denoising MDP.
 
     Args:
         world: the task (prompts, decoder, rewards).
-        reward: name of the reward model of the terminal reward (``world.rewards[reward]``).
+        reward: name of the reward model of the terminal reward (``world.rewards[reward]``); None = no reward
+            (an evaluation draws samples and scores them itself).
         num_inference_steps: N, the episode length (defaults to the policy's).
         strength: SDEdit: episodes start at t = strength·T from q(x_t | x_input) instead of N(0, I).
         split: prompt split of ρ_0: ``train`` or ``heldout``.
@@ -73,14 +67,14 @@ class DenoisingCore:
         self,
         world: World,
         *,
-        reward: str = "proxy",
+        reward: str | None = "proxy",
         num_inference_steps: int | None = None,
         strength: float = 1.0,
         split: str = "train",
     ):
         self.world = world
         self.reward_name = reward
-        self.reward_model = world.reward(reward)
+        self.reward_model = world.reward(reward) if reward is not None else None
         self.schedule = world.policy.schedule(num_inference_steps, strength=strength)
         if split not in ("train", "heldout"):
             raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -108,10 +102,12 @@ class DenoisingCore:
         generator: torch.Generator | None = None,
         x_T: Tensor | None = None,
         x_input: Tensor | None = None,
+        cond: Cond = None,
     ) -> State:
-        """s_0 = (c, T, x_T), x_T ~ N(0, I); for SDEdit (``x_input`` given) x_T ~ q(x_t | x_input)."""
+        """s_0 = (c, T, x_T), x_T ~ N(0, I); for SDEdit (``x_input`` given) x_T ~ q(x_t | x_input), t = the
+        schedule's first timestep (strength·T). ``cond``: the prompts' encoding if already computed."""
         device = self.world.device
-        cond = self.world.encoder(prompts)
+        cond = self.world.encoder(prompts) if cond is None else cond
         if x_T is None:
             x_T = torch.randn((len(prompts), *self.sample_shape), generator=generator, device=device)
         if x_input is not None:
@@ -136,9 +132,9 @@ class DenoisingCore:
 
     def terminal_reward(self, x0: Tensor, prompts: list[str]) -> Tensor:
         """r(c, decode(x_0)); keeps autograd (DRaFT)."""
-        r = self.reward_model(self.world.decode(x0), prompts)
-        check_reward(r, len(prompts), self.reward_name)
-        return r
+        if self.reward_model is None:
+            raise ValueError("this DenoisingCore was built without a reward (reward=None)")
+        return checked_reward(self.reward_model, self.world.decode(x0), prompts, name=self.reward_name)
 
     # The behaviour policy of the off-policy view (S3) -------------------------------------------------------------
     def forward_process(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -154,6 +150,7 @@ class DenoisingCore:
         generator: torch.Generator | None = None,
         x_T: Tensor | None = None,
         x_input: Tensor | None = None,
+        cond: Cond = None,
         with_reward: bool = True,
         **sample_kwargs: Any,
     ) -> Rollout:
@@ -161,10 +158,62 @@ class DenoisingCore:
 
         ``sample_kwargs`` go to `DiffusionPolicy.sample` (``grad``, ``k``, ``checkpoint``, ``return_trajectory``).
         """
-        s0 = self.initial_state(prompts, generator=generator, x_T=x_T, x_input=x_input)
+        s0 = self.initial_state(prompts, generator=generator, x_T=x_T, x_input=x_input, cond=cond)
         out = self.world.denoise(policy, s0.x, s0.cond, schedule=self.schedule, generator=generator, **sample_kwargs)
         rewards = self.terminal_reward(out.x0, s0.prompts) if with_reward else None
         return Rollout(prompts=s0.prompts, cond=s0.cond, sample=out, rewards=rewards)
+
+    def rescore(
+        self,
+        policy: DiffusionPolicy,
+        x_t: Tensor,
+        index: Tensor | int,
+        cond: Cond,
+        *,
+        uncond: Cond = None,
+        prev_sample: Tensor | None = None,
+    ) -> StepOutput:
+        """π(· | s) of any ``policy`` at stored states s = (c, t, x_t): THE re-scoring of a recorded trajectory.
+
+        The path KL of the evaluation (reference at the policy's states), DDPO/DPOK (the current and the reference
+        policy at the collected transitions) and DRaFT+'s ε penalty all call this, so a stored state is always
+        evaluated with the world's guidance, the same schedule and the same step maths as when it was sampled.
+
+        Args:
+            policy: the network to score with (the trained policy, the reference, ...).
+            x_t: (M, ...) stored states.
+            index: schedule positions of the rows, an int or (M,) long (0 = x_T's step).
+            cond: the rows' conditioning, batch M. ``uncond``: batch-M unconditional conditioning (default: the
+                world's, when it guides).
+            prev_sample: (M, ...) recorded actions x_{t−1} to score (``log_prob``); None = only the distribution
+                (``log_prob`` and ``prev_sample`` of the output are then None; no noise is drawn).
+
+        Returns:
+            `StepOutput` (``mean``, ``std``, ``eps``, ``x0_pred``; ``log_prob`` of ``prev_sample``).
+        """
+        sched = self.schedule
+        if isinstance(index, Tensor):
+            t, t_prev = sched.timesteps.to(x_t.device)[index], sched.prev_timesteps.to(x_t.device)[index]
+        else:
+            t, t_prev = sched.timesteps[index], sched.prev_timesteps[index]
+        if uncond is None:
+            uncond = self.world.uncond(x_t.shape[0])
+        eps = policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=self.world.guidance_scale)
+        mean, std, x0_pred = policy.step_distribution(x_t, t, t_prev, eps)
+        log_prob = None if prev_sample is None else policy.log_prob(prev_sample, mean, std)
+        return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob, eps=eps, x0_pred=x0_pred)
+
+    def path_kl(self, policy: DiffusionPolicy, ref_policy: DiffusionPolicy, rollout: Rollout) -> Tensor:
+        """Σ_t KL(π_θ(·|x_t, c) ‖ π_ref(·|x_t, c)) along a batch of ``policy``'s trajectories (eq. 10): (B,) nats.
+
+        ``rollout`` must hold the trajectory (``return_trajectory=True``): per-step Gaussian KLs with the shared
+        σ_t, the reference re-scored at the policy's own states (`rescore`)."""
+        out = rollout.sample
+        kl = torch.zeros(out.x0.shape[0], device=out.x0.device)
+        for i in range(self.horizon):
+            ref = self.rescore(ref_policy, out.latents[i], i, rollout.cond)
+            kl += policy.gaussian_kl(out.means[i], ref.mean, out.stds[:, i])
+        return kl
 
     def _check(self, x: Tensor, batch: int, what: str) -> None:
         expected = (batch, *self.sample_shape)

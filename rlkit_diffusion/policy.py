@@ -66,19 +66,6 @@ def cond_cat(conds: list[Cond]) -> Cond:
     return {k: cond_cat([c[k] for c in conds]) for k in first}
 
 
-def cond_batch_size(cond: Cond) -> int | None:
-    """Batch size of a conditioning structure (None for an unconditional model)."""
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond.shape[0]
-    for v in cond.values():
-        size = cond_batch_size(v)
-        if size is not None:
-            return size
-    return None
-
-
 def _expand_t(t: Tensor | int, batch: int, device: torch.device) -> Tensor:
     """Timesteps as a long tensor of shape (B,)."""
     t = torch.as_tensor(t, device=device)
@@ -126,10 +113,10 @@ class UNetEpsModel(nn.Module):
 class StepOutput:
     """One Gaussian step π(x_{t-1} | x_t, c) = N(mean, std² I), and the action drawn from it."""
 
-    prev_sample: Tensor  # (B, ...) x_{t-1}
+    prev_sample: Tensor | None  # (B, ...) x_{t-1} (None when only the distribution was asked for: `mdp.rescore`)
     mean: Tensor  # (B, ...) μ_θ(x_t, t, c)
     std: Tensor  # (B,) σ_t(η)
-    log_prob: Tensor  # (B,) log π(x_{t-1} | x_t, c), summed over non-batch dims
+    log_prob: Tensor | None  # (B,) log π(x_{t-1} | x_t, c), summed over non-batch dims
     eps: Tensor  # (B, ...) guided noise prediction
     x0_pred: Tensor  # (B, ...) x̂_0
 

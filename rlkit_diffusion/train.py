@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,17 @@ def _grads_finite(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
+NO_TRAINING = {
+    "updates": 0,
+    "train_wall_s": 0.0,
+    "train_nfe": 0,
+    "reward_queries": 0,
+    "samples": 0,
+    "skipped_steps": 0,
+    "checkpoint": None,
+}
+
+
 def train(
     algo: Algorithm,
     ctx: AlgoContext,
@@ -154,65 +166,122 @@ def train(
         eval_fn: ``eval_fn(update) -> dict`` for learning curves, run every ``cfg.eval_every`` updates.
         resume_from: a checkpoint directory to continue from (model, optimizer, RNG, algorithm and data state).
     """
-    acc = ctx.accelerator
-    main = acc is None or acc.is_main_process
-    logger = logger or MetricLogger(None)
-    policy = ctx.policy
     algo.setup(ctx)
-    if not getattr(algo, "trains", True):  # an inference-time method (best-of-N): nothing to optimise
-        return {
-            "updates": 0,
-            "train_wall_s": 0.0,
-            "train_nfe": 0,
-            "reward_queries": 0,
-            "samples": 0,
-            "skipped_steps": 0,
-            "checkpoint": None,
-        }
-    opt, sched = make_optimizer(policy.eps_model, cfg)
-    if acc is not None:
-        # The lr scheduler is deliberately NOT prepared: accelerate's wrapper steps it num_processes times per
-        # optimizer step (for schedules counted in per-process batches), which would end a warm-up num_processes
-        # times too early. It is stepped once per optimizer step below, identically for any number of processes.
-        policy.eps_model, opt = acc.prepare(policy.eps_model, opt)
-    model = policy.eps_model
-    params = [p for p in model.parameters() if p.requires_grad]
-    multi = acc is not None and acc.num_processes > 1
-    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
-
-    budget = Budget(budget or BudgetConfig(), cfg, ctx, start_nfe=policy.nfe)
-    skipped = 0
+    if not algo.trains:  # an inference-time method (best-of-N): nothing to optimise
+        return dict(NO_TRAINING)
+    loop = _Loop(algo, ctx, cfg, budget or BudgetConfig(), run_dir, logger or MetricLogger(None), eval_fn)
     if resume_from is not None:
-        ck = load_checkpoint(resume_from)
-        load_trainable_state(unwrap(model), ck["model"])
+        loop.restore(resume_from)
+    loop.schedule_evaluations()
+    bar = tqdm(
+        total=loop.budget.amount,
+        desc=f"train {algo.name} [{loop.budget.kind}]",
+        disable=not (progress and loop.main),
+        dynamic_ncols=True,
+    )
+    bar.update(min(loop.budget.used(), loop.budget.amount))
+    t_start = time.perf_counter()
+    loop.model.train()
+    checkpoint_due = False
+    try:
+        while not loop.budget.done():
+            loop.step_no = ctx.counters.updates + 1
+            batch = algo.collect()
+            for mb in algo.minibatches(batch):
+                loop.step_no = ctx.counters.updates + 1
+                if not loop.optimizer_step(mb):
+                    continue
+                update = ctx.counters.updates
+                bar.update(max(0.0, min(loop.budget.used(), loop.budget.amount) - bar.n))
+                loop.log(update, bar)
+                loop.maybe_evaluate(update)
+                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
+                    checkpoint_due = True
+                if loop.budget.done():
+                    break
+            # Checkpoints are written between collected batches only: the rest of a batch (DDPO's further
+            # minibatches) is not in a checkpoint, so a mid-batch checkpoint could not resume exactly. When the
+            # budget is spent, the final checkpoint below is written instead.
+            if checkpoint_due and not loop.budget.done():
+                loop.last_ckpt = loop.checkpoint() or loop.last_ckpt
+                checkpoint_due = False
+    except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
+        _name_the_step(err, loop.step_no)
+        if loop.ckpt_root is not None and loop.main and not isinstance(err, DivergenceError):
+            (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
+        raise
+    bar.close()
+    return loop.finish(t_start)
+
+
+class _Loop:
+    """The state of one `train` call: the prepared model and optimiser, the budget, and the steps that touch them
+    (restore, the guarded optimizer step, logging, learning-curve evaluations, checkpoints)."""
+
+    def __init__(self, algo, ctx: AlgoContext, cfg: TrainConfig, budget: BudgetConfig, run_dir, logger, eval_fn):
+        self.algo, self.ctx, self.cfg, self.logger, self.eval_fn = algo, ctx, cfg, logger, eval_fn
+        self.acc = acc = ctx.accelerator
+        self.main = acc is None or acc.is_main_process
+        policy = ctx.policy
+        self.opt, self.sched = make_optimizer(policy.eps_model, cfg)
+        if acc is not None:
+            # The lr scheduler is deliberately NOT prepared: accelerate's wrapper steps it num_processes times per
+            # optimizer step (for schedules counted in per-process batches), which would end a warm-up
+            # num_processes times too early. It is stepped once per optimizer step, for any number of processes.
+            policy.eps_model, self.opt = acc.prepare(policy.eps_model, self.opt)
+        self.model = policy.eps_model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.multi = acc is not None and acc.num_processes > 1
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.budget = Budget(budget, cfg, ctx, start_nfe=policy.nfe)
+        self.skipped = 0
+        self.last_ckpt: Path | None = None
+        self.step_no = ctx.counters.updates + 1  # the optimizer step in progress (named by errors)
+        self.running: dict[str, list[float]] = {}
+        # Learning-curve points at budget fractions k/eval_points (after a resume: the next one still ahead).
+        self.eval_span = self.budget.amount / cfg.eval_points if cfg.eval_points else math.inf
+        self.next_eval_at = math.inf
+
+    def restore(self, path: Path | str) -> None:
+        """Continue from a checkpoint: weights, optimizer and scheduler, counters, algorithm, data and RNG state."""
+        ctx, algo, policy, budget = self.ctx, self.algo, self.ctx.policy, self.budget
+        ck = load_checkpoint(path)
+        load_trainable_state(unwrap(self.model), ck["model"])
         if ck["optimizer"]:
-            opt.load_state_dict(ck["optimizer"]["optimizer"])
-            sched.load_state_dict(ck["optimizer"]["lr_scheduler"])
+            self.opt.load_state_dict(ck["optimizer"]["optimizer"])
+            self.sched.load_state_dict(ck["optimizer"]["lr_scheduler"])
         st = ck["state"]
         ctx.counters.updates = int(st["counters"]["updates"])
         ctx.counters.reward_queries = int(st["counters"]["reward_queries"])
         ctx.counters.samples = int(st["counters"]["samples"])
         policy.counter["nfe"] = budget.start_nfe + int(st["nfe_used"])
         budget.wall_offset = float(st.get("wall_s", 0.0))
-        skipped = int(st.get("skipped", 0))
+        self.skipped = int(st.get("skipped", 0))
         algo.load_state_dict(st.get("algo", {}))
-        if hasattr(algo, "reference") and ck["reference"]:
+        if algo.reference is not None and ck["reference"]:
             algo.reference.load_state_dict(ck["reference"])
         if ctx.world.pairs is not None and "pairs" in st:
             ctx.world.pairs.load_state_dict(st["pairs"])
-        ctx.generator.set_state(_rank_generator_state(st, acc).to(torch.uint8))
+        ctx.generator.set_state(_rank_generator_state(st, self.acc).to(torch.uint8))
         set_rng_state(st["rng"])
 
-    def checkpoint() -> Path | None:
-        generators = _gather_generator_states(acc, ctx.generator)  # every rank takes part in the gather
-        if ckpt_root is None or not main:
+    def schedule_evaluations(self) -> None:
+        """The next learning-curve point: the first budget fraction k/eval_points still ahead (after a resume too)."""
+        if self.cfg.eval_points:
+            self.next_eval_at = (math.floor(self.budget.used() / self.eval_span) + 1) * self.eval_span
+
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0) with everything `restore` reads. Every rank must call it."""
+        ctx, algo = self.ctx, self.algo
+        generators = _gather_generator_states(self.acc, ctx.generator)  # every rank takes part in the gather
+        if self.ckpt_root is None or not self.main:
             return None
-        ref = getattr(algo, "reference", None)
         state = {
             "counters": vars(ctx.counters),
-            "nfe_used": policy.nfe - budget.start_nfe,
-            "wall_s": budget.wall_s(),
-            "skipped": skipped,
+            "nfe_used": ctx.policy.nfe - self.budget.start_nfe,
+            "wall_s": self.budget.wall_s(),
+            "skipped": self.skipped,
             "algo": algo.state_dict(),
             "generator": ctx.generator.get_state(),
             "generators": generators,  # one per rank: ranks draw different (t, ε) and must resume their own
@@ -220,128 +289,106 @@ def train(
         if ctx.world.pairs is not None:
             state["pairs"] = ctx.world.pairs.state_dict()
         return save_checkpoint(
-            ckpt_root,
+            self.ckpt_root,
             ctx.counters.updates,
-            model=unwrap(model),
-            optimizer=opt,
-            lr_scheduler=sched,
-            reference_state=ref.state_dict() if ref is not None else None,
+            model=unwrap(self.model),
+            optimizer=self.opt,
+            lr_scheduler=self.sched,
+            reference_state=algo.reference.state_dict() if algo.reference is not None else None,
             state=state,
         )
 
-    last_ckpt: Path | None = None
-    # Learning-curve points at budget fractions k/eval_points (after a resume: the next one still ahead).
-    eval_span = budget.amount / cfg.eval_points if cfg.eval_points else math.inf
-    next_eval_at = (math.floor(budget.used() / eval_span) + 1) * eval_span if cfg.eval_points else math.inf
-    bar = tqdm(
-        total=budget.amount,
-        desc=f"train {getattr(algo, 'name', 'algo')} [{budget.kind}]",
-        disable=not (progress and main),
-        dynamic_ncols=True,
-    )
-    bar.update(min(budget.used(), budget.amount))
-    t_start = time.perf_counter()
-    running: dict[str, list[float]] = {}
-    model.train()
-    checkpoint_due = False
-    step_no = ctx.counters.updates + 1  # the optimizer step in progress (named by errors)
-    try:
-        while not budget.done():
-            step_no = ctx.counters.updates + 1
-            batch = algo.collect()
-            for mb in algo.minibatches(batch):
-                step_no = ctx.counters.updates + 1
-                ctx_mgr = acc.accumulate(model) if acc is not None else _null()
-                with ctx_mgr:
-                    losses = algo.loss(mb)
-                    total = sum_losses(losses)
-                    bad = not torch.isfinite(total.detach()).all()
-                    if not bad or multi:  # multi-process: never skip the gradient all-reduce on one rank only (hang);
-                        (acc.backward(total) if acc is not None else total.backward())  # NaN grads reach every rank
-                        bad = bad or not _grads_finite(params)
-                    if bad:
-                        opt.zero_grad(set_to_none=True)
-                        skipped += 1
-                        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
-                        msg = f"non-finite loss or gradient at optimizer step {step_no} ({where})"
-                        if cfg.on_nonfinite == "stop" or skipped > cfg.max_skipped:
-                            if run_dir is not None and main:
-                                (Path(run_dir) / "STOPPED").write_text(msg + "\n")
-                            raise DivergenceError(msg)
-                        continue
-                    synced = acc.sync_gradients if acc is not None else True
-                    if synced and cfg.max_grad_norm > 0:
-                        if acc is not None:
-                            gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                        else:
-                            gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                        if gn is not None:  # None under DeepSpeed, which clips inside its engine (gradient_clipping)
-                            losses["grad_norm"] = gn
-                    opt.step()
-                    if synced:
-                        sched.step()
-                    opt.zero_grad(set_to_none=True)
-                for k, v in losses.items():
-                    running.setdefault(k, []).append(to_float(v))
-                if not synced:
-                    continue
-                ctx.counters.updates += 1
-                update = ctx.counters.updates
-                for k, v in algo.after_update(update).items():
-                    running.setdefault(k, []).append(to_float(v))
-                bar.update(max(0.0, min(budget.used(), budget.amount) - bar.n))
-                if update % max(1, cfg.log_every) == 0 and main:
-                    row = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
-                    row.update(_budget_row(ctx, budget, sched, skipped))
-                    logger.log(update, row)
-                    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in list(row.items())[:3]})
-                    running.clear()
-                due = bool(cfg.eval_every) and update % cfg.eval_every == 0
-                if cfg.eval_points and budget.used() >= next_eval_at:
-                    due = True
-                    while next_eval_at <= budget.used():
-                        next_eval_at += eval_span
-                if eval_fn is not None and due:
-                    nfe0, t_eval = ctx.policy.nfe, time.perf_counter()
-                    metrics = eval_fn(update)
-                    # A learning-curve evaluation is not training: its UNet calls and seconds are not charged to
-                    # the budget (nor to unet_nfe / train_wall_s), so curves do not shorten the run they measure.
-                    ctx.policy.counter["nfe"] = nfe0
-                    budget.wall_offset -= time.perf_counter() - t_eval
-                    if main:
-                        logger.log(
-                            update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)}
-                        )
-                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
-                    checkpoint_due = True
-                if budget.done():
-                    break
-            # Checkpoints are written between collected batches only: the rest of a batch (DDPO's further
-            # minibatches) is not in a checkpoint, so a mid-batch checkpoint could not resume exactly. When the
-            # budget is spent, the final checkpoint below is written instead.
-            if checkpoint_due and not budget.done():
-                last_ckpt = checkpoint() or last_ckpt
-                checkpoint_due = False
-    except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
-        _name_the_step(err, step_no)
-        if run_dir is not None and main and not isinstance(err, DivergenceError):
-            (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
-        raise
-    bar.close()
-    model.eval()
-    if acc is not None:
-        acc.wait_for_everyone()
-        policy.eps_model = acc.unwrap_model(model)
-    final_ckpt = checkpoint()
-    return {
-        "updates": ctx.counters.updates,
-        "train_wall_s": time.perf_counter() - t_start,
-        "train_nfe": policy.nfe - budget.start_nfe,
-        "reward_queries": ctx.counters.reward_queries,
-        "samples": ctx.counters.samples,
-        "skipped_steps": skipped,
-        "checkpoint": str(final_ckpt) if final_ckpt else None,
-    }
+    def optimizer_step(self, mb: Any) -> bool:
+        """Loss, backward, clip, step on one minibatch; a non-finite loss or gradient stops the run (or is skipped
+        and counted). Returns True when an optimizer step was taken (False: skipped, or accumulating)."""
+        acc, cfg, opt, params = self.acc, self.cfg, self.opt, self.params
+        with acc.accumulate(self.model) if acc is not None else nullcontext():
+            losses = self.algo.loss(mb)
+            total = sum_losses(losses)
+            bad = not torch.isfinite(total.detach()).all()
+            if not bad or self.multi:  # multi-process: never skip the gradient all-reduce on one rank only (hang);
+                (acc.backward(total) if acc is not None else total.backward())  # NaN grads reach every rank
+                bad = bad or not _grads_finite(params)
+            if bad:
+                opt.zero_grad(set_to_none=True)
+                self._diverged()
+                return False
+            synced = acc.sync_gradients if acc is not None else True
+            if synced and cfg.max_grad_norm > 0:
+                if acc is not None:
+                    gn = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if gn is not None:  # None under DeepSpeed, which clips inside its engine (gradient_clipping)
+                    losses["grad_norm"] = gn
+            opt.step()
+            if synced:
+                self.sched.step()
+            opt.zero_grad(set_to_none=True)
+        for k, v in losses.items():
+            self.running.setdefault(k, []).append(to_float(v))
+        if not synced:
+            return False
+        self.ctx.counters.updates += 1
+        for k, v in self.algo.after_update(self.ctx.counters.updates).items():
+            self.running.setdefault(k, []).append(to_float(v))
+        return True
+
+    def _diverged(self) -> None:
+        """Count a non-finite step; stop (STOPPED file + DivergenceError) unless skipping is allowed."""
+        self.skipped += 1
+        where = f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint written yet"
+        msg = f"non-finite loss or gradient at optimizer step {self.step_no} ({where})"
+        if self.cfg.on_nonfinite == "stop" or self.skipped > self.cfg.max_skipped:
+            if self.run_dir is not None and self.main:
+                (self.run_dir / "STOPPED").write_text(msg + "\n")
+            raise DivergenceError(msg)
+
+    def log(self, update: int, bar: Any) -> None:
+        """Training metrics averaged since the last log, every ``log_every`` optimizer steps (main process)."""
+        if update % max(1, self.cfg.log_every) == 0 and self.main:
+            row = {f"train/{k}": sum(v) / len(v) for k, v in self.running.items()}
+            row.update(_budget_row(self.ctx, self.budget, self.sched, self.skipped))
+            self.logger.log(update, row)
+            bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in list(row.items())[:3]})
+            self.running.clear()
+
+    def maybe_evaluate(self, update: int) -> None:
+        """A learning-curve evaluation when one falls due (every ``eval_every`` steps or budget fraction)."""
+        cfg, budget, ctx = self.cfg, self.budget, self.ctx
+        due = bool(cfg.eval_every) and update % cfg.eval_every == 0
+        if cfg.eval_points and budget.used() >= self.next_eval_at:
+            due = True
+            while self.next_eval_at <= budget.used():
+                self.next_eval_at += self.eval_span
+        if self.eval_fn is None or not due:
+            return
+        nfe0, t_eval = ctx.policy.nfe, time.perf_counter()
+        metrics = self.eval_fn(update)
+        # A learning-curve evaluation is not training: its UNet calls and seconds are not charged to the budget
+        # (nor to unet_nfe / train_wall_s), so curves do not shorten the run they measure.
+        ctx.policy.counter["nfe"] = nfe0
+        budget.wall_offset -= time.perf_counter() - t_eval
+        if self.main:
+            self.logger.log(update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)})
+
+    def finish(self, t_start: float) -> dict[str, Any]:
+        """Unwrap the model, write the final checkpoint and summarise the run."""
+        ctx, acc = self.ctx, self.acc
+        self.model.eval()
+        if acc is not None:
+            acc.wait_for_everyone()
+            ctx.policy.eps_model = acc.unwrap_model(self.model)
+        final_ckpt = self.checkpoint()
+        return {
+            "updates": ctx.counters.updates,
+            "train_wall_s": time.perf_counter() - t_start,
+            "train_nfe": ctx.policy.nfe - self.budget.start_nfe,
+            "reward_queries": ctx.counters.reward_queries,
+            "samples": ctx.counters.samples,
+            "skipped_steps": self.skipped,
+            "checkpoint": str(final_ckpt) if final_ckpt else None,
+        }
 
 
 def _name_the_step(err: BaseException, step: int) -> None:
@@ -377,14 +424,6 @@ def _budget_row(ctx: AlgoContext, budget: Budget, sched=None, skipped: int = 0) 
         row["train/lr"] = sched.get_last_lr()[0]
         row["train/skipped_steps"] = skipped
     return row
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 __all__ = ["BudgetConfig", "DivergenceError", "TrainConfig", "train"]

@@ -7,17 +7,9 @@ import math
 import pytest
 import torch
 
-from algos.dpo import (
-    DPO,
-    DPOL2,
-    DPOConfig,
-    DPOL2Config,
-    dpo_l2_loss,
-    implicit_margin,
-    implicit_reward_accuracy,
-    rank_pairs,
-    sft_loss,
-)
+from algos.dpo import DPO, DPOL2, DPOConfig, DPOL2Config, dpo_l2_loss, rank_pairs
+from algos.sft import sft_loss
+from rlkit_diffusion.preference import implicit_margin, implicit_reward_accuracy
 from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

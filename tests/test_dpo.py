@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import algos.dpo as dpo_module
-from algos.dpo import dpo_loss, per_sample_error
+from algos.dpo import dpo_loss
+from rlkit_diffusion.preference import per_sample_error
 from tests.helpers import run_toy
 
 

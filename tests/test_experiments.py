@@ -221,7 +221,7 @@ def test_sections_write_their_figures_and_the_report_includes_them(tmp_path):
 
 def test_table2_experiment_on_shapes_at_a_tiny_budget(tmp_path):
     """End to end on shapes: an experiment config → one real run (eval.json valid) → its section → the report."""
-    overrides = ["train.steps=2", "algo.implicit_eval_pairs=8", "algo.implicit_eval_draws=2", *TINY]
+    overrides = ["train.steps=2", "eval.implicit_pairs=8", "eval.implicit_draws=2", *TINY]
     cfg = compose_cfg(["experiment=table2", f"out_dir={tmp_path}", *overrides])
     exp_dir = tmp_path / "table2"
     experiments.run(cfg, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])

@@ -52,7 +52,7 @@ TOY_DPO = [
     "eval.samples_per_prompt=8",
     "eval.bootstrap=20",
     "eval.heldout=false",
-    "algo.implicit_eval_pairs=0",
+    "eval.implicit_pairs=0",
 ]
 
 

@@ -361,7 +361,7 @@ def run_overrides(assets: dict[str, Path], world: str, algo: str, out: Path) -> 
         f"world.val_pairs={assets['val_pairs']}",
         f"world.latent_cache={out / 'latents'}",
         *{
-            "dpo": ["algo.implicit_eval_pairs=2", "algo.implicit_eval_draws=1"],
+            "dpo": ["eval.implicit_pairs=2", "eval.implicit_draws=1"],
             "ddpo": ["algo.num_minibatches=1"],  # the sd15 tuning's 400 minibatches are for 32 × 50 transitions
             "draft": ["algo.k=1"],
         }[algo],

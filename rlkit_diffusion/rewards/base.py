@@ -1,4 +1,4 @@
-"""The reward-model protocol shared by every algorithm, plus an output check and a query counter.
+"""The reward-model protocol shared by every algorithm, and THE output check (`check_reward`).
 
 One implementation serves DDPO (scored without gradient) and DRaFT/AlignProp (gradient through the reward when
 ``differentiable`` is True). Gold rewards are for labelling and evaluation only.
@@ -7,7 +7,7 @@ One implementation serves DDPO (scored without gradient) and DRaFT/AlignProp (gr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -43,66 +43,34 @@ def reward_name(reward: object) -> str:
     return str(getattr(reward, "name", type(reward).__name__))
 
 
-def checked_reward(reward: RewardModel, images: Tensor, prompts: Sequence[str]) -> Tensor:
-    """Call ``reward`` and check its inputs and output.
+def check_reward(r: Any, batch: int, name: str) -> Tensor:
+    """THE reward check: a reward model's output must be a finite tensor of shape (B,). Returns it.
 
     Raises:
-        ValueError: (one line, naming the reward) if the images are not (B, C, H, W), the number of prompts is not
-            B, or the output is not a finite tensor of shape (B,).
+        ValueError: one line naming the reward (the training loop appends the optimizer step).
     """
-    name = reward_name(reward)
-    if not isinstance(images, Tensor) or images.ndim != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"reward {name!r}: expected images of shape (B, C, H, W), got {shape}")
+    if not isinstance(r, Tensor):
+        raise ValueError(f"reward {name!r} returned {type(r).__name__}, expected a tensor of shape ({batch},)")
+    if tuple(r.shape) != (batch,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)}, expected ({batch},)")
+    finite = torch.isfinite(r.detach())
+    if not bool(finite.all()):
+        raise ValueError(f"reward {name!r} returned NaN or inf ({int((~finite).sum())} of {batch} not finite)")
+    return r
+
+
+def checked_reward(reward: RewardModel, images: Tensor, prompts: Sequence[str], name: str | None = None) -> Tensor:
+    """Call ``reward`` on a batch and `check_reward` its output; ``name`` defaults to `reward_name`.
+
+    Raises:
+        ValueError: (one line, naming the reward) if the number of prompts is not the batch size B, or the output
+            is not a finite tensor of shape (B,).
+    """
+    name = reward_name(reward) if name is None else name
     batch = images.shape[0]
     if len(prompts) != batch:
         raise ValueError(f"reward {name!r}: {batch} images but {len(prompts)} prompts")
-    out = reward(images, prompts)
-    if not isinstance(out, Tensor) or tuple(out.shape) != (batch,):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"reward {name!r}: expected output of shape ({batch},), got {shape}")
-    if not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        raise ValueError(f"reward {name!r}: {bad} of {batch} outputs are not finite (NaN or inf)")
-    return out
+    return check_reward(reward(images, prompts), batch, name)
 
 
-class RewardCounter:
-    """Wraps a reward model and counts its queries (images scored) and calls; a ``RewardModel`` itself.
-
-    Every call goes through :func:`checked_reward`.
-
-    Attributes:
-        queries: number of images scored so far.
-        calls: number of calls so far.
-    """
-
-    def __init__(self, reward: RewardModel) -> None:
-        self.reward = reward
-        self.name = reward_name(reward)
-        self.differentiable = bool(getattr(reward, "differentiable", False))
-        self.queries = 0
-        self.calls = 0
-
-    def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        out = checked_reward(self.reward, images, prompts)
-        self.queries += images.shape[0]
-        self.calls += 1
-        return out
-
-    def reset(self) -> None:
-        self.queries = 0
-        self.calls = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"queries": self.queries, "calls": self.calls}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.queries = int(state["queries"])
-        self.calls = int(state["calls"])
-
-    def __repr__(self) -> str:
-        return f"RewardCounter({self.name!r}, queries={self.queries}, calls={self.calls})"
-
-
-__all__ = ["RewardCounter", "RewardModel", "checked_reward", "reward_name"]
+__all__ = ["RewardModel", "check_reward", "checked_reward", "reward_name"]

@@ -130,7 +130,6 @@ def pretrain(steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: 
     policy = DiffusionPolicy(model, make_scheduler())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    encoder = Toy2dEncoder()
     for _ in tqdm(range(steps), desc="pretrain toy2d", leave=False):
         # Conditions drawn from the whole circle (not just the training angles), so held-out angles are in range.
         phi = torch.rand(batch_size, generator=g) * 2 * math.pi
@@ -143,7 +142,6 @@ def pretrain(steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: 
         loss.backward()
         opt.step()
         sched.step()
-    del encoder
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
@@ -197,14 +195,14 @@ class Toy2dPairs:
 class TiltedOptimum:
     """Draws from p*(x|c) ∝ p_ref(x|c) exp(r(x,c)/β) by importance resampling of a pool of reference samples."""
 
-    def __init__(self, policy: DiffusionPolicy, encoder, reward, prompts: list[str], pool: int = 4096, seed=0):
-        self.reward = reward
+    def __init__(self, world: World, prompts: list[str], pool: int = 4096, seed=0):
+        self.reward = world.reward("gold")
         self.pool: dict[str, Tensor] = {}
-        g = torch.Generator(device=policy.alphas_cumprod.device).manual_seed(seed)
-        with torch.no_grad():  # one batched rollout for all prompts
-            cond = encoder([p for p in prompts for _ in range(pool)])
+        g = torch.Generator(device=world.device).manual_seed(seed)
+        with torch.no_grad():  # one batched rollout for all prompts, through the world's wiring of the loop
+            cond = world.encoder([p for p in prompts for _ in range(pool)])
             x_T = torch.randn(cond.shape[0], 2, generator=g, device=cond.device)
-            x0 = policy.sample(x_T, cond, generator=g).x0  # (len(prompts) * pool, 2) ~ p_ref
+            x0 = world.denoise(world.policy, x_T, cond, generator=g).x0  # (len(prompts) * pool, 2) ~ p_ref
         for i, p in enumerate(prompts):
             self.pool[p] = x0[i * pool : (i + 1) * pool]
         self.generator = torch.Generator().manual_seed(seed + 1)
@@ -262,8 +260,7 @@ def build_toy2d(
     reward = Toy2dReward(encoder)
     train_prompts = [prompt(a) for a in TRAIN_ANGLES]
     heldout_prompts = [prompt(a) for a in HELDOUT_ANGLES]
-    optimum = TiltedOptimum(policy, encoder, reward, train_prompts + heldout_prompts, pool=optimum_pool, seed=seed)
-    return World(
+    world = World(
         name="toy2d",
         policy=policy,
         encoder=encoder,
@@ -273,6 +270,7 @@ def build_toy2d(
         heldout_prompts=heldout_prompts,
         pairs=Toy2dPairs(encoder, reward, train_prompts, seed=seed, temperature=label_temperature),
         val_pairs=Toy2dPairs(encoder, reward, train_prompts, seed=seed + 10_000, temperature=label_temperature),
-        optimum=optimum,
         distance=energy_distance,
     )
+    world.optimum = TiltedOptimum(world, train_prompts + heldout_prompts, pool=optimum_pool, seed=seed)
+    return world

@@ -1,0 +1,222 @@
+"""The implicit reward of a policy against its reference (Diffusion-DPO supp. S4) and preference accuracy (Table 2).
+
+Algorithm-agnostic pieces: the DPO family's losses (``algos/dpo.py``) are −log σ of `implicit_margin`, and the
+evaluation (`rlkit_diffusion.evaluate.evaluate`) scores EVERY trained policy by the preference accuracy of its
+implicit reward on the world's validation pairs, next to the accuracy of the explicit reward models — Table 2.
+
+Notation (code name → paper symbol):
+
+================  =================================================================================================
+``x_w, x_l``      x^w_0, x^l_0: the preferred and the rejected sample (diffusion space: pixels or VAE latents)
+``t, noise``      t ~ U{t_min, …, t_max − 1} and ε ~ N(0, I), shared by winner and loser (S9 pseudocode)
+``x_t``           x^*_t = α_t x^*_0 + σ_t ε ~ q(x_t | x_0): the forward process is the behaviour policy (S3)
+``err``           SE = ‖ε − ε_θ(x^*_t, t)‖² (model) and ‖ε − ε_ref(x^*_t, t)‖² (reference), reduced over pixels
+``inside``        the implicit reward margin r(c, x^w_0) − r(c, x^l_0) of one (t, ε) draw (eq. 46, 48-49)
+``s``             the convention's factor on β: ½ (official) or 1 (diffusers, paper)
+================  =================================================================================================
+
+β conventions (peers disagree; each is reproducible): ``official`` (DiffusionDPO repo: per-pixel MEAN errors,
+inside = −½ β (Δ_θ − Δ_ref)), ``diffusers`` (per-pixel MEAN, inside = β (Δ_ref − Δ_θ), so ``diffusers`` at β equals
+``official`` at 2β), ``paper`` (eq. 14 literally: per-sample SUM, inside = −β ω(λ_t)(Δ_θ − Δ_ref)).
+The accuracy does not depend on β (only the sign of the margin counts); the reported mean margin does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rlkit_diffusion.policy import DiffusionPolicy, cond_cat
+from rlkit_diffusion.worlds.base import PairSource, World
+
+BETA_SCALE = {"official": 0.5, "diffusers": 1.0, "paper": 1.0}
+
+
+def per_sample_error(pred: Tensor, target: Tensor, reduction: Literal["mean", "sum"]) -> Tensor:
+    """‖target − pred‖² reduced over every non-batch dim: mean (official/diffusers) or sum (eq. 14). (B,)"""
+    err = (pred.float() - target.float()).pow(2).flatten(1)
+    return err.mean(1) if reduction == "mean" else err.sum(1)
+
+
+def beta_scale(convention: str) -> float:
+    """s of the convention: inside = −s β ω (…)."""
+    if convention not in BETA_SCALE:
+        raise ValueError(f"beta_convention must be official|diffusers|paper, got {convention!r}")
+    return BETA_SCALE[convention]
+
+
+def implicit_margin(
+    model_err_w: Tensor,
+    model_err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    beta: float,
+    *,
+    convention: str = "official",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """The implicit reward margin r(c, x^w_0) − r(c, x^l_0) of one (t, ε) draw, per pair. (B,)
+
+    ``inside = −s β ω(λ_t) [(SE^w_θ − SE^w_ref) − (SE^l_θ − SE^l_ref)]`` — the argument of log σ in eq. 14, and the
+    reward difference of eq. 48-49 (written there with the opposite sign; the sign here is the one of eq. 46/14,
+    under which a lower error than the reference means a higher reward).
+    """
+    w = torch.ones_like(model_err_w) if weight is None else weight
+    model_diff = model_err_w - model_err_l  # Δ_θ
+    ref_diff = ref_err_w - ref_err_l  # Δ_ref
+    return -beta_scale(convention) * beta * w * (model_diff - ref_diff)
+
+
+def preference_accuracy(margin: Tensor) -> Tensor:
+    """Fraction of pairs ranked correctly by a margin (ties count ½)."""
+    return (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean()
+
+
+def sample_timesteps(n: int, t_min: int, t_max: int, generator: torch.Generator, device) -> Tensor:
+    """t ~ U{t_min, ..., t_max − 1}. (n,)"""
+    if not 0 <= t_min < t_max:
+        raise ValueError(f"need 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    return torch.randint(t_min, t_max, (n,), generator=generator).to(device)
+
+
+def paired_predictions(
+    policy: DiffusionPolicy,
+    ref_policy: DiffusionPolicy,
+    x_w: Tensor,
+    x_l: Tensor,
+    cond: Any,
+    t: Tensor,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Policy and reference outputs on (x^w_t, x^l_t) with shared (t, ε), each in ONE batched forward.
+
+    Returns ``(model_pred (2B, ...), ref_pred (2B, ...), target (2B, ...))``; rows [:B] are winners.
+    """
+    x0 = torch.cat([x_w, x_l])  # (2B, ...)
+    t2 = torch.cat([t, t])
+    eps = torch.cat([noise, noise])
+    x_t = policy.add_noise(x0, eps, t2)  # q(x_t | x_0), eq. 2
+    c2 = cond_cat([cond, cond])
+    with torch.no_grad():  # the reference first: its activations are freed before the policy's graph is built
+        ref_pred = ref_policy.model_output(x_t, t2, c2)
+    model_pred = policy.model_output(x_t, t2, c2)
+    return model_pred, ref_pred, policy.training_target(x0, eps, t2)
+
+
+@torch.no_grad()
+def implicit_reward_margin(
+    policy: DiffusionPolicy,
+    ref_policy: DiffusionPolicy,
+    cond: Any,
+    x_a: Tensor,
+    x_b: Tensor,
+    *,
+    beta: float = 1.0,
+    convention: str = "official",
+    n_draws: int = 10,
+    t_min: int = 0,
+    t_max: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Estimated reward difference r(c, x^A_0) − r(c, x^B_0) of a policy and its reference (S4.1, eq. 48-49).
+
+    ``r_A − r_B = −s β E_{t, ε}[(SE^A_θ − SE^A_ref) − (SE^B_θ − SE^B_ref)]``, the expectation estimated with
+    ``n_draws`` draws of (t, ε), each shared by A and B ("it improves the estimate to average over multiple draws").
+    β log Z(c, t, q_t) cancels between A and B. Sign: as in eq. 14 (see `implicit_margin`). Returns (B,).
+    """
+    t_max = policy.num_train_timesteps if t_max is None else t_max
+    reduction = "sum" if convention == "paper" else "mean"
+    total = torch.zeros(x_a.shape[0], device=x_a.device)
+    b = x_a.shape[0]
+    for _ in range(n_draws):
+        t = sample_timesteps(b, t_min, t_max, generator, x_a.device)
+        noise = torch.randn(x_a.shape, generator=generator).to(x_a.device)
+        model_pred, ref_pred, target = paired_predictions(policy, ref_policy, x_a, x_b, cond, t, noise)
+        m_err, r_err = per_sample_error(model_pred, target, reduction), per_sample_error(ref_pred, target, reduction)
+        total += implicit_margin(m_err[:b], m_err[b:], r_err[:b], r_err[b:], beta, convention=convention)
+    return total / n_draws
+
+
+def validation_batches(pairs: PairSource, n_pairs: int, batch_size: int) -> Iterator[tuple[list[str], Tensor, Tensor]]:
+    """The first ``n_pairs`` pairs of a stream as batches ``(prompts, x_w, x_l)``; the stream is rewound afterwards
+    (its ``state_dict``), so every evaluation scores the same pairs and training's stream is not consumed."""
+    state = pairs.state_dict()
+    try:
+        done = 0
+        while done < n_pairs:
+            batch = pairs.next_batch(min(batch_size, n_pairs - done))
+            done += len(batch[0])
+            yield batch
+    finally:
+        pairs.load_state_dict(state)
+
+
+def implicit_reward_accuracy(
+    policy: DiffusionPolicy,
+    ref_policy: DiffusionPolicy,
+    pairs: PairSource,
+    encoder: Any,
+    *,
+    n_pairs: int = 512,
+    batch_size: int = 256,
+    n_draws: int = 10,
+    beta: float = 1.0,
+    convention: str = "official",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Preference accuracy of the implicit reward on validation pairs (Table 2).
+
+    Each pair (c, x^w, x^l) counts as correct when `implicit_reward_margin` (x^A = x^w, x^B = x^l) is > 0, ½ on a
+    tie — so a policy equal to its reference scores exactly 0.5. The pair stream is rewound afterwards (its
+    ``state_dict``), so the same pairs are scored every time and the stream is not consumed.
+
+    Returns ``{"implicit_acc": ..., "implicit_margin": mean margin}``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    margins = []
+    was_training = policy.eps_model.training
+    policy.eps_model.eval()
+    bar = tqdm(total=n_pairs, desc="implicit-reward accuracy", unit="pair", leave=False)
+    try:
+        for prompts, x_w, x_l in validation_batches(pairs, n_pairs, batch_size):
+            bar.update(len(prompts))
+            margins.append(
+                implicit_reward_margin(
+                    policy,
+                    ref_policy,
+                    encoder(prompts),
+                    x_w,
+                    x_l,
+                    beta=beta,
+                    convention=convention,
+                    n_draws=n_draws,
+                    generator=generator,
+                )
+            )
+    finally:
+        bar.close()
+        policy.eps_model.train(was_training)
+    margin = torch.cat(margins)
+    return {"implicit_acc": float(preference_accuracy(margin)), "implicit_margin": float(margin.mean())}
+
+
+@torch.no_grad()
+def reward_preference_accuracy(
+    world: World, pairs: PairSource, names: list[str], *, n_pairs: int = 512, batch_size: int = 256
+) -> dict[str, float]:
+    """Preference accuracy of explicit reward models on validation pairs (the other rows of Table 2).
+
+    A pair (c, x^w, x^l) counts as correct when r(c, D(x^w)) > r(c, D(x^l)), ½ on a tie: the same rule and the same
+    pairs as `implicit_reward_accuracy` (the stream is rewound afterwards). Returns ``{"reward_acc_<name>": ...}``.
+    """
+    margins: dict[str, list[Tensor]] = {name: [] for name in names}
+    for prompts, x_w, x_l in validation_batches(pairs, n_pairs, batch_size):
+        images = world.decode(torch.cat([x_w, x_l]))  # (2B, ...): winners then losers
+        for name in names:
+            r = world.reward(name)(images, list(prompts) * 2).float()  # (2B,)
+            margins[name].append(r[: len(prompts)] - r[len(prompts) :])
+    return {f"reward_acc_{name}": float(preference_accuracy(torch.cat(m))) for name, m in margins.items()}
