@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
-from tests.tiny_models import (
+from rlkit_diffusion.tiny import (
     save_aesthetic_mlp,
     save_tiny_clip,
     save_tiny_open_clip,
@@ -25,6 +24,7 @@ from tests.tiny_models import (
     write_partiprompts,
     write_pickapic,
 )
+from tests.helpers import compose_cfg
 
 torch.set_num_threads(1)
 RESOLUTION = 32  # tiny VAE: 2× downsampling → 4 × 16 × 16 latents
