@@ -102,13 +102,10 @@ MB = 2**20
 # Worlds
 # ----------------------------------------------------------------------------------------------------------------
 def build_sd_tiny(device: torch.device, steps: int):
-    """The ``sd15`` world on tiny random components (``tests/tiny_models.py``) saved to a temporary directory and
+    """The ``sd15`` world on tiny random components (``rlkit_diffusion/tiny.py``) saved to a temporary directory and
     loaded back through ``from_pretrained``: 4×16×16 latents, a 2-level UNet, a 2-layer CLIP text encoder, a tiny
     PickScore (CLIPModel) as the differentiable reward and a Pick-a-Pic-format parquet of pairs."""
-    try:
-        from tests.tiny_models import save_tiny_clip, save_tiny_sd15, write_pickapic
-    except ImportError as e:  # the tiny components live in the test suite
-        raise SystemExit(f"--world sd_tiny needs tests/tiny_models.py (run from the repository root): {e}") from e
+    from rlkit_diffusion.tiny import save_tiny_clip, save_tiny_sd15, write_pickapic
     from rlkit_diffusion.worlds import build_world
 
     tmp = tempfile.TemporaryDirectory(prefix="perf_sd_tiny_")

@@ -2,7 +2,7 @@
 
 * ``run_schema``: the top level (`RunConfig`): seed, device, reward, train (`TrainConfig`), eval (`EvalConfig`), ...
 * ``algo/<name>_schema``: each algorithm's config dataclass plus its ``name``.
-* ``world/<name>_schema``: generated from the keyword arguments of the world's builder (types and defaults).
+* ``world/<name>_schema``: the world's config dataclass, else generated from its builder's keyword arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from algos import ALGOS, algo_config_class
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.train import BudgetConfig, TrainConfig
-from rlkit_diffusion.worlds import WORLDS
+from rlkit_diffusion.worlds import WORLDS, world_config_class
 
 
 @dataclass
@@ -77,6 +77,11 @@ def algo_schema(name: str) -> type:
 
 
 def world_schema(name: str) -> type:
+    config = world_config_class(name)
+    if config is not None:  # the builder takes one config dataclass: the schema is that class plus ``name``
+        return dataclasses.make_dataclass(
+            f"{config.__name__}Schema", [("name", str, field(default=name))], bases=(config,)
+        )
     module, fn = WORLDS[name].split(":")
     builder = getattr(importlib.import_module(module), fn)
     fields: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]

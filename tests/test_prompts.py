@@ -15,7 +15,7 @@ from rlkit_diffusion.data.prompts import (
     load_prompt_file,
     load_prompts,
 )
-from tests.tiny_models import write_hpsv2, write_partiprompts, write_pickapic
+from rlkit_diffusion.tiny import write_hpsv2, write_partiprompts, write_pickapic
 
 
 def test_partiprompts_keeps_categories_quotes_and_drops_duplicates(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_models import save_aesthetic_mlp, save_tiny_clip, save_tiny_open_clip
+from rlkit_diffusion.tiny import save_aesthetic_mlp, save_tiny_clip, save_tiny_open_clip
 
 torch.set_num_threads(1)
 

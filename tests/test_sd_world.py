@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
-from tests.tiny_models import (
+from rlkit_diffusion.tiny import (
     save_aesthetic_mlp,
     save_tiny_clip,
     save_tiny_open_clip,
@@ -25,6 +24,7 @@ from tests.tiny_models import (
     write_partiprompts,
     write_pickapic,
 )
+from tests.helpers import compose_cfg
 
 torch.set_num_threads(1)
 RESOLUTION = 32  # tiny VAE: 2× downsampling → 4 × 16 × 16 latents
@@ -64,6 +64,26 @@ def build(name: str, **kwargs):
     from rlkit_diffusion.worlds import build_world
 
     return build_world(name, **kwargs)
+
+
+def test_world_config_is_the_hydra_schema_and_sdxl_extends_sd15():
+    """The YAML keys of world=sd15 / world=sdxl are the fields of `SDWorldConfig` / `SDXLWorldConfig` (a typo fails
+    at composition); SDXL adds only the crop corner of its time ids; each builder takes its own config."""
+    from dataclasses import fields
+
+    from rlkit_diffusion.worlds.stable_diffusion import SDWorldConfig, SDXLWorldConfig, build_sdxl
+
+    sd15 = {f.name for f in fields(SDWorldConfig)}
+    assert {f.name for f in fields(SDXLWorldConfig)} - sd15 == {"crops_coords_top", "crops_coords_left"}
+    assert SDXLWorldConfig(resolution=64, crops_coords_top=4, crops_coords_left=2).time_ids() == [64, 64, 4, 2, 64, 64]
+    assert set(compose_cfg(["world=sd15"]).world) == sd15 | {"name"}
+    world = compose_cfg(["world=sdxl", "world.crops_coords_left=2"]).world
+    assert set(world) == sd15 | {"name", "crops_coords_top", "crops_coords_left"}
+    assert (world.resolution, world.guidance_scale, world.crops_coords_left) == (1024, 5.0, 2)
+    with pytest.raises(Exception, match="pretraind"):
+        compose_cfg(["world=sd15", "world.pretraind=x"])
+    with pytest.raises(TypeError, match="build_sdxl takes an SDXLWorldConfig, got SDWorldConfig"):
+        build_sdxl(SDWorldConfig())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,14 +14,34 @@ WORLDS: dict[str, str] = {
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:build_sd15",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:build_sdxl",
 }
+# Worlds whose builder takes one config dataclass, name -> "module:class". Its fields are the world's keyword
+# arguments (the YAML keys of benchmarks/conf/world/<name>.yaml) and its Hydra schema; the others take keywords.
+WORLD_CONFIGS: dict[str, str] = {
+    "sd15": "rlkit_diffusion.worlds.stable_diffusion:SDWorldConfig",
+    "sdxl": "rlkit_diffusion.worlds.stable_diffusion:SDXLWorldConfig",
+}
+
+
+def _load(ref: str) -> Any:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def world_config_class(name: str) -> type | None:
+    """The config dataclass of world ``name``, or None when its builder takes keyword arguments."""
+    return _load(WORLD_CONFIGS[name]) if name in WORLD_CONFIGS else None
 
 
 def build_world(name: str, **kwargs: Any) -> World:
-    """Build a world by name (``toy2d``, ``shapes``, ``sd15``, ``sdxl``)."""
+    """Build a world by name (``toy2d``, ``shapes``, ``sd15``, ``sdxl``); ``kwargs``: its settings and ``device``."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; available: {sorted(WORLDS)}")
-    module, fn = WORLDS[name].split(":")
-    return getattr(importlib.import_module(module), fn)(**kwargs)
+    builder = _load(WORLDS[name])
+    config_class = world_config_class(name)
+    if config_class is None:
+        return builder(**kwargs)
+    device = kwargs.pop("device", "cpu")
+    return builder(config_class(**kwargs), device=device)
 
 
-__all__ = ["World", "WORLDS", "build_world"]
+__all__ = ["World", "WORLDS", "WORLD_CONFIGS", "build_world", "world_config_class"]

@@ -1,7 +1,12 @@
-"""Tiny random stand-ins of the real checkpoints, saved in their real on-disk formats (diffusers' dummy-components
-habit): SD1.5- and SDXL-shaped pipelines, a CLIPModel + processor (PickScore / aesthetic CLIP), an open_clip model
-(HPSv2 / CLIP score), the aesthetic MLP, and Pick-a-Pic parquet shards. Everything loads back through the same
-``from_pretrained`` / file-path code as the real weights.
+"""Tiny random stand-ins of the real checkpoints, for the tests and the perf benchmark (``benchmarks.perf --world
+sd_tiny``): they build small random components, save them in the real on-disk formats and load them back through the
+real loading code (diffusers' ``get_dummy_components`` habit), so ``from_pretrained`` / file-path loading is what is
+exercised, on a CPU in seconds.
+
+What is here: SD1.5- and SDXL-shaped pipelines (``save_tiny_sd15``, ``save_tiny_sdxl``), a CLIPModel + processor
+(PickScore / aesthetic CLIP, ``save_tiny_clip``), an open_clip model (HPSv2 / CLIP score, ``save_tiny_open_clip``),
+the LAION aesthetic MLP (``save_aesthetic_mlp``), Pick-a-Pic parquet shards (``write_pickapic``) and PartiPrompts /
+HPSv2 prompt files (``write_partiprompts``, ``write_hpsv2``).
 """
 
 from __future__ import annotations
