@@ -208,12 +208,7 @@ def save_checkpoint(
         old = root / f"step_{step:08d}.old"
         os.replace(final, old)
     os.replace(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    with open(latest_tmp, "w") as f:
-        f.write(final.name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, root / "latest")
+    atomic_write_text(root / "latest", final.name)
     _fsync(root)
     if old is not None:
         shutil.rmtree(old)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from rlkit_diffusion.checkpoint import atomic_write
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.worlds.base import World
 
@@ -149,10 +150,9 @@ def save_base(path: Path = ASSET, **kwargs) -> Path:
     """Pretrain and write the base weights (``python -m benchmarks.prepare world=toy2d``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = pretrain(**kwargs)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"world": "toy2d", "recipe": repr(kwargs)})
-    tmp.replace(path)
-    return path
+    return atomic_write(
+        path, lambda tmp: save_file(state, str(tmp), metadata={"world": "toy2d", "recipe": repr(kwargs)})
+    )
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
