@@ -14,12 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import jupytext  # the dev extras (pyproject.toml) install jupytext, nbclient, nbformat and ipykernel
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-jupytext = pytest.importorskip("jupytext")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 REPO = Path(__file__).resolve().parent.parent
 EXERCISES = REPO / "docs" / "exercises"
@@ -111,9 +109,8 @@ def test_all_exercises_run_within_budget():
         pytest.skip("run together with test_notebook_runs")
     wall = sum(w for w, _ in TIMES.values())
     cpu = sum(c for _, c in TIMES.values())
-    print(
-        f"exercises: {wall:.1f} s wall, {cpu:.1f} s kernel CPU ({', '.join(f'{k} {w:.1f}s' for k, (w, _) in TIMES.items())})"
-    )
+    each = ", ".join(f"{name} {w:.1f}s" for name, (w, _) in TIMES.items())
+    print(f"exercises: {wall:.1f} s wall, {cpu:.1f} s kernel CPU ({each})")
     assert cpu <= BUDGET_S, f"the exercises take {cpu:.1f} s of CPU together (budget {BUDGET_S:.0f} s)"
     if os.getloadavg()[0] <= (os.cpu_count() or 1):
         assert wall <= BUDGET_S, f"the exercises take {wall:.1f} s together (budget {BUDGET_S:.0f} s)"
