@@ -3,7 +3,11 @@
 * Every link [`dotted.name`](relative/path.py) in docs/ points at a file that exists relative to the page, the
   dotted name imports, and the object is defined in that very file.
 * Every other relative link (pages, images) points at an existing file.
-* Every equation number cited ("eq. 14", "eqs. 21–23", "(48–49)") is one of the Diffusion-DPO paper's.
+* Every equation cited ("eq. 14", "eqs. 21–23", "(48–49)", "eq. D3", "(D3)") resolves: a number to an equation that
+  exists in the Diffusion-DPO paper (parsed from the seed text into tests/paper_equations.json, re-checked against
+  the seed when it is present), a "D" label to a display of docs/derivation.md tagged with it.
+* Every ``python -m benchmarks.run <overrides>`` shown in docs/ or README.md composes as a Hydra override set.
+* Every number in docs/ that looks measured (see `run_numbers`) sits inside a pasted results block or quotes one.
 * Every algorithm of the registry has a page with exactly one results block, which `benchmarks.docs_tables` can
   rewrite.
 * ``python -m benchmarks.run experiment=toy2d_tutorial`` runs at a tiny budget and writes its figure.
@@ -28,16 +32,31 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-PAGES = sorted([DOCS / "README.md", DOCS / "derivation.md", DOCS / "experiments.md", *(DOCS / "algos").glob("*.md")])
+PAGES = sorted(
+    [
+        DOCS / "README.md",
+        DOCS / "derivation.md",
+        DOCS / "experiments.md",
+        *(DOCS / "algos").glob("*.md"),
+        *(DOCS / "exercises").glob("*.md"),
+    ]
+)
+ALL_DOC_PAGES = sorted(DOCS.rglob("*.md"))
+SEEDS = Path(os.environ.get("RLKIT_SEEDS", REPO.parent.parent / "shared" / "seeds"))
 
 # The Diffusion-DPO paper (Wallace et al.) numbers its equations 1-14 in the main text, 15-16 in S1 (DDPO),
-# 17-18 in S2 (primary derivation), 19-27 in S3 (RL view) and 28-50 in S4 (noise-aware preference model).
-PAPER_EQUATIONS = frozenset(range(1, 51))
+# 17-18 in S2 (primary derivation), 19-27 in S3 (RL view) and 28-50 in S4 (noise-aware preference model). The
+# list is parsed from the paper's text (`parse_paper_equations`) and kept in tests/paper_equations.json so that the
+# docs tests run without the seed; `test_paper_equations_match_the_seed` re-parses the seed when it is present.
+PAPER_EQUATIONS = frozenset(
+    int(n) for n in json.loads((Path(__file__).parent / "paper_equations.json").read_text())["equations"]
+)
 
 CODE_LINK = re.compile(r"\[`([A-Za-z_][\w.]*)`\]\(([^)\s#]+\.py)\)")
 ANY_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-EQ_REF = re.compile(r"\b[Ee]qs?\.\s*\(?(\d+(?:\s*(?:[–-]|,|and)\s*\d+)*)")
-EQ_TAG = re.compile(r"\\qquad\s*\((\d+)(?:\\text\{–\}(\d+))?\)")
+EQ_REF = re.compile(r"\b[Ee]qs?\.\s*\(?(D?\d+(?:\s*(?:[–-]|,|and)\s*D?\d+)*)")
+EQ_TAG = re.compile(r"\\qquad\s*\((D?\d+)(?:\\text\{–\}(\d+))?\)")
+D_REF = re.compile(r"\((D\d+)\)")  # a derivation-defined equation cited in prose: "(D3)"
 
 
 def code_links(page: Path) -> list[tuple[str, str]]:
@@ -68,14 +87,43 @@ def source_file(obj) -> Path:
 
 
 def cited_equations(text: str) -> set[int]:
-    """Every equation number cited in ``text``; ranges ("21–23") are expanded."""
+    """Every paper equation number cited in ``text`` ("eq. N", "eqs. N–M", display tags); ranges are expanded."""
     out: set[int] = set()
     for group in EQ_REF.findall(text):
         for part in re.split(r"\s*(?:,|and)\s*", group):
+            if part.startswith("D"):
+                continue
             bounds = [int(x) for x in re.split(r"\s*[–-]\s*", part)]
             out.update(range(bounds[0], bounds[-1] + 1))
     for lo, hi in EQ_TAG.findall(text):
-        out.update(range(int(lo), int(hi or lo) + 1))
+        if not lo.startswith("D"):
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def cited_labels(text: str) -> set[str]:
+    """Every derivation-defined equation cited in ``text``: "eq. D3", "eqs. D1–D2" (ends only), "(D3)"."""
+    out = set(D_REF.findall(text))
+    for group in EQ_REF.findall(text):
+        out.update(re.findall(r"D\d+", group))
+    return out
+
+
+def defined_labels(text: str) -> list[str]:
+    """The labels of the displays tagged ``\\qquad (Dn)`` in ``text``, in order."""
+    return [lo for lo, _ in EQ_TAG.findall(text) if lo.startswith("D")]
+
+
+def parse_paper_equations(text: str) -> dict[int, str]:
+    """Equation numbers of the paper's text (main text and supplement up to S4): a line ending in "(n)" where n is
+    the next number of the sequence 1, 2, ... (figure captions and the pseudocode come after S4 and are ignored)."""
+    end = text.find("S5. β Ablation")
+    lines = text[: end if end >= 0 else len(text)].splitlines()
+    out: dict[int, str] = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"\((\d{1,2})\)\s*$", line)
+        if m and int(m.group(1)) == len(out) + 1:
+            out[len(out) + 1] = " ".join(x.strip() for x in lines[max(0, i - 2) : i + 1] if x.strip())[-80:]
     return out
 
 
@@ -152,16 +200,192 @@ def test_equation_parser():
     assert cited_equations(text) == {5, 6, 7, 14, 24, 26, 27, 48, 49}
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_equation_checks_catch_what_does_not_exist():
+    assert cited_equations("eq. 51 and eq. 14") - PAPER_EQUATIONS == {51}
+    text = r"$$a = b \qquad (D1)$$ see (D1), eq. D2 and eqs. D1–D3"
+    assert defined_labels(text) == ["D1"] and cited_labels(text) - set(defined_labels(text)) == {"D2", "D3"}
+
+
+def test_paper_equations_match_the_seed():
+    marker = "S2. Details of the Primary Derivation"
+    seed = next((p for p in sorted(SEEDS.glob("*.txt")) if marker in p.read_text()), None)
+    if seed is None:
+        pytest.skip(f"the Diffusion-DPO seed text is not in {SEEDS}")
+    parsed = parse_paper_equations(seed.read_text())
+    stored = json.loads((Path(__file__).parent / "paper_equations.json").read_text())["equations"]
+    assert {str(k): v for k, v in parsed.items()} == stored
+    assert set(parsed) == set(range(1, 51))
+
+
+@pytest.mark.parametrize("page", ALL_DOC_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_cited_equations_exist(page: Path):
-    cited = cited_equations(page.read_text())
+    """Numbers resolve to the paper's equations; "D" labels to a tagged display of docs/derivation.md."""
+    text = page.read_text()
+    cited = cited_equations(text)
     assert cited <= PAPER_EQUATIONS, sorted(cited - PAPER_EQUATIONS)
+    defined = set(defined_labels((DOCS / "derivation.md").read_text()))
+    assert cited_labels(text) <= defined, sorted(cited_labels(text) - defined)
+
+
+def test_derivation_labels_are_unique_and_numbered_in_order():
+    labels = defined_labels((DOCS / "derivation.md").read_text())
+    assert labels == [f"D{i}" for i in range(1, len(labels) + 1)], labels
 
 
 def test_derivation_covers_the_chain():
     """The derivation walks eq. 5 → 14, S2, S3 (19–27), S4.1 (48–49) and DDPO's eq. 15–16."""
     cited = cited_equations((DOCS / "derivation.md").read_text())
     assert set(range(5, 15)) | {15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 27, 48, 49} <= cited
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands: every `python -m benchmarks.run ...` shown composes
+# ----------------------------------------------------------------------------------------------------------------
+RUN_COMMAND = re.compile(r"python -m benchmarks\.run\b([^`\n|]*)")
+PATH_KEYS = ("resume", "init_from", "out_dir", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def run_commands(text: str) -> list[str]:
+    """The argument strings of every ``python -m benchmarks.run`` in ``text`` (code blocks and inline code), with a
+    trailing shell comment removed."""
+    return [m.group(1).split("#")[0].strip() for m in RUN_COMMAND.finditer(text)]
+
+
+def overrides_of(args: str) -> list[str] | None:
+    """The Hydra override set of one shown command, or None for a template.
+
+    * ``-m`` / ``--multirun`` is dropped and each comma sweep (``seed=0,1,2``) is reduced to its first value;
+    * values of path keys (``resume=``, ``init_from=``, ``out_dir=``, ``hydra.*.dir=``) are placeholders by nature
+      (``runs/<run dir>``) and are replaced by a dummy path;
+    * a command with any other ``<placeholder>``, ``[...]`` or ``...`` is a template and is not composed.
+    """
+    import shlex
+
+    tokens = shlex.split(re.sub(r"<[^>]*>", lambda m: m.group(0).replace(" ", "_"), args))
+    multirun = any(t in ("-m", "--multirun") for t in tokens)
+    out = []
+    for tok in tokens:
+        if tok in ("-m", "--multirun"):
+            continue
+        key, sep, value = tok.partition("=")
+        if not sep:
+            return None  # "...", "[any", a bare word: a template, not a command
+        if key.lstrip("+~") in PATH_KEYS:
+            value = "/tmp/placeholder"
+        elif "<" in value or "[" in tok:
+            return None
+        elif multirun and "," in value:
+            value = value.split(",")[0]
+        out.append(f"{key}={value}")
+    return out
+
+
+def test_override_parser():
+    assert overrides_of("-m algo=dpo seed=0,1,2") == ["algo=dpo", "seed=0"]
+    assert overrides_of("algo=dpo resume=runs/<run dir>") == ["algo=dpo", "resume=/tmp/placeholder"]
+    assert overrides_of("algo=dpo resume=runs/x") == ["algo=dpo", "resume=/tmp/placeholder"]
+    assert overrides_of("experiment=<name> [any override, applied to every run]") is None
+    assert overrides_of("...") is None
+
+
+SHOWN_COMMANDS = sorted(
+    {args for page in [*ALL_DOC_PAGES, REPO / "README.md"] for args in run_commands(page.read_text())}
+)
+
+
+def test_docs_show_commands():
+    assert len(SHOWN_COMMANDS) >= 40
+
+
+@pytest.mark.parametrize("args", SHOWN_COMMANDS)
+def test_shown_command_composes(args: str):
+    """Compose the command's overrides with the runner's config (schemas registered: a typo'd key fails)."""
+    from tests.helpers import compose_cfg
+
+    overrides = overrides_of(args)
+    if overrides is None:
+        pytest.skip(f"template, not a command: {args!r}")
+    cfg = compose_cfg(overrides)
+    missing = object()
+    for ov in overrides:  # every dotted key=value override names a key of the composed config
+        key = ov.partition("=")[0]
+        if "." in key and not key.startswith(("hydra.", "+", "~")):
+            assert OmegaConf.select(cfg, key, default=missing) is not missing, key
+
+
+def test_a_typo_in_a_shown_command_fails():
+    from omegaconf.errors import ConfigKeyError
+
+    from tests.helpers import compose_cfg
+
+    with pytest.raises((ConfigKeyError, Exception), match="betaa|not in struct|Key"):
+        compose_cfg(overrides_of("algo=dpo algo.betaa=5"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers: nothing measured is typed
+# ----------------------------------------------------------------------------------------------------------------
+# A "run number" is a token that looks like a measurement: a decimal with at least three significant digits
+# (0.273, 6.21, 104.3, 40.7) or a percentage with a decimal point (75.0%, 4.5%). Integers, one- and two-digit
+# decimals (β = 0.5, s = 0.01, std 0.12, 4.5 min) and exponents (3e-4, 10^{-4}) are not run numbers: configuration
+# values and derived constants are written that way. arXiv identifiers are not numbers.
+RUN_NUMBER = re.compile(r"(?<![\w.:/])(\d+\.\d+%?)(?![\w.])")
+# Numbers quoted from the paper itself, not from a run of this repository.
+PAPER_NUMBERS = {"2.048", "55.5%"}
+# Pages whose numbers are still typed, with every typed number listed (so a new one fails and a fixed one must be
+# removed from the list). docs/perf.md is written from `python -m benchmarks.perf`'s printout by hand (nothing pastes
+# it yet): it is exempt as a whole, and `test_exempt_pages_are_still_unpasted` removes the exemption once it has a
+# block.
+KNOWN_TYPED = {
+    # "What the runs show": the DDPO 5x-budget run and the β-sweep's gold rewards are not in the pasted sections
+    # (rounded differently or from a run outside them), and one wall time.
+    "experiments.md": {"14.5", "4.22", "4.36", "4.71", "5.97", "6.52", "6.574", "6.68", "6.686", "6.72"},
+}
+EXEMPT_PAGES = {"perf.md"}
+
+
+def run_numbers(text: str) -> list[str]:
+    """The run-number tokens of ``text`` (leading minus signs and the % are kept as written, minus excluded)."""
+    out = []
+    for tok in RUN_NUMBER.findall(text):
+        digits = tok.rstrip("%").replace(".", "").lstrip("0")
+        if len(digits) >= 3 or (tok.endswith("%") and "." in tok):
+            out.append(tok)
+    return out
+
+
+def typed_numbers(text: str) -> set[str]:
+    """Run numbers outside the pasted results blocks that are not quoted from a pasted block of the same page."""
+    from benchmarks.docs_tables import BLOCK
+
+    pasted = {tok for block in BLOCK.findall(text) for tok in run_numbers(block)}
+    prose = BLOCK.sub("", text)
+    return {tok for tok in run_numbers(prose) if tok not in pasted} - PAPER_NUMBERS
+
+
+def test_typed_number_check_fails_on_a_typed_number():
+    from benchmarks.docs_tables import END, START
+
+    page = f"DPO reaches 0.273 and 75.0% here.\n{START}\n| a | 0.273 |\n{END}\nβ = 0.5, s = 0.01, arXiv:2311.12908"
+    assert typed_numbers(page) == {"75.0%"}
+    assert typed_numbers(page.replace("75.0%", "75%")) == set()
+    assert typed_numbers("the reward is 0.2734") == {"0.2734"}
+
+
+@pytest.mark.parametrize("page", ALL_DOC_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_no_typed_run_numbers(page: Path):
+    name = str(page.relative_to(DOCS))
+    if name in EXEMPT_PAGES:
+        pytest.skip(f"{name}: exempt (typed from a printout; see EXEMPT_PAGES)")
+    assert typed_numbers(page.read_text()) == KNOWN_TYPED.get(name, set())
+
+
+def test_exempt_pages_are_still_unpasted():
+    from benchmarks.docs_tables import BLOCK
+
+    for name in EXEMPT_PAGES:
+        text = (DOCS / name).read_text()
+        assert not BLOCK.findall(text) and typed_numbers(text), f"{name} is pasted now: drop it from EXEMPT_PAGES"
 
 
 # ----------------------------------------------------------------------------------------------------------------
