@@ -29,6 +29,10 @@ Metric formulas (all rewards are the world's ``gold`` reward unless named ``prox
   the world's edit input x_in (shapes: a corrupted render that differs from the caption in one attribute) noised to
   t = strength·T, x_t ~ q(x_t | x_in) — the env's ρ_0 becomes q(x_t | x_in) — and denoises the rest of the
   schedule. Base and policy edit the same inputs with the same noises; wins are scored against the caption.
+* ``implicit_acc`` / ``implicit_margin`` (Table 2, every algorithm): the preference accuracy on the world's first
+  ``implicit_pairs`` validation pairs of the trained policy's implicit reward against the base, r̂ = β log π_θ/π_ref
+  estimated with ``implicit_draws`` shared (t, ε) draws (`rlkit_diffusion.preference`); ``reward_acc_<name>``: the
+  same for each explicit reward model. The accuracy does not depend on β; the margin is in the algorithm's own β.
 * ``inference_nfe_per_sample``: UNet evaluations spent sampling one evaluation sample (the inference cost of Table 1;
   N× the base's for best-of-N), ``inference_reward_queries_per_sample`` likewise for reward calls.
 
