@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import report
 
+RunOne = Callable[[DictConfig, Path], dict[str, Any]]
+"""One training run into a run directory (`benchmarks.run.run`)."""
 Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
 """(runs, params, experiment dir) -> markdown lines; figures are written into the experiment dir."""
 
@@ -76,10 +78,9 @@ def experiment_dir(cfg: DictConfig) -> Path:
         return Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
 
 
-def run(cfg: DictConfig, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:
-    """Run every run of ``cfg.sweep`` (skipping complete ones), then write the section. Returns the wall seconds."""
-    from benchmarks.run import run as run_one
-
+def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:
+    """Run every run of ``cfg.sweep`` with ``run_one`` (`benchmarks.run.run`, passed in by the runner: this module
+    does not import the runner), skipping complete ones, then write the section. Returns the wall seconds."""
     t0 = time.perf_counter()
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
     if sweep["section"] not in SECTIONS:
