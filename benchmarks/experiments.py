@@ -37,6 +37,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import report
+from benchmarks.wiring import hydra_output_dir
 
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
@@ -70,12 +71,7 @@ def compose_run(overrides: list[str]) -> DictConfig:
 
 
 def experiment_dir(cfg: DictConfig) -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
+    return hydra_output_dir() or Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
 
 
 def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:

@@ -52,15 +52,20 @@ def to_dataclass(cls: type, node: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 # Run directories
 # ----------------------------------------------------------------------------------------------------------------
+def hydra_output_dir() -> Path | None:
+    """The directory @hydra.main made for this job (None when not under @hydra.main, e.g. a test's compose())."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
+
+
 def new_run_dir(cfg: DictConfig) -> Path:
     """Hydra's run directory (or ``<out_dir>/<time>-<algo>-<world>-s<seed>`` outside @hydra.main), created empty."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under @hydra.main (e.g. called from a test with compose())
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.out_dir) / f"{stamp}-{cfg.algo.name}-{cfg.world.name}-s{cfg.seed}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = hydra_output_dir() or Path(cfg.out_dir) / f"{stamp}-{cfg.algo.name}-{cfg.world.name}-s{cfg.seed}"
     refuse_existing_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
