@@ -32,6 +32,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from benchmarks.report import load_run
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
 ALGOS = ["dpo", "dpo_l2", "sft", "rethink_dpo", "ddpo", "dpok", "draft", "draft_lv", "alignprop", "best_of_n"]
@@ -66,11 +68,6 @@ def run_one(algo: str, world: str, seed: int, run_dir: Path, extra: list[str], t
             run_command(algo, world, seed, run_dir, extra), cwd=REPO_ROOT, env=env, stdout=log, stderr=log
         )
     return proc.returncode == 0 and (run_dir / "eval.json").exists()
-
-
-def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
-    """``eval.json`` and the resolved ``config.yaml`` of a finished run."""
-    return json.loads((run_dir / "eval.json").read_text()), OmegaConf.load(run_dir / "config.yaml")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     log = (run_dir / "console.log").read_text().splitlines()[-15:]
                     print("\n".join(f"    {line}" for line in log), file=sys.stderr)
                     break
-            result, config = load_run(run_dir)
+            run = load_run(run_dir)
+            result, config = run["eval"], run["config"]
             results.append(result)
         if len(results) != len(args.seeds):
             failed.append(algo)
@@ -319,7 +317,8 @@ def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -
         if not (run_dir / "eval.json").exists():
             print(f"{algo}: no finished run in {run_dir} (table left unchanged)", file=sys.stderr)
             continue
-        result, config = load_run(run_dir)
+        run = load_run(run_dir)
+        result, config = run["eval"], run["config"]
         command = " ".join(["python -m benchmarks.run", f"world={world}", *specs.get(algo, [f"algo={algo}"])])
         note = f"# one run of: python -m benchmarks.run experiment=head_to_head world={world}"
         block = algo_table([result], config, [note, command], regen).replace(", which ran:", ", from the run of:")

@@ -37,7 +37,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import report
+from benchmarks.wiring import hydra_output_dir
 
+RunOne = Callable[[DictConfig, Path], dict[str, Any]]
+"""One training run into a run directory (`benchmarks.run.run`)."""
 Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
 """(runs, params, experiment dir) -> markdown lines; figures are written into the experiment dir."""
 
@@ -68,18 +71,12 @@ def compose_run(overrides: list[str]) -> DictConfig:
 
 
 def experiment_dir(cfg: DictConfig) -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
+    return hydra_output_dir() or Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
 
 
-def run(cfg: DictConfig, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:
-    """Run every run of ``cfg.sweep`` (skipping complete ones), then write the section. Returns the wall seconds."""
-    from benchmarks.run import run as run_one
-
+def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides: list[str] | None = None) -> float:
+    """Run every run of ``cfg.sweep`` with ``run_one`` (`benchmarks.run.run`, passed in by the runner: this module
+    does not import the runner), skipping complete ones, then write the section. Returns the wall seconds."""
     t0 = time.perf_counter()
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
     if sweep["section"] not in SECTIONS:

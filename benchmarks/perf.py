@@ -279,23 +279,17 @@ def make_inputs(world, prompts: list[str], guided: bool) -> Inputs:
 # Algorithm set-up (as benchmarks/run.py wires it)
 # ----------------------------------------------------------------------------------------------------------------
 def make_ctx(world, policy, reference_kind: str, batch_size: int, reward: str = "proxy"):
-    from rlkit_diffusion.algorithm import AlgoContext
-    from rlkit_diffusion.mdp import DenoisingCore
+    from benchmarks.wiring import build_context
     from rlkit_diffusion.reference import Reference
 
-    return AlgoContext(
-        world=world,
-        policy=policy,
-        base=Reference(policy, reference_kind),
-        env=DenoisingCore(world, reward=reward),
-        batch_size=batch_size,
-        generator=torch.Generator().manual_seed(0),
+    return build_context(
+        world, policy, Reference(policy, reference_kind), reward=reward, batch_size=batch_size, seed=0
     )
 
 
 def lora_policy(world):
     """A copy of the world's policy with LoRA adapters (`add_lora`'s rank 8 on the run's default target modules)."""
-    from benchmarks.run import DEFAULT_LORA_TARGETS
+    from benchmarks.wiring import DEFAULT_LORA_TARGETS
     from rlkit_diffusion.reference import add_lora
 
     policy = copy.deepcopy(world.policy)

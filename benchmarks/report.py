@@ -57,13 +57,17 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_run(run: Path) -> dict[str, Any]:
+    """A finished run: its directory, ``eval.json``, ``metrics.jsonl`` rows and resolved ``config.yaml`` (or None)."""
+    from omegaconf import OmegaConf
+
     ev = json.loads((run / "eval.json").read_text())
     metrics = []
     if (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             if line.strip():
                 metrics.append(json.loads(line))
-    return {"dir": run, "eval": ev, "metrics": metrics}
+    config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else None
+    return {"dir": run, "eval": ev, "metrics": metrics, "config": config}
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

@@ -7,225 +7,128 @@ Every run directory gets ``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/``,
 
 from __future__ import annotations
 
-import json
-import os
 import platform
-import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import benchmarks.schema  # noqa: F401  (registers the structured-config schemas)
 from algos import algo_config_class, build_algo
-from rlkit_diffusion.algorithm import AlgoContext, Counters
-from rlkit_diffusion.checkpoint import latest_checkpoint
+from benchmarks.eval_schema import SCHEMA_VERSION
+from benchmarks.wiring import (
+    build_run,
+    check_tuning,
+    new_run_dir,
+    refuse_existing_run,
+    resolve_resume,
+    save_config,
+    save_eval,
+    save_samples,
+    to_dataclass,
+)
+from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger
-from rlkit_diffusion.mdp import DenoisingCore
-from rlkit_diffusion.reference import Reference, add_lora
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
-from rlkit_diffusion.worlds import build_world
-from rlkit_diffusion.worlds.base import shard_pairs
-
-EVAL_SCHEMA_VERSION = 1
-DEFAULT_LORA_TARGETS = {
-    "toy2d": ["net.0", "net.2", "net.4"],
-    "shapes": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
-    "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
-}
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class Settings:
+    """The run's dataclass configs (validated by the structured schemas)."""
 
+    train: TrainConfig
+    budget: BudgetConfig
+    eval: EvalConfig
+    algo: Any
 
-def _to_dataclass(cls: type, node: Any) -> Any:
-    """OmegaConf node → plain dataclass instance (validated by the structured schema already)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    data.pop("name", None)
-    return cls(**data)
-
-
-def _new_run_dir(cfg: DictConfig) -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # not under @hydra.main (e.g. called from a test with compose())
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.out_dir) / f"{stamp}-{cfg.algo.name}-{cfg.world.name}-s{cfg.seed}"
-    refuse_existing_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A new run never writes into a directory that holds a run (its eval.json or checkpoints)."""
-    if (run_dir / "eval.json").exists() or (run_dir / "checkpoints").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; refusing to overwrite it")
-
-
-def save_samples(world, policy, base_policy, eval_cfg: EvalConfig, run_dir: Path, algo_sampler=None, n: int = 8):
-    """Base and trained samples for the first ``n`` training prompts, with the evaluation's noises and their gold
-    scores (``samples.safetensors`` + ``samples.json``): the report's side-by-side image grids."""
-    from safetensors.torch import save_file
-
-    from rlkit_diffusion.evaluate import edit_inputs, sample_split, score
-
-    prompts = world.train_prompts[:n]
-    cfg = EvalConfig(**{**vars(eval_cfg), "samples_per_prompt": 1})
-    x_in = edit_inputs(world, prompts, cfg)  # eval.mode=sdedit: the images being edited
-    edit = {"x_input": x_in, "strength": cfg.strength if x_in is not None else 1.0}
-    base = sample_split(world, base_policy, prompts, cfg, desc="grid base", **edit)["x0"]
-    trained = sample_split(world, policy, prompts, cfg, desc="grid policy", sampler=algo_sampler, **edit)["x0"]
-    tensors = {
-        "base": world.decode(base).float().cpu().contiguous(),
-        "trained": world.decode(trained).float().cpu().contiguous(),
-        "base_gold": torch.as_tensor(score(world, eval_cfg.reward, base, prompts)).float(),
-        "trained_gold": torch.as_tensor(score(world, eval_cfg.reward, trained, prompts)).float(),
-    }
-    if x_in is not None:
-        tensors["input"] = world.decode(x_in).float().cpu().contiguous()
-    save_file(tensors, str(run_dir / "samples.safetensors"))
-    (run_dir / "samples.json").write_text(json.dumps({"prompts": prompts}))
-
-
-def resolve_resume(cfg: DictConfig) -> tuple[Path, Path]:
-    """``resume=<run dir>`` or ``resume=latest`` (the newest run under ``out_dir`` with a checkpoint)."""
-    if cfg.resume == "latest":
-        runs = sorted(
-            (p for p in Path(cfg.out_dir).glob("*") if latest_checkpoint(p / "checkpoints") is not None),
-            key=lambda p: p.stat().st_mtime,
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Settings:
+        return cls(
+            train=to_dataclass(TrainConfig, cfg.train),
+            budget=to_dataclass(BudgetConfig, cfg.budget),
+            eval=to_dataclass(EvalConfig, cfg.eval),
+            algo=to_dataclass(algo_config_class(cfg.algo.name), cfg.algo),
         )
-        if not runs:
-            raise FileNotFoundError(f"resume=latest: no run with a checkpoint under {cfg.out_dir}")
-        run_dir = runs[-1]
-    else:
-        run_dir = Path(cfg.resume)
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-    return run_dir, ckpt
 
 
-def init_from_run(policy, path: Path) -> None:
-    """Load the trainable weights of a run directory's last checkpoint (or of a checkpoint directory) into the
-    policy; the reference stays the world's base model."""
-    from rlkit_diffusion.checkpoint import load_checkpoint, load_trainable_state
-    from rlkit_diffusion.reference import unwrap
-
-    ckpt = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
-    if ckpt is None:
-        raise FileNotFoundError(f"init_from: no complete checkpoint under {path / 'checkpoints'}")
-    load_trainable_state(unwrap(policy.eps_model), load_checkpoint(ckpt)["model"])
-    print(f"init_from: policy weights from {ckpt}", flush=True)
-
-
-def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents."""
-    from accelerate import Accelerator
-
-    t_start = time.perf_counter()
-    train_cfg = _to_dataclass(TrainConfig, cfg.train)
-    budget_cfg = _to_dataclass(BudgetConfig, cfg.budget)
-    eval_cfg = _to_dataclass(EvalConfig, cfg.eval)
-    algo_cfg = _to_dataclass(algo_config_class(cfg.algo.name), cfg.algo)
-
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=train_cfg.grad_accum)
-    main = accelerator.is_main_process
-    seed_everything(cfg.seed)  # identical initial weights on every rank
-
-    world_kwargs = OmegaConf.to_container(cfg.world, resolve=True)
-    world_name = world_kwargs.pop("name")
-    world = build_world(world_name, device=accelerator.device, **world_kwargs)
-    # Data parallelism: every rank draws the global batch of pairs and keeps its slice (union = 1-process batch).
-    world.pairs = shard_pairs(world.pairs, accelerator.process_index, accelerator.num_processes)
-    policy = world.policy
-    if cfg.reference.lora_rank > 0:
-        targets = list(cfg.reference.lora_targets) or DEFAULT_LORA_TARGETS[world_name]
-        add_lora(
-            policy.eps_model, rank=cfg.reference.lora_rank, alpha=cfg.reference.lora_alpha, target_modules=targets
-        )
-        base = Reference(policy, "lora")
-    else:
-        base = Reference(policy, "frozen")
-
-    if cfg.get("init_from"):  # start from a finished run's weights (e.g. evaluate it in another mode, train.steps=0)
-        init_from_run(policy, Path(cfg.init_from))
-
+def prepare_run_dir(cfg: DictConfig, run_dir: Path | None, main: bool) -> tuple[Path | None, Path | None]:
+    """The run directory and the checkpoint to resume from (``resume=<dir>|latest``); saves the config."""
     resume_from = None
     if cfg.resume:
         run_dir, resume_from = resolve_resume(cfg)
-    run_dir = run_dir or (_new_run_dir(cfg) if main else None)
+    run_dir = run_dir or (new_run_dir(cfg) if main else None)
     if run_dir is not None and main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     if main:  # a resume keeps the run's config.yaml: a resume that fails (e.g. a mismatched config) changes nothing
-        OmegaConf.save(cfg, run_dir / ("config.resume.yaml" if resume_from else "config.yaml"), resolve=True)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + accelerator.process_index)
-    ctx = AlgoContext(
-        world=world,
-        policy=policy,
-        base=base,
-        env=DenoisingCore(world, reward=cfg.reward),
-        batch_size=train_cfg.batch_size,
-        generator=generator,
-        counters=Counters(),
-        accelerator=accelerator,
-    )
-    algo = build_algo(cfg.algo.name, algo_cfg)
+        save_config(cfg, run_dir, resumed=resume_from is not None)
+    return run_dir, resume_from
+
+
+def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from) -> dict[str, Any]:
+    """THE training loop (with the learning-curve evaluation), or nothing for an evaluation-only run."""
+    main = ctx.accelerator.is_main_process
     logger = MetricLogger(run_dir, enabled=main)
     base_cache: dict[str, Any] = {}
-    curve_cfg = EvalConfig(**{**vars(eval_cfg), "samples_per_prompt": max(1, eval_cfg.samples_per_prompt // 4)})
+    curve_cfg = EvalConfig(**{**vars(s.eval), "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4)})
 
     def eval_fn(update: int) -> dict[str, float]:
         m = evaluate(
-            world, policy, base.policy, curve_cfg, proxy=cfg.reward, base_cache=base_cache, sampler=algo.sampler
+            ctx.world,
+            ctx.policy,
+            ctx.base.policy,
+            curve_cfg,
+            proxy=cfg.reward,
+            base_cache=base_cache,
+            sampler=algo.sampler,
         )
         return {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith(("_low", "_high"))}
 
-    if train_cfg.steps == 0 and budget_cfg.kind == "steps" and budget_cfg.amount is None:
+    if s.train.steps == 0 and s.budget.kind == "steps" and s.budget.amount is None:
         algo.setup(ctx)  # evaluation only (e.g. of init_from's weights): no optimizer step, no checkpoint
         summary = {"train_nfe": 0, "reward_queries": 0, "updates": 0, "train_wall_s": 0.0, "checkpoint": None}
     else:
         summary = train(
             algo,
             ctx,
-            train_cfg,
-            budget=budget_cfg,
+            s.train,
+            budget=s.budget,
             run_dir=run_dir if main else None,
             logger=logger,
             eval_fn=eval_fn,
             resume_from=resume_from,
         )
     logger.close()
-    if not main:
-        # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
-        # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
-        return {}
+    return summary
+
+
+def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: Path) -> dict[str, Any]:
+    """The final evaluation against the base (same prompts, same noises for every algorithm) and the sample grid."""
+    world, policy, base_policy = ctx.world, ctx.policy, ctx.base.policy
     metrics = evaluate(
         world,
         policy,
-        base.policy,
-        eval_cfg,
+        base_policy,
+        s.eval,
         proxy=cfg.reward,
         sampler=algo.sampler,
         implicit_scale=algo.implicit_reward_scale(),
     )
-    save_samples(world, policy, base.policy, eval_cfg, run_dir, algo.sampler)
-    result = {
-        "schema_version": EVAL_SCHEMA_VERSION,
+    save_samples(world, policy, base_policy, s.eval, run_dir, algo.sampler)
+    return metrics
+
+
+def eval_record(cfg: DictConfig, metrics: dict, summary: dict, num_processes: int, t_start: float) -> dict[str, Any]:
+    """The contents of eval.json (benchmarks/eval_schema.py)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
         "algo": cfg.algo.name,
-        "world": world_name,
+        "world": cfg.world.name,
         "seed": int(cfg.seed),
         **({"label": cfg.label} if cfg.get("label") else {}),
         **metrics,
@@ -239,12 +142,32 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "argv": sys.argv,
-            "num_processes": accelerator.num_processes,  # the effective batch is per-process batch × this
+            "num_processes": num_processes,  # the effective batch is per-process batch × this
         },
     }
-    tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / "eval.json")
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents."""
+    from accelerate import Accelerator
+
+    t_start = time.perf_counter()
+    check_tuning(cfg.world.name, cfg.algo.name)
+    s = Settings.of(cfg)
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=s.train.grad_accum)
+    main = accelerator.is_main_process
+    ctx = build_run(cfg, accelerator, s.train.batch_size)
+    run_dir, resume_from = prepare_run_dir(cfg, run_dir, main)
+    algo = build_algo(cfg.algo.name, s.algo)
+    summary = train_run(cfg, s, algo, ctx, run_dir, resume_from)
+    if not main:
+        # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
+        # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
+        return {}
+    metrics = evaluate_run(cfg, s, algo, ctx, run_dir)
+    result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start)
+    save_eval(result, run_dir)
     report_path = None
     if cfg.get("report", True):
         from benchmarks.report import write_report
@@ -312,6 +235,10 @@ def check_overrides(overrides: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    try:  # a tuning file that sets the world or the evaluation: one line, not a traceback
+        check_tuning(cfg.world.name, cfg.algo.name)
+    except ValueError as err:
+        sys.exit(f"benchmarks.run: {err}")
     if cfg.get("experiment") == "toy2d_tutorial":  # not a single run: train several algorithms, draw one figure
         from benchmarks import tutorial
 
@@ -319,7 +246,7 @@ def main(cfg: DictConfig) -> float:
     if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section (benchmarks/experiments.py)
         from benchmarks import experiments
 
-        return experiments.run(cfg)
+        return experiments.run(cfg, run_one=run)
     result = run(cfg)
     return float(result.get("win_rate_vs_base", float("nan")))
 

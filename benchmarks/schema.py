@@ -59,8 +59,9 @@ class RunConfig:
     world: Any = None
     algo: Any = None
     experiment: str | None = None
-    """Set by an ``experiment=<name>`` config that is not a single run (e.g. ``toy2d_tutorial``, dispatched by
-    ``benchmarks.run.main`` to `benchmarks.tutorial.run`); None = one training run."""
+    """Set by an ``experiment=<name>`` config: ``toy2d_tutorial`` is dispatched by ``benchmarks.run.main`` to
+    `benchmarks.tutorial.run`, one with a ``sweep`` to `benchmarks.experiments.run`; any other (e.g.
+    ``sd15_ddpo_aesthetic``, a recipe that changes the world or the evaluation) is one training run."""
     label: str | None = None
     """A name for this run inside a comparison (e.g. ``beta=5000`` in an experiment); the report groups by
     (world, algo, label)."""

@@ -32,13 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from algos import algo_config_class, build_algo
-from benchmarks.run import _new_run_dir, seed_everything
-from rlkit_diffusion.algorithm import AlgoContext, Counters
+from benchmarks.wiring import build_context, build_world_from, new_run_dir, save_config
 from rlkit_diffusion.evaluate import EvalConfig, sample_split
-from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.train import TrainConfig, train
-from rlkit_diffusion.worlds import build_world
 from rlkit_diffusion.worlds.base import World
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,13 +89,12 @@ def algo_settings(name: str, spec: DictConfig, beta: float | None, steps_scale: 
 
 def build(cfg: DictConfig) -> World:
     """A fresh toy2d world at the pretrained weights (seeded like the runner: identical for every panel)."""
-    seed_everything(cfg.seed)
-    world_kwargs = OmegaConf.to_container(cfg.world, resolve=True)
-    name = world_kwargs.pop("name")
-    if name != "toy2d":
-        raise ValueError(f"experiment=toy2d_tutorial draws 2-D densities and needs world=toy2d, got world={name}")
+    if cfg.world.name != "toy2d":
+        raise ValueError(
+            f"experiment=toy2d_tutorial draws 2-D densities and needs world=toy2d, got world={cfg.world.name}"
+        )
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return build_world(name, device="cuda" if cuda else "cpu", **world_kwargs)
+    return build_world_from(cfg, "cuda" if cuda else "cpu")
 
 
 def train_panel(cfg: DictConfig, name: str, spec: DictConfig, beta: float | None) -> tuple[World, Reference, float]:
@@ -107,15 +103,7 @@ def train_panel(cfg: DictConfig, name: str, spec: DictConfig, beta: float | None
     algo_cfg, train_cfg = algo_settings(name, spec, beta, float(t.steps_scale))
     world = build(cfg)
     base = Reference(world.policy, "frozen")
-    ctx = AlgoContext(
-        world=world,
-        policy=world.policy,
-        base=base,
-        env=DenoisingCore(world, reward=cfg.reward),
-        batch_size=train_cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed * 1000),
-        counters=Counters(),
-    )
+    ctx = build_context(world, world.policy, base, reward=cfg.reward, batch_size=train_cfg.batch_size, seed=cfg.seed)
     summary = train(build_algo(name, algo_cfg), ctx, train_cfg, progress=bool(t.progress))
     return world, base, float(summary["train_wall_s"])
 
@@ -213,9 +201,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
     t0 = time.perf_counter()
     t = _settings(cfg)
     betas = [float(b) for b in t.betas]
-    run_dir = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    save_config(cfg, run_dir)
     n, prompt, seed = int(t.samples), str(t.prompt), int(t.sample_seed)
 
     world = build(cfg)

@@ -16,6 +16,7 @@ from benchmarks import experiments
 from benchmarks.eval_schema import validate
 from benchmarks.report import write_report
 from benchmarks.run import group_choices
+from benchmarks.run import run as run_one
 from rlkit_diffusion.evaluate import EvalConfig, best_of_n_equivalent, edit_inputs, expected_best_of_n
 from tests.helpers import compose_cfg
 
@@ -114,6 +115,9 @@ def test_every_experiment_composes_and_its_runs_compose(name):
     assert cfg.experiment == name
     if name == "toy2d_tutorial":
         assert cfg.world.name == "toy2d" and cfg.tutorial.algos
+        return
+    if cfg.sweep is None:  # a one-run recipe that changes the world or the evaluation (e.g. sd15_ddpo_aesthetic)
+        assert cfg.tutorial is None and cfg.algo.name in group_choices("algo")
         return
     assert cfg.sweep.section in experiments.SECTIONS
     for spec in cfg.sweep.runs:  # each run of the experiment is a valid single-run config
@@ -224,7 +228,7 @@ def test_table2_experiment_on_shapes_at_a_tiny_budget(tmp_path):
     overrides = ["train.steps=2", "eval.implicit_pairs=8", "eval.implicit_draws=2", *TINY]
     cfg = compose_cfg(["experiment=table2", f"out_dir={tmp_path}", *overrides])
     exp_dir = tmp_path / "table2"
-    experiments.run(cfg, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
+    experiments.run(cfg, run_one, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
     ev = json.loads((exp_dir / "runs" / "dpo" / "eval.json").read_text())
     validate(ev)
     assert ev["label"] == "dpo" and ev["updates"] == 2
@@ -237,7 +241,7 @@ def test_table2_experiment_on_shapes_at_a_tiny_budget(tmp_path):
     assert record["runs"] == {"dpo": "runs/dpo"} and record["wall_s"] > 0
     # Running the same experiment directory again reuses the complete run (no retraining, no overwrite).
     mtime = (exp_dir / "runs" / "dpo" / "eval.json").stat().st_mtime
-    experiments.run(cfg, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
+    experiments.run(cfg, run_one, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
     assert (exp_dir / "runs" / "dpo" / "eval.json").stat().st_mtime == mtime
     md = write_report([exp_dir]).read_text()
     assert "Table 2" in md and (exp_dir / "grid_shapes.png").exists()

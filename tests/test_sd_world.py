@@ -183,7 +183,7 @@ def test_rewards_prompts_and_categories(assets):
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_low_precision_weights(assets, dtype):
     """bf16 weights: the ε-model casts its inputs and returns float32; fp32 LoRA adapters on top train."""
-    from benchmarks.run import DEFAULT_LORA_TARGETS
+    from benchmarks.wiring import DEFAULT_LORA_TARGETS
     from rlkit_diffusion.reference import Reference, add_lora
 
     kw = world_kwargs(assets, "sd15", dtype=dtype, pickscore_model=None, proxy_reward="jpeg", eval_reward="jpeg")
