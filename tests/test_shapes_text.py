@@ -5,9 +5,8 @@ import warnings
 import pytest
 import torch
 
-from rlkit_diffusion.worlds.shapes_text import (
+from rlkit_diffusion.worlds.shapes.captions import (
     HELDOUT_COMBOS,
-    SentenceEncoder,
     all_canonical_captions,
     canonical_text,
     caption_targets,
@@ -17,6 +16,7 @@ from rlkit_diffusion.worlds.shapes_text import (
     sample_captions,
     scenes_for_captions,
 )
+from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
 
 
 def test_canonical_templates():
