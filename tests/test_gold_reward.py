@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from rlkit_diffusion.rewards.base import checked_reward
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.worlds.shapes_render import ATTRIBUTES, COMPATIBLE, NUISANCES, SceneSpec, render, sample_scenes
-from rlkit_diffusion.worlds.shapes_text import canonical_text
+from rlkit_diffusion.worlds.shapes.captions import canonical_text
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.render import ATTRIBUTES, COMPATIBLE, NUISANCES, SceneSpec, render, sample_scenes
 
 SCENES = [
     {"shape": "circle", "colour": "red", "background": "navy", "size": "large", "position": "top"},

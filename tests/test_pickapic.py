@@ -14,8 +14,9 @@ from rlkit_diffusion.data.pickapic import (
     encode_image,
     write_pairs,
 )
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.worlds.shapes_pairs import (
+from rlkit_diffusion.worlds.shapes.captions import is_heldout
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.pairs import (
     PairSet,
     calibrate_temperature,
     expected_agreement,
@@ -24,7 +25,6 @@ from rlkit_diffusion.worlds.shapes_pairs import (
     make_shapes_pairs,
     split_captions,
 )
-from rlkit_diffusion.worlds.shapes_text import is_heldout
 
 
 @pytest.fixture(autouse=True)

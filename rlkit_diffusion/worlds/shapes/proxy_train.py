@@ -20,7 +20,7 @@ Three stages (all deterministic from ``seed`` on the CPU):
 (c) **Aesthetic head**: an MLP on the frozen contrastive image embedding regressing ``10 * q(x)`` (the gold
     reward's quality component) on the training pairs' images, by mean squared error.
 
-:func:`train_proxy` runs the three stages, saves the weights (:func:`~rlkit_diffusion.rewards.shapes_proxy.
+:func:`train_proxy` runs the three stages, saves the weights (:func:`~rlkit_diffusion.worlds.shapes.proxy.
 save_proxy_models`), reloads them and reports preference accuracies on the validation pairs for the proxy, the CLIP
 score, the aesthetic head and the gold reward itself (the gold reward's accuracy against the labels *is* the
 label/gold agreement, the ceiling set by label noise), plus every head's agreement with the gold ordering on pairs
@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlkit_diffusion.data.pickapic import PreferencePairDataset
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.rewards.shapes_proxy import (
+from rlkit_diffusion.worlds.shapes.captions import all_canonical_captions, sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.pairs import generate_pairs
+from rlkit_diffusion.worlds.shapes.proxy import (
     WEIGHT_FILES,
     ProxyModelConfig,
     ShapesTokenizer,
@@ -59,9 +61,7 @@ from rlkit_diffusion.rewards.shapes_proxy import (
     save_proxy_models,
     text_embeddings,
 )
-from rlkit_diffusion.worlds.shapes_pairs import generate_pairs
-from rlkit_diffusion.worlds.shapes_render import render
-from rlkit_diffusion.worlds.shapes_text import all_canonical_captions, sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.render import render
 
 ScoreFn = Callable[[Tensor, Sequence[str]], Tensor]
 
