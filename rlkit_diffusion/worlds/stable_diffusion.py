@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from rlkit_diffusion.data.hf_pairs import open_pair_stream
 from rlkit_diffusion.data.pickapic_stream import RawPair, StreamingPairs
 from rlkit_diffusion.data.pickapic_stream import dreamlike_only as is_dreamlike_pair
 from rlkit_diffusion.data.prompts import PromptSet, load_prompts
@@ -607,10 +608,12 @@ def _build(
     filter_kw: dict[str, Any] = (
         {"filter": is_dreamlike_pair, "filter_columns": ("model_0", "model_1")} if dreamlike_only_pairs else {}
     )
-    if pairs:
-        stream = StreamingPairs(pairs, buffer_size=shuffle_buffer, seed=seed, skip_bad_rows=skip_bad_rows, **filter_kw)
+    if pairs:  # local parquet: the project's streamer; a hub id or datasets:<path>: `datasets` streaming
+        stream = open_pair_stream(
+            pairs, buffer_size=shuffle_buffer, seed=seed, skip_bad_rows=skip_bad_rows, **filter_kw
+        )
     if val_pairs:
-        val_stream = StreamingPairs(val_pairs, buffer_size=0, seed=seed, skip_bad_rows=skip_bad_rows, **filter_kw)
+        val_stream = open_pair_stream(val_pairs, buffer_size=0, seed=seed, skip_bad_rows=skip_bad_rows, **filter_kw)
     c = load_components(pretrained, sdxl=sdxl, vae=vae, revision=revision, variant=variant)
     check_architecture(c, sdxl=sdxl, pretrained=pretrained, resolution=resolution, time_ids=time_ids)
     rewards = _rewards(device, dtype, proxy_reward, eval_reward, reward_weights)
@@ -711,7 +714,9 @@ def build_sd15(
         num_inference_steps, eta, guidance_scale: the sampler (DDIM η; CFG scale w).
         gradient_checkpointing: the UNet's own activation checkpointing (``enable_gradient_checkpointing``).
         pairs / val_pairs: Pick-a-Pic v2 parquet file, directory or glob (training stream, validation pairs for the
-            implicit-reward accuracy). dreamlike_only: keep pairs where both images are Dreamlike's.
+            implicit-reward accuracy); a hub id (``yuvalkirstain/pickapic_v2[@split]``) or ``datasets:<path>``
+            streams through ``datasets`` (`rlkit_diffusion.data.hf_pairs`). dreamlike_only: keep pairs where both
+            images are Dreamlike's.
         shuffle_buffer: pairs in the streaming shuffle buffer. hflip, caption_dropout: data augmentation.
         skip_bad_rows: skip corrupt rows / replace pairs with corrupt images instead of failing.
         latent_cache: directory of the VAE-latent cache (None = encode every time).
