@@ -26,7 +26,7 @@ from algos import algo_config_class, build_algo
 from rlkit_diffusion.algorithm import AlgoContext, Counters
 from rlkit_diffusion.checkpoint import latest_checkpoint
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
-from rlkit_diffusion.logging import MetricLogger
+from rlkit_diffusion.logging import make_logger, tracker_names
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference, add_lora
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
@@ -141,7 +141,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     algo_cfg = _to_dataclass(algo_config_class(cfg.algo.name), cfg.algo)
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=train_cfg.grad_accum)
+    accelerator = Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        log_with=tracker_names(cfg.get("logger")) or None,  # trackers write into the run directory (make_logger)
+        project_dir=cfg.out_dir,
+    )
     main = accelerator.is_main_process
     seed_everything(cfg.seed)  # identical initial weights on every rank
 
@@ -183,7 +188,17 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         accelerator=accelerator,
     )
     algo = build_algo(cfg.algo.name, algo_cfg)
-    logger = MetricLogger(run_dir, enabled=main)
+    logger = make_logger(
+        run_dir,
+        accelerator,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        enabled=main,
+        world=world,
+        policy=policy,
+        base_policy=base.policy,
+        eval_cfg=eval_cfg,
+        sampler=sampler(algo),
+    )
     base_cache: dict[str, Any] = {}
     curve_cfg = EvalConfig(**{**vars(eval_cfg), "samples_per_prompt": max(1, eval_cfg.samples_per_prompt // 4)})
 
@@ -204,11 +219,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             budget=budget_cfg,
             run_dir=run_dir if main else None,
             logger=logger,
-            eval_fn=eval_fn,
+            eval_fn=logger.wrap_eval(eval_fn),
             resume_from=resume_from,
         )
-    logger.close()
     if not main:
+        logger.close()
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
         return {}
@@ -239,6 +254,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, run_dir / "eval.json")
+    logger.log_final(result, run_dir)  # the trackers get eval.json and the final sample grid
+    logger.close()
     report_path = None
     if cfg.get("report", True):
         from benchmarks.report import write_report
