@@ -328,6 +328,16 @@ def find_sections(paths: list[Path]) -> list[Path]:
     return [e.parent for p in paths for e in sorted(p.rglob("experiment.json")) if (e.parent / "section.md").exists()]
 
 
+def run_links(r: dict, out: Path) -> list[tuple[str, str]]:
+    """Links of a run for the report (relative to the report's folder): its config and, once exported
+    (``python -m benchmarks.export``), its model card."""
+    links = []
+    for title, f in (("config", r["dir"] / "config.yaml"), ("exported model", r["dir"] / "export" / "README.md")):
+        if f.exists():
+            links.append((title, os.path.relpath(f.resolve(), out.resolve())))
+    return links
+
+
 def write_report(paths: list[Path], out: Path | None = None) -> Path:
     runs = [load_run(r) for r in find_runs(paths)]
     out = out or paths[0]
@@ -354,7 +364,9 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
             rel = os.path.relpath(img, out.resolve()) if out.resolve() != d.resolve() else img.name
             text = text.replace(f"]({img.name})", f"]({rel})")
         md += [text, ""]
-    md += ["## Runs", ""] + [f"- `{r['dir']}`" for r in runs]
+    md += ["## Runs", ""] + [
+        f"- `{r['dir']}` " + " · ".join(f"[{t}]({u})" for t, u in run_links(r, out)) for r in runs
+    ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     body = [f"<h1>rlkit-diffusion report</h1><p>{len(runs)} runs.</p>", _md_table_to_html(table(groups))]
     seen = {p.resolve() for _, p in figs}
@@ -364,6 +376,11 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{b64}'/>")
     for d in sections:
         body.append(f"<pre>{html.escape((d / 'section.md').read_text())}</pre>")
+    items = []
+    for r in runs:
+        links = " · ".join(f"<a href='{html.escape(u)}'>{t}</a>" for t, u in run_links(r, out))
+        items.append(f"<li><code>{html.escape(str(r['dir']))}</code> {links}</li>")
+    body.append("<h2>Runs</h2><ul>" + "".join(items) + "</ul>")
     (out / "report.html").write_text(
         "<html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"
