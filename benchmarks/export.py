@@ -91,25 +91,23 @@ class Run:
         """The checkpoint's trainable parameters, keyed as in the policy's ε-model (``unet.<...>`` for UNets)."""
         return load_checkpoint(self.checkpoint)["model"]
 
-    def reproduce_command(self) -> str:
-        """The command line of the run: Hydra's recorded overrides when it ran from the command line, else the
-        config values that differ from nothing we can know (world/algo/seed and the budget)."""
+    def reproduce_commands(self) -> list[str]:
+        """Commands that rerun this run: the command line as typed (Hydra's recorded overrides, or the argv in
+        eval.json) when it ran from the command line, and always the run from its own resolved ``config.yaml``."""
+        args = None
         overrides = self.dir / ".hydra" / "overrides.yaml"
+        argv = self.eval.get("environment", {}).get("argv", [])
         if overrides.is_file():
             args = yaml.safe_load(overrides.read_text()) or []
-        else:
-            argv = self.eval.get("environment", {}).get("argv", [])
-            if argv and Path(argv[0]).name == "run.py":
-                args = argv[1:]
-            else:
-                c = self.cfg
-                args = [f"world={self.world}", f"algo={self.algo}", f"seed={c['seed']}"]
-                args += [f"train.steps={c['train']['steps']}", f"budget.kind={c['budget']['kind']}"]
-                if c["budget"]["amount"] is not None:
-                    args.append(f"budget.amount={c['budget']['amount']}")
-                if self.lora_rank:
-                    args.append(f"reference.lora_rank={self.lora_rank}")
-        return "python -m benchmarks.run " + " ".join(_quote(a) for a in args)
+        elif argv and Path(argv[0]).name == "run.py":
+            args = argv[1:]
+        lines = [] if args is None else ["python -m benchmarks.run " + " ".join(_quote(a) for a in args)]
+        config_dir = _quote(str(self.dir.resolve()))
+        lines.append(
+            f"python -m benchmarks.run --config-path {config_dir} --config-name config "
+            f"hydra.run.dir=runs/rerun-{self.dir.name}"
+        )
+        return lines
 
 
 def _quote(arg: str) -> str:
@@ -348,8 +346,10 @@ def model_card(run: Run, kind: str, out: Path) -> str:
         "",
         "## Reproduce",
         "",
+        "The second command reruns the exact resolved config (same seeds: the same numbers on the same hardware).",
+        "",
         "```",
-        run.reproduce_command(),
+        *run.reproduce_commands(),
         "```",
         "",
     ]

@@ -101,7 +101,8 @@ def test_lora_export_loads_with_load_lora_weights_and_samples_the_run(sd_runs, t
     assert (images - base_images).abs().max() > 1e-3  # the adapters matter (α/r = 2 applied, not 1)
     card = (out / "README.md").read_text()
     assert f"base_model: {sd_runs['pretrained']}" in card and "LoRA rank 4, α = 8" in card
-    assert "pipe.load_lora_weights" in card and "python -m benchmarks.run world=sd15 algo=dpo" in card
+    assert "pipe.load_lora_weights" in card
+    assert f"python -m benchmarks.run --config-path {sd_runs['lora'].resolve()} --config-name config" in card
     ev = json.loads((sd_runs["lora"] / "eval.json").read_text())
     low, high = ev["win_rate_vs_base_ci_low"], ev["win_rate_vs_base_ci_high"]
     assert f"| {ev['win_rate_vs_base']:.4g} | [{low:.4g}, {high:.4g}] |" in card
