@@ -51,7 +51,7 @@ def sd_runs(tmp_path_factory) -> dict[str, Path]:
     ]
     runs = {"pretrained": pretrained}
     for name, extra in {
-        "lora": ["algo=dpo", "reference.lora_rank=4", "reference.lora_alpha=8", "algo.implicit_eval_pairs=0"],
+        "lora": ["algo=dpo", "reference.lora_rank=4", "reference.lora_alpha=8", "eval.implicit_pairs=0"],
         "full": ["algo=draft", "algo.k=1"],
     }.items():
         run(compose_cfg(common + extra), run_dir=d / name)
