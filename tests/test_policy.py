@@ -231,8 +231,6 @@ def test_stochastic_mask_is_parity_preserving_and_makes_masked_steps_determinist
     ode = run(eta=0.0)  # step 0 outside the window: exactly the deterministic DDIM step from the same x_T
     torch.testing.assert_close(mixed.latents[1], ode.latents[1], rtol=0, atol=0)
     # Inside the window the noise is the unmasked run's z: x_{t-1} − μ is the same σ z as in the plain run.
-    torch.testing.assert_close(
-        mixed.latents[2] - mixed.means[1], plain.latents[2] - plain.means[1], rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(mixed.latents[2] - mixed.means[1], plain.latents[2] - plain.means[1], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         run(torch.ones(n + 1, dtype=torch.bool))
