@@ -9,7 +9,7 @@ Every trial is one ``benchmarks.run`` run (``world=toy2d algo=<algo>``, the ``--
 knob and the seed), evaluated with the cheap evaluation of ``--eval`` (training prompts, 64 noises per prompt). The
 trials of a (lr, knob) cell are averaged over seeds; the chosen cell is the best by ``--select`` (default: the mean
 win rate vs the base, gold reward; or the gold reward, or the distance to p*), ties broken by the smaller distance
-to p*. The script prints a Markdown table (paste it into
+to p*; a cell in which a seed diverged is never chosen (its row says "diverged"). The script prints a Markdown table (paste it into
 ``docs/tuning/toy2d_<algo>.md``) and the chosen overrides (the tuning file ``conf/tuning/toy2d_<algo>.yaml``). A
 ``conf/tuning/toy2d_<algo>.yaml`` that already exists is composed too (the sweep's overrides come after it), so pass
 every setting you mean to hold fixed with ``--set``.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +37,22 @@ SELECT = {"win_rate_vs_base": 1.0, "gold_reward_trained": 1.0, "distance_to_opti
 DEFAULT_EVAL = ["eval.samples_per_prompt=64", "eval.heldout=false", "eval.bootstrap=100", "world.optimum_pool=1024"]
 
 
-def trial(algo: str, overrides: list[str], out_dir: Path, name: str) -> dict:
-    """One training run; returns its eval.json (plus wall seconds)."""
+def trial(algo: str, overrides: list[str], out_dir: Path, name: str) -> dict | None:
+    """One training run; returns its eval.json, or None when training diverged (a non-finite loss, or samples so
+    far out that the reward is not finite)."""
     from benchmarks.run import run
+    from rlkit_diffusion.train import DivergenceError
 
     cfg = compose_run([f"algo={algo}", "world=toy2d", f"out_dir={out_dir}", "report=false", *overrides])
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    result = run(cfg, run_dir=run_dir)
-    result["sweep_wall_s"] = time.perf_counter() - t0
-    return result
+    try:
+        return run(cfg, run_dir=run_dir)
+    except (DivergenceError, ValueError) as err:
+        if isinstance(err, ValueError) and "NaN or inf" not in str(err):
+            raise
+        print(f"{name}: diverged ({err})", flush=True)
+        return None
 
 
 def table(rows: list[dict], knob: str) -> str:
@@ -56,7 +60,9 @@ def table(rows: list[dict], knob: str) -> str:
     head = ["train.lr", knob, "seeds", *[label for _, label, _ in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r["lr"]), str(r["value"]), str(r["n"]), *[fmt.format(r[k]) for k, _, fmt in METRICS]]
+        values = [fmt.format(r[k]) for k, _, fmt in METRICS] if r["diverged"] < r["n"] else ["diverged"] * len(METRICS)
+        seeds = f"{r['n']} ({r['diverged']} diverged)" if r["diverged"] else str(r["n"])
+        cells = [str(r["lr"]), str(r["value"]), seeds, *values]
         if r.get("chosen"):
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
@@ -87,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             for seed in args.seeds
         ]
-        row = {"lr": lr, "value": value, "n": len(results)}
-        row.update({k: float(np.mean([r[k] for r in results])) for k, _, _ in METRICS})
+        done = [r for r in results if r is not None]
+        row = {"lr": lr, "value": value, "n": len(results), "diverged": len(results) - len(done)}
+        row.update({k: float(np.mean([r[k] for r in done])) if done else float("nan") for k, _, _ in METRICS})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    best = max(rows, key=lambda r: (SELECT[args.select] * r[args.select], -r["distance_to_optimum_trained"]))
+    ok = [r for r in rows if not r["diverged"]]  # a cell with a diverged seed is never chosen
+    best = max(ok, key=lambda r: (SELECT[args.select] * r[args.select], -r["distance_to_optimum_trained"]))
     best["chosen"] = True
     command = " ".join(
         ["python -m benchmarks.sweep_toy2d", f"--algo {args.algo}", f"--knob {args.knob}"]
