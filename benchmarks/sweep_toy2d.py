@@ -9,10 +9,10 @@ Every trial is one ``benchmarks.run`` run (``world=toy2d algo=<algo>``, the ``--
 knob and the seed), evaluated with the cheap evaluation of ``--eval`` (training prompts, 64 noises per prompt). The
 trials of a (lr, knob) cell are averaged over seeds; the chosen cell is the best by ``--select`` (default: the mean
 win rate vs the base, gold reward; or the gold reward, or the distance to p*), ties broken by the smaller distance
-to p*; a cell in which a seed diverged is never chosen (its row says "diverged"). The script prints a Markdown table (paste it into
-``docs/tuning/toy2d_<algo>.md``) and the chosen overrides (the tuning file ``conf/tuning/toy2d_<algo>.yaml``). A
-``conf/tuning/toy2d_<algo>.yaml`` that already exists is composed too (the sweep's overrides come after it), so pass
-every setting you mean to hold fixed with ``--set``.
+to p*; a cell in which a seed diverged is never chosen (its row says "diverged"). The script prints a Markdown
+table (paste it into ``docs/tuning/toy2d_<algo>.md``) and the chosen overrides (the tuning file
+``conf/tuning/toy2d_<algo>.yaml``). A ``conf/tuning/toy2d_<algo>.yaml`` that already exists is composed too (the
+sweep's overrides come after it), so pass every setting you mean to hold fixed with ``--set``.
 """
 
 from __future__ import annotations
