@@ -20,8 +20,9 @@ Checks (each on one freshly collected batch of the base policy, or on a short tr
                 baseline leaves in the advantage), proxy–gold correlation, and the proxy change under small random
                 and gradient perturbations of the samples.
 
-Example: ``python -m benchmarks.diagnose_pg snr --batch 16``; ``python -m benchmarks.diagnose_pg curve --updates 8
---lr 1e-4 --flip``. ``--json PATH`` appends each check's numbers as one JSON line (`docs/algos/ddpo.md` figures).
+Examples: ``python -m benchmarks.diagnose_pg snr --batch 16``; ``python -m benchmarks.diagnose_pg curve --updates 8
+--lr 1e-4 --flip``. ``--json PATH`` appends each check's numbers as one JSON line; ``plot --json PATH`` draws the
+figures of `docs/algos/ddpo.md` from them.
 """
 
 from __future__ import annotations
@@ -448,6 +449,50 @@ def check_curve(args: argparse.Namespace, world=None) -> dict[str, Any]:
     return out
 
 
+def plot(json_path: str, out_dir: str) -> list[Path]:
+    """The figures of `docs/algos/ddpo.md` from the JSON lines of the checks: each step's share of the gradient
+    energy (``snr``) and the collected-batch reward of every ``curve`` run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(json_path).read_text().splitlines() if line.strip()]
+    out, written = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
+    snr = [r for r in rows if r["check"] == "snr"]
+    if snr:
+        steps = snr[-1]["per_step"]
+        fig, ax = plt.subplots(1, 2, figsize=(8, 2.6), dpi=80)
+        labels = [str(s["t"]) for s in steps]
+        ax[0].bar(labels, [s["energy_share"] for s in steps], color="tab:red")
+        ax[0].set(title="share of the gradient energy", xlabel="step t → t−50")
+        ax[1].bar(labels, [s["snr"] for s in steps], color="tab:blue")
+        ax[1].axhline(1.0, color="k", lw=0.8, ls="--")
+        ax[1].set(title="per-step SNR (1 = noise)", xlabel="step t → t−50")
+        for a in ax:
+            a.tick_params(axis="x", labelrotation=90, labelsize=6)
+        fig.tight_layout()
+        written.append(out / "ddpo_shapes_gradient_by_step.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    curves = [r for r in rows if r["check"] == "curve"]
+    if curves:
+        fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+        for r in curves:
+            label = f"min_std {r['min_std']}{' flipped' if r['flip'] else ''}, lr {r['lr']:g}"
+            ax.plot(range(1, len(r["batch_rewards"]) + 1), r["batch_rewards"], marker="o", label=label)
+        ax.set(xlabel="update", ylabel="proxy of the collected batch", title="DDPO on shapes")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "ddpo_shapes_batch_reward.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    for w in written:
+        print(f"wrote {w}")
+    return written
+
+
 CHECKS = {
     "ratio": check_ratio,
     "x0": check_x0,
@@ -460,7 +505,7 @@ CHECKS = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.diagnose_pg", description=__doc__.split("\n\n")[0])
-    p.add_argument("checks", nargs="+", choices=[*CHECKS, "all"])
+    p.add_argument("checks", nargs="+", choices=[*CHECKS, "all", "plot"], help="plot: figures from --json")
     p.add_argument("--world", default="shapes")
     p.add_argument("--algo", default="ddpo", choices=["ddpo", "dpok"])
     p.add_argument("--reward", default="proxy")
@@ -484,6 +529,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--perturb", type=float, nargs="+", default=[0.01, 0.03])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default=None, help="append each check's numbers as a JSON line to this file")
+    p.add_argument("--out", default="docs/images", help="plot: where the PNGs go")
     return p
 
 
@@ -491,6 +537,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.checks == ["plot"]:
+        plot(args.json, args.out)
+        return []
     names = list(CHECKS)[:-1] if "all" in args.checks else args.checks
     results = []
     for name in names:
