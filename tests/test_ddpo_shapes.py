@@ -2,10 +2,12 @@
 few updates and the sign-flipped run lowers it — so a change that turns the policy gradient on shapes into noise
 (e.g. training the σ = 0.0064 step t = 50 → 0 again, which carried 94% of the gradient) cannot come back silently.
 
-Tiny size: the 10-step sampler of ``shapes_world_small``, 4 prompts, 8 trajectories per update, 6 updates, the
-shipped shapes tuning's conventions (per-dim mean log-probs, clip 1e-4, ``min_std`` 0.05) at lr 1e-4, with per-prompt
-advantages once a prompt has 2 rewards. Besides the collected batches, the proxy of 8 fixed (prompt, noise) pairs is
-measured before and after (common random numbers: only the policy's change moves it).
+Tiny size: the shapes world with a 10-step sampler, its first 4 training prompts, 8 trajectories per update,
+6 updates, the shipped shapes tuning's conventions (per-dim mean log-probs, clip 1e-4, ``min_std`` 0.05) at lr 1e-4,
+with per-prompt advantages once a prompt has 2 rewards. Besides the collected batches, the proxy of 8 fixed (prompt,
+noise) pairs is measured before and after (common random numbers: only the policy's change moves it). The same runs:
+``python -m benchmarks.diagnose_pg curve --steps 10 --prompts 4 --batch 8 --updates 6 --lr 1e-4 --min-std 0.05
+--min-count 2 [--flip]``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
 from tests.zoo_helpers import flip_objective, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def shapes_world_10_steps():
+    """The shipped shapes world with a 10-step sampler (`benchmarks.diagnose_pg curve --steps 10` builds the same)."""
+    from rlkit_diffusion.worlds.shapes import build_shapes
+
+    return build_shapes(num_inference_steps=10)
+
 
 UPDATES, BATCH, PROMPTS = 6, 8, 4
 
@@ -75,10 +86,10 @@ def slope(values: list[float]) -> float:
     return float(np.polyfit(np.arange(len(values)), values, 1)[0])
 
 
-def test_ddpo_raises_the_collected_batch_reward_on_shapes(shapes_world_small, monkeypatch):
-    rewards, gain = learn_on_shapes(shapes_world_small)
+def test_ddpo_raises_the_collected_batch_reward_on_shapes(shapes_world_10_steps, monkeypatch):
+    rewards, gain = learn_on_shapes(shapes_world_10_steps)
     flip_objective(monkeypatch)
-    flipped_rewards, flipped_gain = learn_on_shapes(shapes_world_small)
+    flipped_rewards, flipped_gain = learn_on_shapes(shapes_world_10_steps)
     msg = f"batch rewards {rewards} (gain {gain:+.3f}); flipped {flipped_rewards} (gain {flipped_gain:+.3f})"
     assert slope(rewards) > 0 and gain > 0, msg
     assert slope(flipped_rewards) < 0 and flipped_gain < 0, msg
