@@ -1,4 +1,5 @@
-"""DSPO — Direct Score Preference Optimization (Zhu, Xiao & Honavar, ICLR 2025): the preference objective in score form.
+"""DSPO, Direct Score Preference Optimization (Zhu, Xiao & Honavar, ICLR 2025): the preference objective as score
+matching.
 
 DSPO's stated idea is to fine-tune with the pretraining objective itself: **score matching** onto the score of the
 human-preferred distribution, instead of the Bradley–Terry likelihood of eq. 14 on chain log-ratios. The preferred
