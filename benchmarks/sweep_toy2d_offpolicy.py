@@ -6,8 +6,9 @@ for every module, scored on toy2d's own objective (the energy distance to the KL
 
 Every trial is one ``benchmarks.run`` (world=toy2d, the algorithm's tuning file if any, then ``--set``, then the
 trial's lr and knob value) with the fast evaluation of the zoo's learning tests (64 noises per prompt, training
-prompts only, 100 bootstrap draws, a 1024-sample optimum pool). The table (one row per trial, the chosen one in
-bold: smallest distance to p*) is printed and, with ``--out``, written as Markdown with the command that produced it.
+prompts only, 100 bootstrap draws, a 1024-sample optimum pool). The table (one row per trial) is printed and, with
+``--out``, written as Markdown with the command that produced it; the chosen row is in bold: the smallest distance
+to p*, or with ``--select reward`` (a method without a KL target) the largest gold reward.
 """
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ def sweep(algo: str, lrs: list[str], knob: str, values: list[str], extra: list[s
     return rows
 
 
-def table(algo: str, knob: str, rows: list[dict]) -> str:
-    """Markdown table of the trials, the best (smallest distance to p*) in bold, with the base model's row."""
-    best = min(range(len(rows)), key=lambda i: rows[i]["distance_to_optimum_trained"])
+SELECT = {"distance": ("distance_to_optimum_trained", 1.0), "reward": ("gold_reward_trained", -1.0)}
+
+
+def table(algo: str, knob: str, rows: list[dict], select: str = "distance") -> str:
+    """Markdown table of the trials, the chosen one in bold (``select``: the smallest distance to p*, or the largest
+    gold reward for a method without a KL target), with the base model's row."""
+    key, sign = SELECT[select]
+    best = min(range(len(rows)), key=lambda i: sign * rows[i][key])
     base = rows[0]["base"]
     lines = [
         f"| lr | `{knob}` | " + " | ".join(n for _, n in COLUMNS) + " |",
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3", help="comma-separated learning rates")
     ap.add_argument("--knob", required=True, help="key=v1,v2,... (e.g. algo.beta=5,20)")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every trial")
+    ap.add_argument("--select", default="distance", choices=sorted(SELECT), help="criterion of the bold row")
     ap.add_argument("--out", default=None, help="write the Markdown table here")
     ap.add_argument("--root", default=None, help="parent of the trials' run directories (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     knob, _, values = args.knob.partition("=")
     root = Path(args.root or tempfile.mkdtemp(prefix=f"sweep_{args.algo}_"))
     rows = sweep(args.algo, args.lrs.split(","), knob, values.split(","), list(args.set), root)
-    md = table(args.algo, knob, rows)
+    md = table(args.algo, knob, rows, args.select)
     print(md)
     if args.out:
         command = "python -m benchmarks.sweep_toy2d_offpolicy " + " ".join(argv if argv is not None else sys.argv[1:])
