@@ -57,8 +57,9 @@ def test_gradient_fits_good_samples_and_avoids_bad_ones():
 
 
 def test_nft_learns_and_flipped_does_not(tmp_path, monkeypatch):
+    """NFT maximises the reward (no KL target): its objective is the gold = proxy reward of toy2d."""
     good = learn(tmp_path, "nft", name="good")
-    assert good["gold_reward_trained"] > good["gold_reward_base"] + 0.2
-    assert good["distance_to_optimum_trained"] < 0.8 * good["distance_to_optimum_base"]
+    assert good["gold_reward_trained"] > good["gold_reward_base"] + 0.5
+    assert good["win_rate_vs_base"] > 0.6
     flip_objective(monkeypatch)
     assert did_not_learn(tmp_path, "nft")
