@@ -7,7 +7,8 @@ distribution is the KL-optimal policy of eq. 5–6, p*(x_0|c) ∝ p_ref(x_0|c) e
 reference's plus (1/β)∇r. The pairs tell where r rises: toward the winners' denoising targets and away from the
 losers'. So at a noisy winner the policy's ε-prediction regresses onto the reference's moved 1/β of the way toward the
 winner's noise, and at a noisy loser onto the reference's moved 1/β of the way away from it (derivation:
-docs/derivation.md, "DSPO: the score form").
+docs/derivation.md, "DSPO: the score form"). Provenance: the paper's full text was not available offline when this
+was written; the objective is the project's derivation of the paper's stated idea, not a transcription.
 
 Notation (code name → symbol; ε-prediction, every other prediction type is an affine map of it at fixed x_t):
 

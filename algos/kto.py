@@ -53,7 +53,7 @@ class KTOConfig:
     """Diffusion-KTO hyper-parameters."""
 
     beta: float = 5000.0
-    """β of the implicit reward g = s β ω (err_ref − err_θ) (the official SD1.5 runs: 5000, ``diffusers`` scale)."""
+    """β of the implicit reward g = s β ω (err_ref − err_θ); 5000: an SD-scale value of the DPO family (toy2d: 20)."""
     beta_convention: str = "diffusers"
     """How β enters (`rlkit_diffusion.preference.beta_scale`): ``diffusers`` (s = 1, pixel mean: the official
     Diffusion-KTO code), ``official`` (s = ½) or ``paper`` (pixel sum)."""
