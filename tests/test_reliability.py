@@ -555,7 +555,7 @@ def test_a_failed_resume_leaves_the_run_intact(tmp_path):
     _, run_dir = run_toy(tmp_path, fast, "old")
     before = snapshot(run_dir)
     cfg = compose_cfg(["world=toy2d", *fast, "train.steps=4", "reference.lora_rank=2", f"resume={run_dir}"])
-    with pytest.raises(ValueError, match=r"^resume: .* is its config.yaml; refusing to change reference.lora_rank: 0 -> 2"):
+    with pytest.raises(ValueError, match=r"^resume: .* is its config.yaml; refusing to change reference.lora_rank: 0"):
         run(cfg)
     after = snapshot(run_dir)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten or lost
