@@ -224,7 +224,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     if cfg.get("report", True):
         from benchmarks.report import write_report
 
-        report_path = write_report([run_dir])  # report.md/html of this one run (figures, sample grid)
+        report_path = write_report([run_dir], run_dir)  # report.md/html of this one run (figures, sample grid)
     print_summary(result, run_dir, report_path)
     return result
 
