@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -216,3 +217,50 @@ def test_a_bad_value_on_the_command_line_is_one_line_and_makes_no_directory(laun
         "train.batch_size=0: must be >= 1",
     ]
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Case 7: env and core input checks; benchmarks.prepare --help
+# ---------------------------------------------------------------------------------------------------------------
+def test_env_and_core_refuse_bad_input_with_one_clear_line(toy_world, capsys):
+    from envs.denoising import DenoisingEnv
+    from rlkit_diffusion.mdp import DenoisingCore
+
+    env = DenoisingEnv(toy_world)
+    prompt = env.core.prompts[3]
+    _, info = env.reset(seed=0, options={"prompt": prompt})
+    assert info["prompt"] == prompt  # honoured
+    with pytest.raises(ValueError, match="options\\['prompt'\\] must be one of the split's"):
+        env.reset(options={"prompt": "not a prompt of the split"})
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['colour'\\]"):
+        env.reset(options={"colour": 1})
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"outside the float32 range \(max \|a\| = 1e\+39\)"):
+        env.step(np.full(env.core.sample_shape, 1e39))
+    with pytest.raises(ValueError, match="action has shape"):
+        env.step(np.zeros(3))
+    with pytest.raises(NotImplementedError, match="no render mode"):
+        env.render()
+    core = DenoisingCore(toy_world, reward="gold")
+    policy = toy_world.policy
+    with pytest.raises(ValueError, match="prompts is empty"):
+        core.rollout(policy, [])
+    with pytest.raises(ValueError, match="prompts must be a list of strings, got the string"):
+        core.rollout(policy, prompt)
+    with pytest.raises(ValueError, match=r"k must be in \[1, "):
+        core.rollout(policy, [prompt], grad="last_k", k=0)
+    from benchmarks.prepare import main as prepare_main
+
+    prepare_main(["--help"])
+    assert "python -m benchmarks.prepare world=" in capsys.readouterr().out
+
+
+def test_an_action_that_overflows_the_reward_is_refused(toy_world):
+    from envs.denoising import DenoisingEnv
+
+    env = DenoisingEnv(toy_world)
+    env.reset(seed=0)
+    for _ in range(env.core.horizon - 1):
+        env.step(np.zeros(env.core.sample_shape))
+    with pytest.raises(ValueError, match="reward 'proxy' returned NaN or inf"):  # not a silent -inf
+        env.step(np.full(env.core.sample_shape, 1e20))
