@@ -264,3 +264,100 @@ def test_an_action_that_overflows_the_reward_is_refused(toy_world):
         env.step(np.zeros(env.core.sample_shape))
     with pytest.raises(ValueError, match="reward 'proxy' returned NaN or inf"):  # not a silent -inf
         env.step(np.full(env.core.sample_shape, 1e20))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lifecycle fuzz: random sequences of (start, kill at a random step, signal at a random step, corrupt the newest
+# checkpoint, resume) on toy2d, in process (a "process" = a freshly built world, context and RNG seeding)
+# ---------------------------------------------------------------------------------------------------------------
+FUZZ_STEPS = 8
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after the last checkpoint survives (not caught by the training loop)."""
+
+
+def fuzz_session(run_dir: Path, resume_from: Path | None, fault: str | None, at: int) -> None:
+    from algos import build_algo
+    from benchmarks.wiring import seed_everything
+    from rlkit_diffusion.algorithm import AlgoContext
+    from rlkit_diffusion.mdp import DenoisingCore
+    from rlkit_diffusion.reference import Reference
+    from rlkit_diffusion.train import TrainConfig, train
+    from rlkit_diffusion.worlds.toy2d import build_toy2d
+
+    seed_everything(0)
+    world = build_toy2d(optimum_pool=64, num_inference_steps=10)
+    base = Reference(world.policy, "frozen")
+    ctx = AlgoContext(world, world.policy, base, DenoisingCore(world), 8, torch.Generator().manual_seed(0))
+    algo = build_algo("dpo")
+    loss = algo.loss
+
+    def faulty_loss(mb):
+        if ctx.counters.updates + 1 == at:
+            if fault == "kill":
+                raise Killed()
+            if fault == "signal":
+                os.kill(os.getpid(), signal.SIGINT)
+        return loss(mb)
+
+    algo.loss = faulty_loss
+    cfg = TrainConfig(steps=FUZZ_STEPS, checkpoint_every=2, batch_size=8, log_every=1)
+    try:
+        train(algo, ctx, cfg, run_dir=run_dir, resume_from=resume_from, progress=False)
+    except Killed:
+        pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fuzz-straight")
+    fuzz_session(run_dir, None, None, 0)
+    return load_file(str(run_dir / "checkpoints" / f"step_{FUZZ_STEPS:08d}" / "model.safetensors"))
+
+
+def test_lifecycle_fuzz(uninterrupted, tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from benchmarks.report import group
+
+    op = st.tuples(st.sampled_from(["kill", "signal", "corrupt"]), st.integers(1, FUZZ_STEPS))
+
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(ops=st.lists(op, min_size=1, max_size=3))
+    def check(ops):
+        run_dir = tmp_path_factory.mktemp("fuzz")
+        intact: set[str] = set()
+        for fault, at in [*ops, (None, 0)]:  # the last session runs to the end
+            if fault == "corrupt":
+                ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+                if ckpts:
+                    f = ckpts[-1] / "model.safetensors"
+                    f.write_bytes(f.read_bytes()[:40])
+                    intact.discard(ckpts[-1].name)
+                continue
+            has = (run_dir / "checkpoints").exists() and latest_intact_checkpoint(run_dir / "checkpoints")[0]
+            fuzz_session(run_dir, resume_checkpoint(run_dir) if has else None, fault, at)
+            for c in (run_dir / "checkpoints").glob("step_*"):
+                if verify_checkpoint(c) is None:
+                    intact.add(c.name)
+            for name in intact:  # no checkpoint lost: every intact one written so far still verifies
+                assert verify_checkpoint(run_dir / "checkpoints" / name) is None, (ops, name)
+        final = load_file(str(run_dir / "checkpoints" / f"step_{FUZZ_STEPS:08d}" / "model.safetensors"))
+        assert final.keys() == uninterrupted.keys()
+        assert all(torch.equal(final[k], uninterrupted[k]) for k in final), ops
+
+    check()
+    # The report never mixes configs: runs that differ in anything but the seed are never one group.
+    from omegaconf import OmegaConf
+
+    runs = [
+        {"dir": Path(f"r{i}"), "eval": {"world": "toy2d", "algo": "dpo"}, "metrics": [],
+         "config": OmegaConf.create({"seed": i % 2, "train": {"steps": 4 + 4 * (i // 2)}})}
+        for i in range(4)
+    ]  # fmt: skip
+    groups = group(runs)
+    assert len(groups) == 2 and all(
+        {r["config"].train.steps for r in rs} == {rs[0]["config"].train.steps} for rs in groups.values()
+    )
