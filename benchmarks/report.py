@@ -101,7 +101,7 @@ def config_items(r: dict) -> tuple:
     """A run's configuration minus the seed (and where/how it ran), as sorted (dotted key, value) pairs."""
     from omegaconf import OmegaConf
 
-    if r["config"] is None:
+    if r.get("config") is None:
         return ()
 
     def flat(d: Any, prefix: str = "") -> list[tuple[str, str]]:

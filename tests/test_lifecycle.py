@@ -33,7 +33,7 @@ def metrics_lines(run_dir: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo,sig", [("dpo", signal.SIGINT), ("ddpo", signal.SIGTERM)])
 def test_a_signal_checkpoints_and_the_resume_equals_an_uninterrupted_run(launcher, tmp_path, algo, sig):  # noqa: F811
-    steps = 400 if algo == "dpo" else 100
+    steps = 200 if algo == "dpo" else 100
     base = [f"algo={algo}", *TOY, f"train.steps={steps}", "seed=2", f"out_dir={tmp_path}"]
     straight = launcher.start([*base, f"hydra.run.dir={tmp_path / 'straight'}"], tmp_path / "straight.log")
     run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
