@@ -52,7 +52,11 @@ def prepare_shapes(opts: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    opts = parse_overrides(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    opts = parse_overrides(argv)
     world = opts.get("world", "shapes")
     if world == "toy2d":
         prepare_toy2d(opts)

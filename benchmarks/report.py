@@ -1,7 +1,9 @@
 """``python -m benchmarks.report <dir> [<dir> ...] [--out <dir>]`` — run directories → one comparison.
 
-Reads every run directory below the given paths (a directory with ``eval.json``), groups runs by (world, algo)
-and writes into ``--out`` (default: the first path):
+Reads every run directory below the given paths (a directory with ``eval.json``; an unreadable one is skipped with
+a warning naming the file), groups runs by their full config minus the seed (a group's name lists the settings that
+tell it apart from the other groups of its algorithm), keeps worlds apart (one set of figures per world) and writes
+into ``--out`` (default: a new folder ``reports/report-<time>``; never into a run directory):
 
 * ``report.md``   — the comparison table (mean ± 95% CI over seeds), figures and image grids, linked;
 * ``report.html`` — the same, self-contained (images inlined);
@@ -19,7 +21,9 @@ import html
 import json
 import math
 import os
+import sys
 import textwrap
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -57,11 +61,21 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def load_run(run: Path) -> dict[str, Any]:
-    """A finished run: its directory, ``eval.json``, ``metrics.jsonl`` rows and resolved ``config.yaml`` (or None)."""
+def load_run(run: Path) -> dict[str, Any] | None:
+    """A finished run: its directory, ``eval.json``, ``metrics.jsonl`` rows and resolved ``config.yaml`` (or None).
+    None (with a warning naming the file) when ``eval.json`` is unreadable or names no world/algo."""
     from omegaconf import OmegaConf
 
-    ev = json.loads((run / "eval.json").read_text())
+    try:
+        ev = json.loads((run / "eval.json").read_text())
+    except (OSError, ValueError) as err:
+        print(
+            f"report: warning: skipping {run / 'eval.json'}: unreadable ({type(err).__name__}: {err})", file=sys.stderr
+        )
+        return None
+    if not isinstance(ev, dict) or not ev.get("world") or not ev.get("algo"):
+        print(f"report: warning: skipping {run / 'eval.json'}: it names no world/algo", file=sys.stderr)
+        return None
     metrics = []
     if (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -80,12 +94,47 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(half)
 
 
+NOT_CONFIG = ("seed", "out_dir", "resume", "resume_override", "report", "device", "label")  # not a configuration
+
+
+def config_items(r: dict) -> tuple:
+    """A run's configuration minus the seed (and where/how it ran), as sorted (dotted key, value) pairs."""
+    from omegaconf import OmegaConf
+
+    if r.get("config") is None:
+        return ()
+
+    def flat(d: Any, prefix: str = "") -> list[tuple[str, str]]:
+        out = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += flat(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}".split(".")[0] not in NOT_CONFIG:
+                out.append((f"{prefix}{k}", json.dumps(v, sort_keys=True)))
+        return out
+
+    return tuple(sorted(flat(OmegaConf.to_container(r["config"], resolve=True))))
+
+
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    out: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """Runs grouped by (world, algo, label, full config minus the seed); each group's name is the algo (and label),
+    plus, when the same algo has several configurations, the settings that differ between them."""
+    by_config: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        algo = r["eval"].get("algo", "?")
-        label = r["eval"].get("label")
-        out[(r["eval"].get("world", "?"), f"{algo} [{label}]" if label and label != algo else algo)].append(r)
+        ev = r["eval"]
+        by_config[(ev["world"], ev["algo"], ev.get("label") or "", config_items(r))].append(r)
+    siblings: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for world, algo, label, items in by_config:
+        siblings[(world, algo, label)].append(dict(items))
+    out: dict[tuple[str, str], list[dict]] = {}
+    for (world, algo, label, items), rs in by_config.items():
+        name = f"{algo} [{label}]" if label and label != algo else algo
+        others = siblings[(world, algo, label)]
+        if len(others) > 1:
+            mine = dict(items)
+            keys = sorted({k for o in others for k in {*o, *mine} if o.get(k) != mine.get(k)})
+            name += " (" + ", ".join(f"{k}={mine.get(k, '-')}" for k in keys) + ")"
+        out[(world, name)] = rs
     return dict(sorted(out.items()))
 
 
@@ -292,7 +341,22 @@ def image_grid(groups, out: Path) -> list[Path]:
 
 
 def figures(groups, out: Path) -> list[tuple[str, Path]]:
-    """Every figure of a comparison (written into ``out``): ``[(title, path)]``, those with data only."""
+    """Every figure of a comparison (written into ``out``): ``[(title, path)]``, those with data only. Worlds are
+    kept apart (their rewards are on different scales): with several worlds, each gets its own figures in
+    ``out/<world>/``."""
+    worlds = sorted({w for w, _ in groups})
+    if len(worlds) > 1:
+        figs = []
+        for world in worlds:
+            sub = out / world
+            sub.mkdir(exist_ok=True)
+            part = {k: v for k, v in groups.items() if k[0] == world}
+            figs += [(f"{world}: {t}", p) for t, p in _world_figures(part, sub)]
+        return figs
+    return _world_figures(groups, out)
+
+
+def _world_figures(groups, out: Path) -> list[tuple[str, Path]]:
     figs: list[tuple[str, Path | None]] = [
         ("Learning curves against each budget axis", plot_curves(groups, out)),
         (
@@ -332,6 +396,19 @@ def find_sections(paths: list[Path]) -> list[Path]:
     return [e.parent for p in paths for e in sorted(p.rglob("experiment.json")) if (e.parent / "section.md").exists()]
 
 
+def is_run_dir(path: Path) -> bool:
+    return (path / "eval.json").exists() or (path / "checkpoints").exists() or (path / "config.yaml").exists()
+
+
+def new_report_dir() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        out = Path("reports") / (f"report-{stamp}" + (f"-{n}" if n else ""))
+        if not out.exists():
+            return out
+    raise FileExistsError("report: no free folder name under reports/")
+
+
 def run_links(r: dict, out: Path) -> list[tuple[str, str]]:
     """Links of a run for the report (relative to the report's folder): its config and, once exported
     (``python -m benchmarks.export``), its model card."""
@@ -343,15 +420,19 @@ def run_links(r: dict, out: Path) -> list[tuple[str, str]]:
 
 
 def write_report(paths: list[Path], out: Path | None = None) -> Path:
-    runs = [load_run(r) for r in find_runs(paths)]
-    out = out or paths[0]
+    """Write the comparison of the runs below ``paths`` into ``out`` (default: the first path if it is not a run
+    directory, else a new folder ``reports/report-<time>``). `benchmarks.run` passes its own run directory."""
+    runs = [r for r in (load_run(d) for d in find_runs(paths)) if r is not None]
+    if not runs:
+        raise FileNotFoundError(f"report: no readable eval.json under {', '.join(map(str, paths))}")
+    out = out or (paths[0] if not is_run_dir(paths[0]) else new_report_dir())
     out.mkdir(parents=True, exist_ok=True)
     groups = group(runs)
     figs = figures(groups, out)
     md = [
         "# rlkit-diffusion report",
         "",
-        f"{len(runs)} runs, {len(groups)} (world, algo) groups.",
+        f"{len(runs)} runs, {len(groups)} groups (world, algo, config minus the seed).",
         "",
         table(groups),
         "",
@@ -360,7 +441,7 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
     if by_category:
         md += ["## Win rate vs base by caption category", "", by_category, ""]
     for title, p in figs:
-        md += [f"## {title}", "", f"![{title}]({p.name})", ""]
+        md += [f"## {title}", "", f"![{title}]({os.path.relpath(p, out)})", ""]
     sections = find_sections(paths)
     for d in sections:  # paper-style experiments: their own sections, image links made relative to the report
         text = (d / "section.md").read_text()
@@ -403,9 +484,11 @@ def _md_table_to_html(md: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("paths", nargs="+", type=Path, help="run directories or folders containing them")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: a new reports/report-<time>)")
     args = ap.parse_args(argv)
-    path = write_report(args.paths, args.out)
+    if args.out is not None and is_run_dir(args.out):
+        sys.exit(f"report: --out {args.out} is a run directory; refusing to write into it")
+    path = write_report(args.paths, args.out or new_report_dir())
     print(f"report: {path}")
 
 

@@ -7,7 +7,10 @@ Every run directory gets ``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/``,
 
 from __future__ import annotations
 
+import json
+import logging
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,12 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 import benchmarks.schema  # noqa: F401  (registers the structured-config schemas)
 from algos import algo_config_class, build_algo
 from benchmarks.eval_schema import SCHEMA_VERSION
+from benchmarks.lifecycle import (
+    ConfigError,
+    is_finished,
+    record_resume,
+    resolve_run,
+    resume_checkpoint,
+    resume_config,
+    validate,
+)
 from benchmarks.wiring import (
     build_run,
     check_tuning,
     new_run_dir,
     refuse_existing_run,
-    resolve_resume,
     save_config,
     save_eval,
     save_samples,
@@ -57,17 +68,33 @@ class Settings:
         )
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path | None, main: bool) -> tuple[Path | None, Path | None]:
-    """The run directory and the checkpoint to resume from (``resume=<dir>|latest``); saves the config."""
-    resume_from = None
+def prepare_run_dir(cfg: DictConfig, run_dir: Path | None, main: bool) -> Path | None:
+    """A new run's directory, with its resolved ``config.yaml`` (a resumed run keeps its own)."""
     if cfg.resume:
-        run_dir, resume_from = resolve_resume(cfg)
+        return Path(run_dir)
     run_dir = run_dir or (new_run_dir(cfg) if main else None)
     if run_dir is not None and main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if main:  # a resume keeps the run's config.yaml: a resume that fails (e.g. a mismatched config) changes nothing
-        save_config(cfg, run_dir, resumed=resume_from is not None)
-    return run_dir, resume_from
+        save_config(cfg, run_dir)
+    return run_dir
+
+
+def plan_resume(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfig, Path, Path | None, dict]:
+    """``resume=<dir>|latest``: the run, its own config (with the budget extensions of ``resume_override``), and the
+    newest intact checkpoint — None when the run is finished and nothing extends it (then nothing is changed)."""
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides or []]
+    world = cfg.world.name if "world" in keys else None
+    algo = cfg.algo.name if "algo" in keys else None
+    run_dir = (
+        Path(cfg.resume)
+        if Path(str(cfg.resume)).is_dir()
+        else resolve_run(str(cfg.resume), str(cfg.out_dir), world, algo)
+    )
+    effective, extend = resume_config(cfg, run_dir, overrides)
+    if is_finished(run_dir) and not extend:
+        return effective, run_dir, None, extend
+    validate(effective)
+    return effective, run_dir, resume_checkpoint(run_dir), extend
 
 
 def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from, logger: MetricLogger) -> dict[str, Any]:
@@ -145,11 +172,27 @@ def eval_record(cfg: DictConfig, metrics: dict, summary: dict, num_processes: in
     }
 
 
-def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents."""
+def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents (``{"interrupted": signal
+    name, ...}`` when SIGINT/SIGTERM stopped training: the run is checkpointed and ``STOPPED``).
+
+    ``overrides`` are the command-line overrides (Hydra's): on ``resume=`` only those are compared with the run's
+    config; None compares every key of ``cfg``."""
     from accelerate import Accelerator
 
     t_start = time.perf_counter()
+    validate(cfg)  # before any work: nothing is built and no directory is made for a bad config
+    resume_from = None
+    if cfg.resume:
+        cfg, run_dir, resume_from, extend = plan_resume(cfg, overrides)
+        if resume_from is None:
+            done = json.loads((run_dir / "eval.json").read_text())
+            print(
+                f"resume: {run_dir} is finished ({done.get('updates')} updates, eval.json written); nothing changed."
+                f" To train it longer: resume={run_dir} train.steps=<more> resume_override=[train.steps]",
+                flush=True,
+            )
+            return done
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -161,7 +204,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     )
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
-    run_dir, resume_from = prepare_run_dir(cfg, run_dir, main)
+    run_dir = prepare_run_dir(cfg, run_dir, main)
+    if resume_from is not None and main:
+        record_resume(run_dir, cfg, resume_from, extend)
     algo = build_algo(cfg.algo.name, s.algo)
     logger = make_logger(
         run_dir,
@@ -175,6 +220,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         sampler=algo.sampler,
     )
     summary = train_run(cfg, s, algo, ctx, run_dir, resume_from, logger)
+    if summary.get("interrupted"):
+        if main:
+            command = f"python -m benchmarks.run resume={run_dir}"
+            stopped = f"STOPPED (interrupted at step {summary['updates']} by {summary['interrupted']})"
+            (run_dir / "STOPPED").write_text(f"{stopped}\nresume with: {command}\n")
+            print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
+        logger.close()
+        return {"interrupted": summary["interrupted"], "updates": summary["updates"], "run_dir": str(run_dir)}
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
@@ -189,7 +242,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     if cfg.get("report", True):
         from benchmarks.report import write_report
 
-        report_path = write_report([run_dir])  # report.md/html of this one run (figures, sample grid)
+        report_path = write_report([run_dir], run_dir)  # report.md/html of this one run (figures, sample grid)
     print_summary(result, run_dir, report_path)
     return result
 
@@ -252,28 +305,59 @@ def check_overrides(overrides: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:  # a tuning file that sets the world or the evaluation: one line, not a traceback
+    from hydra.core.hydra_config import HydraConfig
+
+    try:  # a user error: one line on stderr, the traceback in the run's run.log
         check_tuning(cfg.world.name, cfg.algo.name)
-    except ValueError as err:
+        if cfg.get("experiment") == "toy2d_tutorial":  # not a single run: train several algorithms, one figure
+            from benchmarks import tutorial
+
+            return tutorial.run(cfg)
+        if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section
+            from benchmarks import experiments
+
+            return experiments.run(cfg, run_one=run)
+        result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except ConfigError as err:
+        logging.getLogger("benchmarks.run").debug("user error", exc_info=True)
         sys.exit(f"benchmarks.run: {err}")
-    if cfg.get("experiment") == "toy2d_tutorial":  # not a single run: train several algorithms, draw one figure
-        from benchmarks import tutorial
-
-        return tutorial.run(cfg)
-    if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section (benchmarks/experiments.py)
-        from benchmarks import experiments
-
-        return experiments.run(cfg, run_one=run)
-    result = run(cfg)
+    if result.get("interrupted"):
+        sys.exit(128 + signal.Signals[result["interrupted"]].value)
     return float(result.get("win_rate_vs_base", float("nan")))
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Everything checkable before Hydra makes a run directory: the config groups, an explicit ``hydra.run.dir``
+    naming a run, every config value (`benchmarks.lifecycle.validate`) and, for ``resume=``, the run's own config.
+    Returns the argv to give Hydra: a resume runs in its own directory (no new folder, no new ``.hydra/``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    check_overrides(argv)
+    for o in argv:  # an explicit hydra.run.dir naming a run: refuse before Hydra writes .hydra/ into it
+        if o.lstrip("+").startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in argv):
+            refuse_existing_run(Path(o.partition("=")[2]))
+    if any(a in ("-m", "--multirun") or a.startswith("-") for a in argv):
+        return argv  # sweeps and Hydra's own flags: each run validates itself
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
+    with initialize_config_dir(str(Path(__file__).parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    validate(cfg)
+    if not cfg.resume or cfg.get("sweep") or cfg.get("experiment") == "toy2d_tutorial":
+        return argv
+    keys = [o.partition("=")[0].lstrip("+~") for o in overrides]
+    world = cfg.world.name if "world" in keys else None
+    algo = cfg.algo.name if "algo" in keys else None
+    run_dir = resolve_run(str(cfg.resume), str(cfg.out_dir), world, algo)
+    validate(resume_config(cfg, run_dir, overrides)[0])  # refuses a changed config before anything is written
+    rest = [a for a in argv if not a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=", "resume="))]
+    return [*rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 
 if __name__ == "__main__":
     try:
-        check_overrides(sys.argv[1:])
-        for o in sys.argv[1:]:  # an explicit hydra.run.dir naming a run: refuse before Hydra writes .hydra/ into it
-            if o.lstrip("+").startswith("hydra.run.dir="):
-                refuse_existing_run(Path(o.partition("=")[2]))
+        sys.argv[1:] = preflight(sys.argv[1:])
     except (ValueError, FileExistsError) as err:
         sys.exit(f"benchmarks.run: {err}")
     main()

@@ -45,6 +45,9 @@ class RunConfig:
     """The reward online algorithms optimise (never ``gold`` unless asked: gold is the evaluation truth)."""
     resume: str | None = None
     """A run directory (or ``latest``) to resume from its last checkpoint."""
+    resume_override: list[str] = field(default_factory=list)
+    """With ``resume=``: the budget keys the resume may change (``train.steps``, ``budget.amount``, ``budget.kind``);
+    any other difference from the run's config.yaml is refused (a run is its config)."""
     report: bool = True
     """Write ``report.md``/``report.html`` of the run into its directory at the end."""
     init_from: str | None = None

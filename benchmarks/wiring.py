@@ -1,6 +1,6 @@
 """The wiring shared by every entry point of benchmarks/ (run.py, experiments.py, tutorial.py, perf.py).
 
-Top to bottom: seeding; run directories (naming, the guard against writing into a run, ``resume=<dir>|latest``);
+Top to bottom: seeding; run directories (naming, the guard against writing into a run);
 the tuning-file check (a tuning file may set only ``algo.*``, ``train.*`` and ``reference.*``, so the world and
 the evaluation cannot differ between algorithms); building the world, the reference π_ref and the `AlgoContext`;
 saving a run's outputs (``config.yaml``, ``samples.*``, ``eval.json``).
@@ -75,24 +75,6 @@ def refuse_existing_run(run_dir: Path) -> None:
     """A new run never writes into a directory that holds a run (its eval.json or checkpoints)."""
     if (run_dir / "eval.json").exists() or (run_dir / "checkpoints").exists():
         raise FileExistsError(f"run directory {run_dir} already holds a run; refusing to overwrite it")
-
-
-def resolve_resume(cfg: DictConfig) -> tuple[Path, Path]:
-    """``resume=<run dir>`` or ``resume=latest`` (the newest run under ``out_dir`` with a checkpoint)."""
-    if cfg.resume == "latest":
-        runs = sorted(
-            (p for p in Path(cfg.out_dir).glob("*") if latest_checkpoint(p / "checkpoints") is not None),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not runs:
-            raise FileNotFoundError(f"resume=latest: no run with a checkpoint under {cfg.out_dir}")
-        run_dir = runs[-1]
-    else:
-        run_dir = Path(cfg.resume)
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-    return run_dir, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,9 +156,9 @@ def init_from_run(policy, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving the run's outputs
 # ----------------------------------------------------------------------------------------------------------------
-def save_config(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> None:
-    """The resolved config; a resume keeps the run's config.yaml (a resume that fails changes nothing)."""
-    OmegaConf.save(cfg, run_dir / ("config.resume.yaml" if resumed else "config.yaml"), resolve=True)
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config of a new run (a resumed run is its config.yaml: `benchmarks.lifecycle`)."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
 
 def save_eval(result: dict[str, Any], run_dir: Path) -> None:

@@ -58,7 +58,20 @@ class DenoisingVectorEnv(VectorEnv):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
             self._generator.manual_seed(seed)
-        prompts = self.core.sample_prompts(self.num_envs, self._generator)
+        options = dict(options or {})
+        prompt = options.pop("prompt", None)
+        if options:
+            raise ValueError(f"reset: unknown option(s) {sorted(options)}; the only option is 'prompt'")
+        if prompt is not None:  # a prompt of the split for every env (a str), or one per env (a list)
+            prompts = [prompt] * self.num_envs if isinstance(prompt, str) else list(prompt)
+            unknown = [p for p in prompts if p not in self.core.prompts]
+            if len(prompts) != self.num_envs or unknown:
+                raise ValueError(
+                    f"reset: options['prompt'] must be one of the split's {len(self.core.prompts)} prompts or a list "
+                    f"of {self.num_envs} of them; got {prompt!r}"
+                )
+        else:
+            prompts = self.core.sample_prompts(self.num_envs, self._generator)
         x_T = torch.randn((self.num_envs, *self.core.sample_shape), generator=self._generator)
         self._state = self.core.initial_state(prompts, x_T=x_T.to(self.core.world.device))
         self._needs_reset = False
@@ -75,6 +88,14 @@ class DenoisingVectorEnv(VectorEnv):
         arr = np.asarray(actions)
         if arr.shape != expected:
             raise ValueError(f"action has shape {arr.shape}, expected {expected}")
+        with np.errstate(over="ignore"):
+            in_range = np.all(np.isfinite(arr.astype(np.float32)))
+        if not in_range:
+            big = float(np.nanmax(np.abs(arr.astype(np.float64)))) if not np.isnan(arr).all() else float("nan")
+            raise ValueError(
+                f"action of shape {expected} contains NaN, inf or values outside the float32 range "
+                f"(max |a| = {big:.3g})"
+            )
         action = torch.as_tensor(arr, dtype=torch.float32, device=self.core.world.device)
         with torch.no_grad():
             self._state = self.core.transition(self._state, action)
@@ -127,8 +148,14 @@ class DenoisingEnv(gym.Env):
         arr = np.asarray(action)
         if arr.shape != self.core.sample_shape:
             raise ValueError(f"action has shape {arr.shape}, expected {self.core.sample_shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"action of shape {self.core.sample_shape} contains NaN or inf")
+        with np.errstate(over="ignore"):
+            in_range = np.all(np.isfinite(arr.astype(np.float32)))
+        if not in_range:
+            big = float(np.nanmax(np.abs(arr.astype(np.float64)))) if not np.isnan(arr).all() else float("nan")
+            raise ValueError(
+                f"action of shape {self.core.sample_shape} contains NaN, inf or values outside the float32 range "
+                f"(max |a| = {big:.3g})"
+            )
         if self._vec._needs_reset:
             raise RuntimeError("the episode is over: call reset()")
         obs, reward, terminated, truncated, info = self._vec.step(arr[None])
@@ -138,6 +165,12 @@ class DenoisingEnv(gym.Env):
             bool(terminated[0]),
             bool(truncated[0]),
             {"prompt": info["prompts"][0]},
+        )
+
+    def render(self):
+        raise NotImplementedError(
+            "DenoisingEnv has no render mode: the image is world.decode(x_0) of the final observation's 'x' "
+            "(core.world.decode(torch.as_tensor(obs['x'])[None]))"
         )
 
     @staticmethod

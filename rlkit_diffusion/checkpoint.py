@@ -5,7 +5,8 @@ A checkpoint is a directory ``<run>/checkpoints/step_<n>/`` with
 * ``model.safetensors``      the trainable parameters of the policy network (LoRA adapters only, under LoRA)
 * ``reference.safetensors``  an updated reference (hard/EMA) if there is one
 * ``optimizer.pt``           optimizer + lr-scheduler state, tensors only (read with ``torch.load(weights_only=True)``)
-* ``state.json``             step, counters, algorithm and data-iterator state, RNG states (JSON; tensors as lists)
+* ``state.json``             step, counters, algorithm and data-iterator state, RNG states (JSON; tensors as lists),
+                             the time it was written (``saved_at``) and a SHA-256 of every other file (``files``)
 
 It is written into ``step_<n>.tmp`` (files fsynced) and renamed to ``step_<n>`` in one ``os.replace``, so a kill
 during the write leaves the previous checkpoint intact; ``latest`` is a text file naming the newest complete
@@ -14,15 +15,20 @@ checkpoint, also replaced atomically. Only directories named ``step_<8 digits>``
 removes it. Rewriting an existing step first renames it to ``step_<n>.old`` (never deletes it before the new one is
 in place); a ``.old`` whose ``step_<n>`` is missing (a kill between the two renames) still counts, and is renamed
 back by the next save.
+
+`verify_checkpoint` recomputes the checksums (a truncated or overwritten file is named); `latest_intact_checkpoint`
+walks back from the newest checkpoint to the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,8 +222,10 @@ def save_checkpoint(
         opt["lr_scheduler"] = lr_scheduler.state_dict()
     if opt:
         torch.save(opt, tmp / "optimizer.pt")
+    files = {file.name: sha256(file) for file in sorted(tmp.iterdir())}
+    record = {"step": step, "rng": rng_state(), **(state or {}), "saved_at": time.time(), "files": files}
     with open(tmp / "state.json", "w") as f:  # written last: a directory with state.json is complete
-        json.dump(_jsonable({"step": step, "rng": rng_state(), **(state or {})}), f)
+        json.dump(_jsonable(record), f)
     for file in tmp.iterdir():
         _fsync(file)
     _fsync(tmp)
@@ -231,6 +239,50 @@ def save_checkpoint(
     if old is not None:
         shutil.rmtree(old)
     return final
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path | str) -> str | None:
+    """None if the checkpoint is intact, else one line naming the bad file: ``state.json`` unreadable, or a file
+    whose SHA-256 differs from the one recorded in it (a checkpoint written before checksums: its files must exist)."""
+    path = Path(path)
+    try:
+        with open(path / "state.json") as f:
+            recorded = json.load(f).get("files")
+    except (OSError, ValueError) as err:
+        return f"{path / 'state.json'} is unreadable ({type(err).__name__}: {err})"
+    if recorded is None:
+        return None if (path / "model.safetensors").is_file() else f"{path / 'model.safetensors'} is missing"
+    for name, digest in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if sha256(file) != digest:
+            return f"{file} is corrupt (its SHA-256 differs from the one in state.json)"
+    return None
+
+
+def latest_intact_checkpoint(ckpt_root: Path | str) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and one line per newer checkpoint skipped because it does not."""
+    root = Path(ckpt_root)
+    newest = latest_checkpoint(root)
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
+    if newest is not None and newest not in done:
+        done.append(newest)
+    skipped = []
+    for cand in sorted(done, key=lambda p: p.name.removesuffix(".old"), reverse=True):
+        problem = verify_checkpoint(cand)
+        if problem is None:
+            return cand, skipped
+        skipped.append(problem)
+    return None, skipped
 
 
 def latest_checkpoint(ckpt_root: Path | str) -> Path | None:

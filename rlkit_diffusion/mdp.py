@@ -106,6 +106,10 @@ class DenoisingCore:
     ) -> State:
         """s_0 = (c, T, x_T), x_T ~ N(0, I); for SDEdit (``x_input`` given) x_T ~ q(x_t | x_input), t = the
         schedule's first timestep (strength·T). ``cond``: the prompts' encoding if already computed."""
+        if isinstance(prompts, str):  # a str would be iterated per character
+            raise ValueError(f"prompts must be a list of strings, got the string {prompts!r} (wrap it: [prompt])")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: an episode needs at least one prompt")
         device = self.world.device
         cond = self.world.encoder(prompts) if cond is None else cond
         if x_T is None:

@@ -466,8 +466,8 @@ class DiffusionPolicy(nn.Module):
             stochastic = stochastic.bool().tolist()
         if grad not in ("none", "full", "last_k"):
             raise ValueError(f"grad must be 'none', 'full' or 'last_k', got {grad!r}")
-        if grad == "last_k" and not 0 <= k <= n:
-            raise ValueError(f"k must be in [0, {n}] for a {n}-step schedule, got {k}")
+        if grad == "last_k" and not 1 <= k <= n:  # k = 0 would track no step: no gradient at all
+            raise ValueError(f"k must be in [1, {n}] for a {n}-step schedule, got {k}")
         n_tracked = {"none": 0, "full": n, "last_k": k}[grad]
         x = x_T
         latents, means, log_probs, stds = [x_T], [], [], []

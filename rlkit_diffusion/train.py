@@ -14,6 +14,7 @@
                 algo.after_update(update)              # reference updates etc.
                 log / eval on their schedules
         checkpoint if one fell due during this batch   # between batches only: a resume is exact
+        (every checkpoint_every steps, every checkpoint_every_s wall seconds, or on SIGINT/SIGTERM → then stop)
     an error (bad reward, caption, batch) names the optimizer step; the run directory gets STOPPED with the reason
 
 The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``reward_queries`` or wall seconds
@@ -23,6 +24,10 @@ The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -81,6 +86,9 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps (0 = only at the end). It is written once the collected batch
     that reached the step is used up (algorithms with several optimizer steps per batch, e.g. DDPO's minibatches,
     checkpoint at the next batch boundary), so that a resume continues exactly."""
+    checkpoint_every_s: float = 300.0
+    """Also write a checkpoint once this many wall seconds have passed since the last one (0 = never), whatever
+    ``checkpoint_every`` says; written at the next batch boundary, like every checkpoint, so a resume is exact."""
     on_nonfinite: str = "stop"
     """A non-finite loss or gradient: ``stop`` the run (with a clear message) or ``skip`` the step and count it."""
     max_skipped: int = 10
@@ -143,7 +151,40 @@ NO_TRAINING = {
     "samples": 0,
     "skipped_steps": 0,
     "checkpoint": None,
+    "interrupted": None,
 }
+
+
+class Interrupt:
+    """SIGINT/SIGTERM while training: the first one asks the loop to finish the collected batch's optimizer steps,
+    write a checkpoint and stop (``signum`` is set); a second one exits at once (status 128 + signal number).
+    Handlers are installed only in the main thread and the previous ones are put back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            sys.stderr.write(f"\n{name} again: exiting at once (the last checkpoint is kept)\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.signum = signum
+        sys.stderr.write(f"\n{name}: finishing the current optimizer step, then a checkpoint (again: exit at once)\n")
+        sys.stderr.flush()
 
 
 def train(
@@ -175,6 +216,8 @@ def train(
     loop = _Loop(algo, ctx, cfg, budget or BudgetConfig(), run_dir, logger or MetricLogger(None), eval_fn)
     if resume_from is not None:
         loop.restore(resume_from)
+        if loop.run_dir is not None and loop.main:  # the run goes on: it is no longer stopped
+            (loop.run_dir / "STOPPED").unlink(missing_ok=True)
     loop.schedule_evaluations()
     bar = tqdm(
         total=loop.budget.amount,
@@ -185,36 +228,51 @@ def train(
     bar.update(min(loop.budget.used(), loop.budget.amount))
     t_start = time.perf_counter()
     loop.model.train()
-    checkpoint_due = False
+    interrupt = Interrupt()
     try:
-        while not loop.budget.done():
-            loop.step_no = ctx.counters.updates + 1
-            batch = algo.collect()
-            for mb in algo.minibatches(batch):
-                loop.step_no = ctx.counters.updates + 1
-                if not loop.optimizer_step(mb):
-                    continue
-                update = ctx.counters.updates
-                bar.update(max(0.0, min(loop.budget.used(), loop.budget.amount) - bar.n))
-                loop.log(update, bar)
-                loop.maybe_evaluate(update)
-                if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
-                    checkpoint_due = True
-                if loop.budget.done():
-                    break
-            # Checkpoints are written between collected batches only: the rest of a batch (DDPO's further
-            # minibatches) is not in a checkpoint, so a mid-batch checkpoint could not resume exactly. When the
-            # budget is spent, the final checkpoint below is written instead.
-            if checkpoint_due and not loop.budget.done():
-                loop.last_ckpt = loop.checkpoint() or loop.last_ckpt
-                checkpoint_due = False
+        with interrupt:
+            _train_batches(loop, algo, ctx, cfg, bar, interrupt)
     except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
         _name_the_step(err, loop.step_no)
         if loop.ckpt_root is not None and loop.main and not isinstance(err, DivergenceError):
             (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
         raise
     bar.close()
+    if loop.interrupted is not None:
+        return loop.stop(t_start)
     return loop.finish(t_start)
+
+
+def _train_batches(loop: _Loop, algo: Algorithm, ctx: AlgoContext, cfg: TrainConfig, bar: Any, interrupt) -> None:
+    """Collect batches and take their optimizer steps until the budget is spent or a signal asks to stop."""
+    checkpoint_due = False
+    while not loop.budget.done():
+        loop.step_no = ctx.counters.updates + 1
+        batch = algo.collect()
+        for mb in algo.minibatches(batch):
+            loop.step_no = ctx.counters.updates + 1
+            if not loop.optimizer_step(mb):
+                continue
+            update = ctx.counters.updates
+            bar.update(max(0.0, min(loop.budget.used(), loop.budget.amount) - bar.n))
+            loop.log(update, bar)
+            loop.maybe_evaluate(update)
+            if cfg.checkpoint_every and update % cfg.checkpoint_every == 0:
+                checkpoint_due = True
+            if loop.budget.done():
+                break
+        # Checkpoints are written between collected batches only: the rest of a batch (DDPO's further
+        # minibatches) is not in a checkpoint, so a mid-batch checkpoint could not resume exactly. When the
+        # budget is spent, the final checkpoint below is written instead.
+        # A signal (SIGINT/SIGTERM) or the wall-clock interval also makes a checkpoint due; every rank agrees.
+        wall_due = bool(cfg.checkpoint_every_s) and time.perf_counter() - loop.last_ckpt_t >= cfg.checkpoint_every_s
+        checkpoint_due, signalled = loop.agree(checkpoint_due or wall_due, interrupt.signum is not None)
+        if signalled and not loop.budget.done():  # at the budget's end the final checkpoint is written anyway
+            loop.interrupted = interrupt.signum or signal.SIGTERM
+            return
+        if checkpoint_due and not loop.budget.done():
+            loop.last_ckpt = loop.checkpoint() or loop.last_ckpt
+            checkpoint_due = False
 
 
 class _Loop:
@@ -240,6 +298,8 @@ class _Loop:
         self.budget = Budget(budget, cfg, ctx, start_nfe=policy.nfe)
         self.skipped = 0
         self.last_ckpt: Path | None = None
+        self.last_ckpt_t = time.perf_counter()  # wall clock of the last checkpoint (checkpoint_every_s)
+        self.interrupted: int | None = None  # the signal that stopped training, if one did
         self.step_no = ctx.counters.updates + 1  # the optimizer step in progress (named by errors)
         self.running: dict[str, list[float]] = {}
         # Learning-curve points at budget fractions k/eval_points (after a resume: the next one still ahead).
@@ -274,9 +334,19 @@ class _Loop:
         if self.cfg.eval_points:
             self.next_eval_at = (math.floor(self.budget.used() / self.eval_span) + 1) * self.eval_span
 
+    def agree(self, checkpoint_due: bool, signalled: bool) -> tuple[bool, bool]:
+        """Every rank's flags combined (any rank due/signalled → all): a checkpoint is collective, and the ranks must
+        stop at the same step. One process: the flags unchanged."""
+        if not self.multi:
+            return checkpoint_due, signalled
+        flags = torch.tensor([[float(checkpoint_due), float(signalled)]], device=self.acc.device)  # (1, 2)
+        gathered = self.acc.gather(flags)  # (num_processes, 2)
+        return bool(gathered[:, 0].max() > 0), bool(gathered[:, 1].max() > 0)
+
     def checkpoint(self) -> Path | None:
         """Write a checkpoint (rank 0) with everything `restore` reads. Every rank must call it."""
         ctx, algo = self.ctx, self.algo
+        self.last_ckpt_t = time.perf_counter()
         generators = _gather_generator_states(self.acc, ctx.generator)  # every rank takes part in the gather
         if self.ckpt_root is None or not self.main:
             return None
@@ -375,6 +445,16 @@ class _Loop:
         if self.main:
             self.logger.log(update, {**{f"eval/{k}": v for k, v in metrics.items()}, **_budget_row(ctx, budget)})
 
+    def stop(self, t_start: float) -> dict[str, Any]:
+        """After a signal: write a checkpoint at this batch boundary and mark the run ``STOPPED (interrupted at step
+        n)``; the summary's ``interrupted`` names the signal (the runner prints the resume command)."""
+        self.model.eval()
+        ckpt = self.checkpoint()
+        step = self.ctx.counters.updates
+        if self.run_dir is not None and self.main:
+            (self.run_dir / "STOPPED").write_text(f"STOPPED (interrupted at step {step})\n")
+        return {**self.summary(t_start, ckpt), "interrupted": signal.Signals(self.interrupted).name}
+
     def finish(self, t_start: float) -> dict[str, Any]:
         """Unwrap the model, write the final checkpoint and summarise the run."""
         ctx, acc = self.ctx, self.acc
@@ -383,6 +463,10 @@ class _Loop:
             acc.wait_for_everyone()
             ctx.policy.eps_model = acc.unwrap_model(self.model)
         final_ckpt = self.checkpoint()
+        return self.summary(t_start, final_ckpt)
+
+    def summary(self, t_start: float, ckpt: Path | None) -> dict[str, Any]:
+        ctx = self.ctx
         return {
             "updates": ctx.counters.updates,
             "train_wall_s": time.perf_counter() - t_start,
@@ -390,7 +474,8 @@ class _Loop:
             "reward_queries": ctx.counters.reward_queries,
             "samples": ctx.counters.samples,
             "skipped_steps": self.skipped,
-            "checkpoint": str(final_ckpt) if final_ckpt else None,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "interrupted": None,
         }
 
 

@@ -284,7 +284,7 @@ def test_init_from_with_zero_steps_re_evaluates_a_finished_run(tmp_path):
     assert again["updates"] == 0 and again["unet_nfe"] == 0
     for key in ("win_rate_vs_base", "gold_reward_trained", "kl_to_ref", "distance_to_optimum_trained"):
         assert again[key] == pytest.approx(first[key], abs=1e-6), key
-    with pytest.raises(FileNotFoundError, match="init_from"):
+    with pytest.raises(ValueError, match="init_from=.*: not a run directory with a checkpoint"):
         run(compose_cfg(["world=toy2d", "train.steps=0", f"init_from={tmp_path / 'nowhere'}"]), tmp_path / "x")
 
 

@@ -95,3 +95,43 @@ def test_schema_rejects_missing_and_mistyped_fields():
 def test_report_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run directory"):
         report_main([str(tmp_path)])
+
+
+def _with_config(d, **settings):
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create({"seed": 0, "out_dir": "runs", **settings}), d / "config.yaml")
+
+
+def test_report_groups_by_config_minus_seed_and_never_writes_into_a_run(tmp_path, monkeypatch, capsys):
+    from benchmarks.report import find_runs, group, load_run
+
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        for steps in (10, 20):
+            d = runs / f"dpo-{steps}-s{seed}"
+            d.mkdir(parents=True)
+            (d / "eval.json").write_text(json.dumps({**BASE, "algo": "dpo", "seed": seed, "win_rate_vs_base": 0.6}))
+            _with_config(d, seed=seed, algo={"name": "dpo", "beta": 5.0}, train={"steps": steps})
+    (runs / "broken").mkdir()
+    (runs / "broken" / "eval.json").write_text('{"algo": "dp')  # truncated
+    (runs / "empty").mkdir()
+    (runs / "empty" / "eval.json").write_text("{}")
+    toy = runs / "toy-s0"
+    toy.mkdir()
+    (toy / "eval.json").write_text(json.dumps({**BASE, "world": "toy2d", "algo": "dpo", "seed": 0, "kl_to_ref": 1.0}))
+    loaded = [r for r in (load_run(d) for d in find_runs([runs])) if r is not None]
+    err = capsys.readouterr().err
+    assert f"report: warning: skipping {runs / 'broken' / 'eval.json'}: unreadable (JSONDecodeError" in err
+    assert f"report: warning: skipping {runs / 'empty' / 'eval.json'}: it names no world/algo" in err
+    groups = group(loaded)
+    assert sorted(groups) == [("shapes", "dpo (train.steps=10)"), ("shapes", "dpo (train.steps=20)"), ("toy2d", "dpo")]
+    assert all(len(rs) == 2 for k, rs in groups.items() if k[0] == "shapes")  # two seeds each, never mixed
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in (runs / "dpo-10-s0").iterdir())
+    report_main([str(runs / "dpo-10-s0"), str(runs / "dpo-20-s0")])  # default --out: a new folder
+    assert sorted(p.name for p in (runs / "dpo-10-s0").iterdir()) == before
+    (out,) = (tmp_path / "reports").iterdir()
+    assert (out / "report.md").exists()
+    with pytest.raises(SystemExit, match="is a run directory; refusing to write into it"):
+        report_main([str(runs), "--out", str(runs / "dpo-10-s0")])

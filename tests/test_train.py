@@ -22,7 +22,8 @@ FAST = ["algo=dpo", "train.batch_size=32", "eval.samples_per_prompt=8", "eval.he
 def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     straight, d1 = run_toy(tmp_path, [*FAST, "train.steps=12", "train.checkpoint_every=6"], "straight")
     half, d2 = run_toy(tmp_path, [*FAST, "train.steps=6"], "half")
-    resumed, _ = run_toy(tmp_path, [*FAST, "train.steps=12", f"resume={d2}"], "ignored")
+    extend = [*FAST, "train.steps=12", f"resume={d2}", "resume_override=[train.steps]"]  # a finished run, extended
+    resumed, _ = run_toy(tmp_path, extend, "ignored")
     a = load_file(str(latest_checkpoint(d1 / "checkpoints") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(d2 / "checkpoints") / "model.safetensors"))
     assert latest_checkpoint(d2 / "checkpoints").name == "step_00000012"

@@ -1,0 +1,270 @@
+"""The run lifecycle around `benchmarks.run`: validate a config before any work, find and verify the checkpoint to
+resume, and hold a resumed run to its own config.
+
+* `validate` checks every value that needs no world (ranges, choices, reward names, the device, ``init_from``,
+  unknown ``algo.*`` keys) and raises one `ConfigError` listing one line per problem — before a run directory
+  exists.
+* `find_runs` / `resolve_run` / `resume_checkpoint`: ``resume=<run dir>`` or ``resume=latest`` (the run, inside
+  multirun folders too, of the requested world/algo whose newest checkpoint was written last, by the time recorded
+  in it); the checkpoint is the newest one whose checksums verify (a corrupt one is named and skipped).
+* `resume_config`: a resumed run is its ``config.yaml``. A command-line value that differs from it is refused with
+  one line listing the differences, except the budget (``train.steps``, ``budget.amount``) named in
+  ``resume_override=[...]``, which is recorded in the run's ``resumes.jsonl`` and in its ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from algos import ALGOS, algo_config_class
+from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, latest_intact_checkpoint
+
+# The reward names each world can hold (declared here so that they are checked without building the world; sd15
+# and sdxl hold a reward only when its weights are configured, ``proxy``/``gold`` are aliases of one of them).
+WORLD_REWARDS = {
+    "toy2d": ("gold", "proxy"),
+    "shapes": ("gold", "proxy", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
+    "sd15": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
+    "sdxl": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
+}
+BUDGET_KEYS = ("train.steps", "budget.amount", "budget.kind")  # what resume_override=[...] may extend
+NOT_IDENTITY = ("resume", "resume_override", "out_dir", "report", "device")  # may differ on resume
+BUDGET_KINDS = ("steps", "nfe", "reward_queries", "wall_s")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A user error in the config or the command line: printed as one line (no traceback) by `benchmarks.run`."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation before any work
+# ----------------------------------------------------------------------------------------------------------------
+def validate(cfg: DictConfig) -> None:
+    """Raise `ConfigError` with one line per problem found without building the world."""
+    errors = config_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors) if len(errors) == 1 else "\n".join(errors))
+
+
+def config_errors(cfg: DictConfig) -> list[str]:
+    errors: list[str] = []
+    g = OmegaConf.select
+
+    def need(key: str, ok, rule: str) -> None:
+        value = g(cfg, key)
+        if value is not None and not ok(value):
+            errors.append(f"{key}={value!r}: must be {rule}")
+
+    need("train.lr", lambda v: v > 0, "> 0")
+    need("train.batch_size", lambda v: v >= 1, ">= 1")
+    need("train.steps", lambda v: v >= 0, ">= 0")
+    need("train.grad_accum", lambda v: v >= 1, ">= 1")
+    need("train.warmup_steps", lambda v: v >= 0, ">= 0")
+    need("train.log_every", lambda v: v >= 1, ">= 1")
+    need("train.eval_every", lambda v: v >= 0, ">= 0")
+    need("train.eval_points", lambda v: v >= 0, ">= 0")
+    need("train.checkpoint_every", lambda v: v >= 0, ">= 0")
+    need("train.checkpoint_every_s", lambda v: v >= 0, ">= 0 (0 = no wall-clock checkpoints)")
+    need("train.weight_decay", lambda v: v >= 0, ">= 0")
+    need("train.on_nonfinite", lambda v: v in ("stop", "skip"), "one of stop, skip")
+    need("budget.kind", lambda v: v in BUDGET_KINDS, f"one of {', '.join(BUDGET_KINDS)}")
+    need("budget.amount", lambda v: v > 0, "> 0")
+    need("eval.samples_per_prompt", lambda v: v >= 1, ">= 1")
+    need("eval.max_prompts", lambda v: v >= 1, ">= 1")
+    need("eval.bootstrap", lambda v: v >= 1, ">= 1")
+    need("seed", lambda v: v >= 0, ">= 0")
+    algo = g(cfg, "algo.name")
+    if algo in ALGOS:
+        fields = {f.name for f in dataclasses.fields(algo_config_class(algo))}
+        for key in cfg.algo:
+            if key != "name" and key not in fields:
+                hint = difflib.get_close_matches(str(key), sorted(fields), n=1)
+                errors.append(
+                    f"algo.{key}: not a setting of {algo}" + (f" (did you mean algo.{hint[0]}?)" if hint else "")
+                )
+        if "beta" in fields:
+            need("algo.beta", lambda v: v > 0, f"> 0 for {algo} (β = 0 removes the preference term: nothing trains)")
+    world = g(cfg, "world.name")
+    names = WORLD_REWARDS.get(world)
+    if names is not None:
+        for key in ("reward", "eval.reward"):
+            need(key, lambda v: v in names, f"a reward of world {world}: {', '.join(names)}")
+        for name in g(cfg, "eval.rewards") or []:
+            if name not in names:
+                errors.append(f"eval.rewards: {name!r} is not a reward of world {world}: {', '.join(names)}")
+    errors += device_errors(g(cfg, "device"))
+    if g(cfg, "init_from"):
+        errors += init_from_errors(Path(cfg.init_from), world)
+    return errors
+
+
+def device_errors(device: str | None) -> list[str]:
+    if device is None or device in ("auto", "cpu"):
+        return []
+    if device not in DEVICES:
+        return [f"device={device!r}: must be one of {', '.join(DEVICES)}"]
+    if device == "cuda" and not torch.cuda.is_available():
+        return ["device='cuda': CUDA is not available on this machine (use device=cpu or device=auto)"]
+    if device == "mps" and not torch.backends.mps.is_available():
+        return ["device='mps': MPS is not available on this machine (use device=cpu or device=auto)"]
+    return []
+
+
+def init_from_errors(path: Path, world: str | None) -> list[str]:
+    """``init_from`` must be a run directory with a checkpoint (or a checkpoint directory) of the same world."""
+    run_dir = path.parent.parent if (path / "state.json").is_file() else path
+    if not (path / "state.json").is_file() and latest_checkpoint(path / "checkpoints") is None:
+        return [f"init_from={str(path)!r}: not a run directory with a checkpoint (nor a checkpoint directory)"]
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        other = OmegaConf.select(OmegaConf.load(saved), "world.name")
+        if world is not None and other is not None and other != world:
+            return [f"init_from={str(path)!r}: that run is world={other}, this one is world={world}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding the run and the checkpoint to resume
+# ----------------------------------------------------------------------------------------------------------------
+def find_runs(out_dir: Path | str, world: str | None = None, algo: str | None = None) -> list[tuple[float, Path]]:
+    """Runs under ``out_dir`` (any depth: multirun folders included) with a checkpoint, of ``world``/``algo`` if
+    given, as (time their newest checkpoint was written, run dir), oldest first."""
+    runs = []
+    for config in Path(out_dir).rglob("config.yaml"):
+        run_dir = config.parent
+        if run_dir.name == ".hydra":
+            continue
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            continue
+        saved = OmegaConf.load(config)
+        if world is not None and OmegaConf.select(saved, "world.name") != world:
+            continue
+        if algo is not None and OmegaConf.select(saved, "algo.name") != algo:
+            continue
+        try:
+            written = float(json.loads((ckpt / "state.json").read_text()).get("saved_at", 0.0))
+        except (OSError, ValueError):
+            written = 0.0
+        runs.append((written or (ckpt / "state.json").stat().st_mtime, run_dir))
+    return sorted(runs)
+
+
+def resolve_run(resume: str, out_dir: str, world: str | None = None, algo: str | None = None) -> Path:
+    """``resume=<run dir>`` or ``resume=latest`` (filtered by the world/algo given on the command line)."""
+    if resume != "latest":
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume={resume}: not a run directory (no config.yaml)")
+        return run_dir
+    runs = find_runs(out_dir, world, algo)
+    if not runs:
+        which = " ".join(f"{k}={v}" for k, v in (("world", world), ("algo", algo)) if v)
+        raise ConfigError(f"resume=latest: no run{' of ' + which if which else ''} with a checkpoint under {out_dir}")
+    return runs[-1][1]
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint of ``run_dir`` whose checksums verify; a corrupt newer one is named on stdout."""
+    ckpt, skipped = latest_intact_checkpoint(run_dir / "checkpoints")
+    for problem in skipped:
+        print(f"resume: {problem}; falling back to an older checkpoint", flush=True)
+    if ckpt is None:
+        raise ConfigError(f"resume: no intact checkpoint under {run_dir / 'checkpoints'}")
+    if skipped:
+        print(f"resume: continuing from {ckpt.name} (the newest intact checkpoint)", flush=True)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A resumed run is its config
+# ----------------------------------------------------------------------------------------------------------------
+def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as {dotted key: leaf value}."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The config keys a list of Hydra overrides touches (``algo=ddpo`` → ``algo``, ``+algo.bta=5`` → ``algo.bta``)."""
+    keys = []
+    for o in overrides:
+        if "=" in o and not o.startswith("hydra"):
+            keys.append(o.partition("=")[0].lstrip("+~"))
+    return keys
+
+
+def config_differences(saved: DictConfig, cfg: DictConfig, overrides: list[str] | None) -> dict[str, tuple]:
+    """{key: (saved value, requested value)} for the identity keys the command line changes. ``overrides`` None
+    (in-process, no Hydra): every key of ``cfg`` counts as requested."""
+    a, b = flat(saved), flat(cfg)
+    touched = None if overrides is None else override_keys(overrides)
+    diffs: dict[str, tuple] = {}
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in NOT_IDENTITY or key in ("hydra",):
+            continue
+        explicit = touched is not None and any(key == t or key.startswith(t + ".") for t in touched)
+        if (touched is not None and not explicit) or (key not in a and not explicit):
+            continue  # not on the command line; or a setting newer than the run (its default applies)
+        if a.get(key) != b.get(key):
+            diffs[key] = (a.get(key), b.get(key))
+    for group in ("algo", "world"):  # a changed algo/world is one difference, not one per setting
+        if f"{group}.name" in diffs:
+            diffs = {k: v for k, v in diffs.items() if not k.startswith(group + ".") or k == f"{group}.name"}
+    return diffs
+
+
+def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> tuple[DictConfig, dict]:
+    """The config a resume runs with: the run's own ``config.yaml``, plus the budget extensions named in
+    ``resume_override`` (returned as {key: (old, new)}). Anything else the command line changes is refused."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    allowed = list(cfg.get("resume_override") or [])
+    for key in allowed:
+        if key not in BUDGET_KEYS:
+            raise ConfigError(f"resume_override: {key!r} cannot be overridden; only {', '.join(BUDGET_KEYS)}")
+    diffs = config_differences(saved, cfg, overrides)
+    extend = {k: v for k, v in diffs.items() if k in allowed}
+    refused = {k: v for k, v in diffs.items() if k not in allowed}
+    if refused:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        hint = " (to train longer: resume_override=[train.steps])" if set(refused) & set(BUDGET_KEYS) else ""
+        raise ConfigError(f"resume: {run_dir} is its config.yaml; refusing to change {listed}{hint}")
+    effective = saved.copy()
+    OmegaConf.set_struct(effective, False)
+    for key, (_, new) in extend.items():
+        OmegaConf.update(effective, key, new, merge=False)
+    for key in ("resume", "resume_override", "out_dir", "report", "device"):
+        if key in cfg:
+            effective[key] = cfg[key]
+    return effective, extend
+
+
+def record_resume(run_dir: Path, effective: DictConfig, ckpt: Path, extend: dict) -> None:
+    """``resumes.jsonl`` gets one line per resume; a budget extension also updates ``config.yaml``."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from": ckpt.name, "override": extend}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+    if extend:
+        keep = OmegaConf.masked_copy(effective, [k for k in effective if k not in ("resume", "resume_override")])
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(keep, resolve=True))
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run whose final evaluation was written and which is not stopped."""
+    return (run_dir / "eval.json").is_file() and not (run_dir / "STOPPED").exists()
