@@ -195,7 +195,8 @@ def _did_not_learn(tmp_path: Path, algo: str, *overrides: str, name: str) -> boo
 def test_learns_on_toy2d_flow_and_flipped_does_not(tmp_path, monkeypatch, algo):
     res = _learn(tmp_path, algo, name=algo)
     assert res["gold_reward_trained"] > res["gold_reward_base"] + 0.3, res
-    assert res["distance_to_optimum_trained"] < res["distance_to_optimum_base"], res
+    if algo == "dpo":  # the KL-regularised objective moves towards p*; DDPO/DRaFT maximise the reward alone
+        assert res["distance_to_optimum_trained"] < 0.5 * res["distance_to_optimum_base"], res
     flip_objective(monkeypatch)
     steps = {"dpo": 60, "ddpo": 20, "draft": 20}[algo]
     assert _did_not_learn(tmp_path, algo, f"train.steps={steps}", name=f"{algo}-flipped")
@@ -210,3 +211,16 @@ def test_algorithms_needing_a_gaussian_step_refuse_the_ode_sampler(flow_world):
     with pytest.raises(ValueError, match="stochastic policy"):
         DDPO(DDPOConfig()).setup(ctx)
     assert math.isfinite(ctx.policy.sample(torch.zeros(2, 2), ctx.world.encoder(["angle 0"] * 2)).x0.sum().item())
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(
+    "algo", ["dpo", "dpo_l2", "sft", "rethink_dpo", "ddpo", "dpok", "draft", "draft_lv", "alignprop", "best_of_n"]
+)
+def test_every_algorithm_runs_on_the_flow_policy(tmp_path, algo):
+    """Two updates and the evaluation of every algorithm on toy2d_flow (the SDE sampler)."""
+    tiny_eval = ["eval.samples_per_prompt=8", "eval.heldout=false", "eval.bootstrap=20", "world.optimum_pool=256"]
+    cfg = compose_cfg(["world=toy2d_flow", f"out_dir={tmp_path}", f"algo={algo}", "train.steps=2", *tiny_eval])
+    cfg.train.batch_size = 16
+    res = run(cfg, run_dir=tmp_path / algo)
+    assert res["world"] == "toy2d_flow" and math.isfinite(res["gold_reward_trained"])
