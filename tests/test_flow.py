@@ -215,7 +215,22 @@ def test_algorithms_needing_a_gaussian_step_refuse_the_ode_sampler(flow_world):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
-    "algo", ["dpo", "dpo_l2", "sft", "rethink_dpo", "ddpo", "dpok", "draft", "draft_lv", "alignprop", "best_of_n"]
+    "algo",
+    [
+        "dpo",
+        "dpo_l2",
+        "sft",
+        "rethink_dpo",
+        "ddpo",
+        "dpok",
+        "grpo",
+        "mix_grpo",
+        "d3po",
+        "draft",
+        "draft_lv",
+        "alignprop",
+        "best_of_n",
+    ],
 )
 def test_every_algorithm_runs_on_the_flow_policy(tmp_path, algo):
     """Two updates and the evaluation of every algorithm on toy2d_flow (the SDE sampler)."""

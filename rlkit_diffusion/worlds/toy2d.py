@@ -252,7 +252,9 @@ def build_toy2d(
     label_temperature: float = 1.0,
     optimum_pool: int = 4096,
 ) -> World:
-    """Build the toy2d world (loads the shipped base weights; trains and caches them if the file is missing)."""
+    """Build the toy2d world (loads the shipped base weights; trains and caches them if the file is missing).
+
+    ``weights``: a safetensors file of the ε-MLP, or a directory holding ``model.safetensors`` (an exported run)."""
     model = _load_base(weights, ASSET, "toy2d", device)
     policy = DiffusionPolicy(model, make_scheduler(), sampler="ddim", eta=eta, num_inference_steps=num_inference_steps)
     return _toy2d_world("toy2d", policy, device, seed, label_temperature, optimum_pool)
@@ -286,6 +288,8 @@ def build_toy2d_flow(
 def _load_base(weights: str | Path | None, default: Path, name: str, device) -> EpsMLP:
     """The base MLP from ``weights`` (or the shipped file, pretrained and cached when missing)."""
     path = Path(weights) if weights else default
+    if path.is_dir():  # an exported model directory (python -m benchmarks.export)
+        path = path / "model.safetensors"
     if not path.exists():
         if weights:
             raise FileNotFoundError(f"{name} weights not found: {path}")

@@ -77,16 +77,28 @@ def to_images(x0: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PretrainConfig:
+    """The shapes base model's pretraining recipe (`pretrain`; the shipped weights use these defaults)."""
+
     steps: int = 3000
+    """Optimizer steps."""
     batch_size: int = 64
+    """Renders per step."""
     lr: float = 1e-3
+    """AdamW peak learning rate (linear warm-up, then cosine decay)."""
     warmup: int = 200
+    """Warm-up steps."""
     ema_decay: float = 0.999
+    """Decay of the EMA weights that are shipped."""
     caption_noise: float = 0.15
+    """Probability that a training image is rendered for another random caption (imperfect conditioning)."""
     p_nuisance: float = 0.5
+    """Probability of each nuisance factor in a training render (`render.sample_scenes`)."""
     uncond_prob: float = 0.1
+    """Probability of the empty caption (classifier-free guidance training)."""
     seed: int = 0
+    """Seed of the initial weights, the renders and the captions."""
     checkpoint_every: int = 500
+    """Steps between resumable checkpoints of a long pretraining."""
 
 
 def _mix_cond(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:

@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, state_mismatch
 
 CONFIG_FORMAT = "rlkit-diffusion/shapes-proxy/v1"
 WEIGHT_FILES: dict[str, str] = {
@@ -366,24 +366,9 @@ def _load_weights(module: nn.Module, path: Path, what: str) -> None:
     except (OSError, SafetensorError) as err:
         raise ValueError(f"{path}: cannot read as safetensors {what} weights ({type(err).__name__}: {err})") from None
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing tensors (first {missing[0]!r})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected tensors (first {unexpected[0]!r})")
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} shape mismatches (first {k!r}: file {tuple(state[k].shape)}, "
-                f"expected {tuple(expected[k].shape)})"
-            )
-        raise ValueError(
-            f"{path}: does not match the {what} of config.json ({len(expected)} tensors): {'; '.join(details)}"
-        )
+    problem = state_mismatch(expected, state, "tensors")
+    if problem:
+        raise ValueError(f"{path}: does not match the {what} of config.json ({len(expected)} tensors): {problem}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
