@@ -144,8 +144,8 @@ def test_sde_marginals_match_the_ode_at_every_step():
     assert max(z) < 4.0, max(z)  # 2 × 2 moments × 100 steps: |z| < 4 with probability > 0.99 if they agree
 
     class NoCorrection(FlowMatchingPolicy):  # the same std, drift v only: the marginals spread out
-        def step_distribution(self, x_t, t, t_prev, eps):
-            mean, std, x0 = super().step_distribution(x_t, t, t_prev, eps)
+        def step_distribution(self, x_t, t, t_prev, eps, *, eta=None):
+            mean, std, x0 = super().step_distribution(x_t, t, t_prev, eps, eta=eta)
             return x_t + (t_prev - t) * eps, std, x0
 
     naive = NoCorrection(GaussianVelocity(m, s), sched, sampler="sde", noise_level=0.3, num_inference_steps=steps)
