@@ -473,8 +473,8 @@ class DiffusionPolicy(nn.Module):
         schedule = schedule or self.schedule()
         n = len(schedule)
         if stochastic is not None:
-            if self.sampler != "ddim":
-                raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's)")
+            if self.sampler not in ("ddim", "sde"):
+                raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's) or the flow SDE")
             if tuple(stochastic.shape) != (n,):
                 raise ValueError(f"stochastic must be a bool mask of shape ({n},), got {tuple(stochastic.shape)}")
             stochastic = stochastic.bool().tolist()
