@@ -191,14 +191,14 @@ def _did_not_learn(tmp_path: Path, algo: str, *overrides: str, name: str) -> boo
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("algo", ["dpo", "ddpo", "draft"])
+@pytest.mark.parametrize("algo", ["dpo", "ddpo", "grpo", "draft"])
 def test_learns_on_toy2d_flow_and_flipped_does_not(tmp_path, monkeypatch, algo):
     res = _learn(tmp_path, algo, name=algo)
     assert res["gold_reward_trained"] > res["gold_reward_base"] + 0.3, res
     if algo == "dpo":  # the KL-regularised objective moves towards p*; DDPO/DRaFT maximise the reward alone
         assert res["distance_to_optimum_trained"] < 0.5 * res["distance_to_optimum_base"], res
     flip_objective(monkeypatch)
-    steps = {"dpo": 60, "ddpo": 20, "draft": 20}[algo]
+    steps = {"dpo": 60, "ddpo": 20, "grpo": 20, "draft": 20}[algo]
     assert _did_not_learn(tmp_path, algo, f"train.steps={steps}", name=f"{algo}-flipped")
 
 
