@@ -272,8 +272,11 @@ class DDPO(AlgorithmDefaults):
                 f"{self.name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1"
             )
         policy = ctx.policy
-        if policy.sampler == "ddim" and policy.eta == 0.0:
-            raise ValueError(f"{self.name} needs a stochastic policy (DDIM eta > 0, DDPO uses eta = 1); got eta = 0")
+        if not policy.stochastic:
+            raise ValueError(
+                f"{self.name} needs a stochastic policy (DDIM eta > 0, DDPO uses eta = 1; a flow policy needs "
+                f"sampler=sde): got sampler={policy.sampler!r}, eta={policy.eta}"
+            )
         self.tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count, use_std=cfg.advantage_std)
         self.dim = math.prod(ctx.world.sample_shape)
         self.env = ctx.env  # the MDP collected from and re-scored in (GRPO may train on a shorter schedule)

@@ -40,6 +40,7 @@ from rlkit_diffusion.preference import (
     beta_scale,
     implicit_margin,
     paired_predictions,
+    parameterised_weight,
     per_sample_error,
     preference_accuracy,
     sample_timesteps,
@@ -249,7 +250,7 @@ class DPO(AlgorithmDefaults):
         t = sample_timesteps(len(prompts), cfg.t_min, self.t_max, ctx.generator, ctx.device)
         noise = torch.randn(x_w.shape, generator=ctx.generator).to(ctx.device)
         model_pred, ref_pred, target = paired_predictions(ctx.policy, self.reference.policy, x_w, x_l, cond, t, noise)
-        weight = snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting)
+        weight = parameterised_weight(ctx.policy, t, snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting))
         return {"model": model_pred, "ref": ref_pred, "target": target, "weight": weight, "t": t}
 
     def errors(self, prompts: list[str], x_w: Tensor, x_l: Tensor) -> dict[str, Tensor]:

@@ -222,8 +222,11 @@ class GRPO(DDPO):
             raise ValueError(
                 f"{self.name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1"
             )
-        if ctx.policy.sampler != "ddim" or ctx.policy.eta == 0.0:
-            raise ValueError(f"{self.name} needs a stochastic DDIM policy (eta > 0); got {ctx.policy.sampler}, eta=0")
+        if ctx.policy.sampler not in ("ddim", "sde") or not ctx.policy.stochastic:
+            raise ValueError(
+                f"{self.name} needs a stochastic DDIM policy (eta > 0) or a flow policy with sampler=sde; "
+                f"got sampler={ctx.policy.sampler}, eta={ctx.policy.eta}"
+            )
         self.dim = math.prod(ctx.world.sample_shape)
         self.env = (
             ctx.env

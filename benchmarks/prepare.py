@@ -1,8 +1,10 @@
-"""``python -m benchmarks.prepare world=<toy2d|shapes> [stage=<...>] [quick=true] [out=<dir>]``
+"""``python -m benchmarks.prepare world=<toy2d|toy2d_flow|shapes> [stage=<...>] [quick=true] [out=<dir>]``
 
 Builds what a world needs, with the project's own code and a fixed seed:
 
 * ``world=toy2d``: pretrain the MLP ε-model (≈15 s) → ``rlkit_diffusion/worlds/assets/toy2d_base.safetensors``.
+* ``world=toy2d_flow``: the same MLP, recipe and draws as a flow-matching velocity model (≈15 s) →
+  ``rlkit_diffusion/worlds/assets/toy2d_flow_base.safetensors``.
 * ``world=shapes``: ``stage=base`` pretrains the UNet (→ ``assets/shapes_base``), ``stage=pairs`` writes the
   preference pairs (→ cache dir), ``stage=proxy`` trains the proxy reward (→ ``assets/shapes_proxy``),
   ``stage=grid`` draws base-model samples with gold and proxy scores; ``stage=all`` runs the missing ones in order.
@@ -30,14 +32,18 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
     return out
 
 
-def prepare_toy2d(opts: dict[str, str]) -> None:
+def prepare_toy2d(opts: dict[str, str], flow: bool = False) -> None:
     from rlkit_diffusion.worlds import toy2d
 
     quick = opts.get("quick", "false").lower() == "true"
-    out = Path(opts["out"]) / "toy2d_base.safetensors" if "out" in opts else toy2d.ASSET
+    name = "toy2d_flow" if flow else "toy2d"
+    default = toy2d.FLOW_ASSET if flow else toy2d.ASSET
+    out = Path(opts["out"]) / f"{name}_base.safetensors" if "out" in opts else default
     kwargs = {"steps": 50} if quick else {}
+    if flow:
+        kwargs["flow"] = True
     path = toy2d.save_base(out, seed=int(opts.get("seed", 0)), **kwargs)
-    print(f"toy2d base weights -> {path}")
+    print(f"{name} base weights -> {path}")
 
 
 def prepare_shapes(opts: dict[str, str]) -> None:
@@ -58,12 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     opts = parse_overrides(argv)
     world = opts.get("world", "shapes")
-    if world == "toy2d":
-        prepare_toy2d(opts)
+    if world in ("toy2d", "toy2d_flow"):
+        prepare_toy2d(opts, flow=world == "toy2d_flow")
     elif world == "shapes":
         prepare_shapes(opts)
     else:
-        raise SystemExit(f"prepare: world must be toy2d or shapes (sd15/sdxl load pretrained weights), got {world!r}")
+        raise SystemExit(
+            f"prepare: world must be toy2d, toy2d_flow or shapes (sd15/sdxl load pretrained weights), got {world!r}"
+        )
 
 
 if __name__ == "__main__":

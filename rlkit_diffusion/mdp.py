@@ -85,9 +85,9 @@ class DenoisingCore:
     def horizon(self) -> int:
         return len(self.schedule)
 
-    def timestep(self, index: int) -> int:
-        """The diffusion timestep t of schedule position ``index`` (-1 once terminal)."""
-        return int(self.schedule.timesteps[index]) if index < self.horizon else -1
+    def timestep(self, index: int) -> int | float:
+        """The diffusion timestep t of schedule position ``index`` (-1 once terminal); σ (a float) for flow."""
+        return self.schedule.timesteps[index].item() if index < self.horizon else -1
 
     # ρ_0 ---------------------------------------------------------------------------------------------------------
     def sample_prompts(self, n: int, generator: torch.Generator | None = None) -> list[str]:

@@ -117,7 +117,7 @@ class StepOutput:
     mean: Tensor  # (B, ...) μ_θ(x_t, t, c)
     std: Tensor  # (B,) σ_t(η)
     log_prob: Tensor | None  # (B,) log π(x_{t-1} | x_t, c), summed over non-batch dims
-    eps: Tensor  # (B, ...) guided noise prediction
+    eps: Tensor  # (B, ...) guided network output in the step's parameterisation: ε, or v for `FlowMatchingPolicy`
     x0_pred: Tensor  # (B, ...) x̂_0
 
 
@@ -125,8 +125,8 @@ class StepOutput:
 class Schedule:
     """A sampling schedule: timesteps t_N > ... > t_1 and, for each, the timestep it steps to."""
 
-    timesteps: Tensor  # (N,) long
-    prev_timesteps: Tensor  # (N,) long; negative = "step to x_0"
+    timesteps: Tensor  # (N,) long (ε-policy) or float σ ∈ (0, 1] (`FlowMatchingPolicy`)
+    prev_timesteps: Tensor  # (N,) long, negative = "step to x_0"; or float σ, 0 = x_0 (flow)
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -268,7 +268,7 @@ class DiffusionPolicy(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     def model_output(self, x_t: Tensor, t: Tensor | int, cond: Cond) -> Tensor:
         """Raw network output (ε, v or x̂_0 according to ``prediction_type``), no guidance."""
-        t = _expand_t(t, x_t.shape[0], x_t.device)
+        t = self._expand(t, x_t.shape[0], x_t.device)
         self.counter["nfe"] += x_t.shape[0]
         if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return self.eps_model(x_t, t, cond)
@@ -301,7 +301,7 @@ class DiffusionPolicy(nn.Module):
             (B, ...) the noise prediction ε (converted from v / x̂_0 if the model predicts those).
         """
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        t = _expand_t(t, x_t.shape[0], x_t.device)
+        t = self._expand(t, x_t.shape[0], x_t.device)
         if uncond is not None and w != 1.0:
             out = self.model_output(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat([uncond, cond]))
             out_u, out_c = out.chunk(2)
@@ -309,6 +309,20 @@ class DiffusionPolicy(nn.Module):
         else:
             out = self.model_output(x_t, t, cond)
         return self._to_eps(out, x_t, t)
+
+    def _expand(self, t: Tensor | int, batch: int, device: torch.device) -> Tensor:
+        """Timesteps as the (B,) tensor the network and the step maths take (long here; σ floats for flow)."""
+        return _expand_t(t, batch, device)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler's steps are Gaussian with std > 0 (what likelihood-ratio methods need)."""
+        return not (self.sampler == "ddim" and self.eta == 0.0)
+
+    def eps_error_weight(self, t: Tensor) -> Tensor | None:
+        """Factor turning the squared regression error of the network output into the ε-error of Diffusion-DPO's
+        eq. 14 (None: the output is already compared as trained, no factor). Overridden by `FlowMatchingPolicy`."""
+        return None
 
     def _to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         if self.prediction_type == "epsilon":
@@ -459,8 +473,8 @@ class DiffusionPolicy(nn.Module):
         schedule = schedule or self.schedule()
         n = len(schedule)
         if stochastic is not None:
-            if self.sampler != "ddim":
-                raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's)")
+            if self.sampler not in ("ddim", "sde"):
+                raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's) or the flow SDE")
             if tuple(stochastic.shape) != (n,):
                 raise ValueError(f"stochastic must be a bool mask of shape ({n},), got {tuple(stochastic.shape)}")
             stochastic = stochastic.bool().tolist()
@@ -514,3 +528,164 @@ class DiffusionPolicy(nn.Module):
     def _checkpointed_step(self, x, t, t_prev, cond, uncond, guidance_scale, noise, eta=None):
         o = self.step(x, t, t_prev, cond, uncond=uncond, guidance_scale=guidance_scale, noise=noise, eta=eta)
         return o.prev_sample, o.mean, o.log_prob, o.std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rectified-flow parameterisation (SD3 / FLUX class)
+# ----------------------------------------------------------------------------------------------------------------
+class FlowMatchingPolicy(DiffusionPolicy):
+    """A velocity model on the rectified-flow path x_σ = (1 − σ) x_0 + σ ε, as the same Gaussian policy.
+
+    It shares THE sampling loop (`DiffusionPolicy.sample`), `step`, `log_prob`, `gaussian_kl` and classifier-free
+    guidance with the ε-policy and overrides only the parameterisation: what the network is given and predicts
+    (v_θ ≈ ε − x_0), the schedule (σ_N = 1 > … > σ_1 > 0 = σ_0 of diffusers' ``FlowMatchEulerDiscreteScheduler``,
+    with its ``shift``) and the step (docs/derivation.md, "Flow-matching policies")::
+
+        ode:  x_{σ'} = x_σ + (σ' − σ) v                                                          (F1)
+        sde:  s_σ  = a √(σ / (1 − σ))        (σ = 1: the denominator uses 1 − σ', as Flow-GRPO)      (F2)
+              mean = x_σ + (σ' − σ) [v + s_σ²/(2σ) (x_σ + (1 − σ) v)]                                (F3)
+              std  = s_σ √(σ − σ')                                                                (F4)
+
+    (F1) is ``FlowMatchEulerDiscreteScheduler.step`` op for op; (F3)-(F4) is the Euler–Maruyama step of the SDE
+    whose marginals equal the ODE's (Flow-GRPO, Liu et al. 2025, eq. 8-9), a = ``noise_level``.
+
+    Timesteps: the schedule's entries are σ floats; the network is called at σ·T (diffusers' ``timesteps``).
+    Integer timesteps are indices of the training grid σ_i = shift(i+1)/T (i = 0 … T−1, ascending noise), the
+    convention of the ε-policy's q(x_t | x_0) draws (DPO, SFT); ``alphas_cumprod[i]`` = (1−σ_i)²/((1−σ_i)²+σ_i²)
+    gives the same signal-to-noise ratio λ_i = ((1−σ_i)/σ_i)² to the SNR weightings.
+
+    Args:
+        velocity_model: any module ``velocity_model(x_t, σ·T, cond) -> v`` (e.g. `SD3VelocityModel`).
+        scheduler: a diffusers ``FlowMatchEulerDiscreteScheduler`` (``shift``; no dynamic shifting).
+        sampler: ``"ode"`` (deterministic Euler, F1) or ``"sde"`` (Gaussian policy, F2-F4).
+        noise_level: a of (F2); Flow-GRPO uses 0.7. Ignored by ``"ode"``.
+        num_inference_steps, guidance_scale: as `DiffusionPolicy`.
+    """
+
+    def __init__(
+        self,
+        velocity_model: nn.Module,
+        scheduler: Any,
+        *,
+        sampler: Literal["ode", "sde"] = "sde",
+        noise_level: float = 0.7,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+    ):
+        nn.Module.__init__(self)
+        if sampler not in ("ode", "sde"):
+            raise ValueError(f"a flow-matching policy samples with 'ode' or 'sde', got {sampler!r}")
+        cfg = scheduler.config
+        for option in ("use_dynamic_shifting", "invert_sigmas", "stochastic_sampling", "shift_terminal"):
+            if cfg.get(option):
+                raise ValueError(f"FlowMatchingPolicy does not support the scheduler option {option}")
+        if any(cfg.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
+            raise ValueError("FlowMatchingPolicy supports the shifted linear σ schedule only")
+        if noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+        self.prediction_type = "flow"
+        self.eps_model = velocity_model
+        self.scheduler = copy.deepcopy(scheduler)  # only used for its σ schedule (set_timesteps)
+        self.sampler = sampler
+        self.eta = float(noise_level) if sampler == "sde" else 0.0  # a of (F2); 0 = deterministic
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.clip_sample = False
+        self.num_train_timesteps = int(cfg["num_train_timesteps"])
+        shift = float(cfg.get("shift", 1.0))
+        s = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
+        sigmas = shift * s / (1 + (shift - 1) * s)  # (T,) ascending: the training grid of diffusers, reversed
+        self.register_buffer("sigmas", sigmas, persistent=False)
+        snr_like = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
+        self.register_buffer("alphas_cumprod", snr_like, persistent=False)
+        self.final_alpha_cumprod = 1.0
+        self.counter = {"nfe": 0}
+
+    @property
+    def noise_level(self) -> float:
+        """a of (F2); 0 for the ODE sampler."""
+        return self.eta
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sampler == "sde" and self.eta > 0
+
+    def _expand(self, t: Tensor | int | float, batch: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        return t if torch.is_floating_point(t) else t.long()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """σ of timesteps: a float tensor is σ itself, an integer tensor indexes the training grid. (B,)"""
+        if torch.is_floating_point(t):
+            return t
+        return self.sigmas[t.to(self.sigmas.device)].to(t.device)
+
+    def schedule(self, num_inference_steps: int | None = None, strength: float = 1.0) -> Schedule:
+        """σ_N = 1 > … > σ_1 of diffusers' ``set_timesteps`` (with ``shift``), each step's target σ' (0 at the end)."""
+        n = int(self.num_inference_steps if num_inference_steps is None else num_inference_steps)
+        if n < 1 or n > self.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}], got {n}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(n)
+        sigmas = sched.sigmas.float().cpu()  # (N+1,) with the terminal 0
+        keep = max(1, min(n, round(strength * n)))
+        return Schedule(timesteps=sigmas[n - keep : n], prev_timesteps=sigmas[n - keep + 1 :])
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """The ᾱ with the same SNR as x_σ: (1−σ)²/((1−σ)²+σ²) (σ = 0 → 1)."""
+        s = self.sigma(t.to(self.alphas_cumprod.device) if not torch.is_floating_point(t) else t)
+        return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_σ = (1 − σ) x_0 + σ ε, op for op ``FlowMatchEulerDiscreteScheduler.scale_noise``."""
+        s = _bcast(self.sigma(t), x0).to(x0.dtype)
+        return s * noise + (1.0 - s) * x0
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The flow-matching target v = dx_σ/dσ = ε − x_0."""
+        return noise - x0
+
+    def eps_error_weight(self, t: Tensor) -> Tensor:
+        """(1 − σ)²: at fixed x_σ, ε̂ = x_σ + (1 − σ) v̂, so ‖ε − ε̂‖² = (1 − σ)² ‖v − v̂‖² and the weighted velocity
+        error IS the ε-error of eq. 14 (docs/derivation.md, "DPO in velocity form"). (B,)"""
+        return (1 - self.sigma(t)) ** 2
+
+    def model_output(self, x_t: Tensor, t: Tensor | int | float, cond: Cond) -> Tensor:
+        """v_θ(x_σ, σ, c): the network is called at σ·T, as diffusers' pipelines call SD3 / FLUX."""
+        sigma = self.sigma(self._expand(t, x_t.shape[0], x_t.device))
+        return super().model_output(x_t, sigma * self.num_train_timesteps, cond)
+
+    def _to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return out  # the step takes the velocity itself
+
+    def step_distribution(
+        self, x_t: Tensor, t: Tensor | float, t_prev: Tensor | float, eps: Tensor, *, eta: float | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean and std of π(x_{σ'} | x_σ, c) given the (guided) velocity ``eps`` = v: (F1) or (F2)-(F4).
+
+        ``eta``: the noise level a of this step (None = ``self.eta``; MixGRPO's deterministic steps pass 0 → F1).
+
+        Returns:
+            ``(mean (B, ...), std (B,), x0_pred (B, ...))`` with x̂_0 = x_σ − σ v.
+        """
+        b = x_t.shape[0]
+        sigma = self.sigma(self._expand(t, b, x_t.device)).to(x_t.device)  # (B,)
+        sigma_next = self.sigma(self._expand(t_prev, b, x_t.device)).to(x_t.device)  # (B,)
+        v = eps
+        x = x_t.to(torch.float32)  # diffusers upcasts the sample
+        s, dt = _bcast(sigma, x), _bcast(sigma_next - sigma, x)
+        x0_pred = (x - s * v).to(v.dtype)
+        a = self.eta if eta is None else float(eta)
+        if self.sampler == "ode" or a == 0:
+            mean = (x + dt * v).to(v.dtype)  # (F1)
+            return mean, torch.zeros_like(sigma), x0_pred
+        denom = 1 - torch.where(sigma == 1, sigma_next, sigma)
+        s_sde = a * (sigma / denom).sqrt()  # (F2) (B,)
+        ss = _bcast(s_sde, x)
+        mean = x + dt * (v + ss**2 / (2 * s) * (x + (1 - s) * v))  # (F3)
+        std = s_sde * (sigma - sigma_next).sqrt()  # (F4)
+        return mean.to(v.dtype), std, x0_pred

@@ -71,6 +71,19 @@ def implicit_margin(
     return -beta_scale(convention) * beta * w * (model_diff - ref_diff)
 
 
+def parameterised_weight(policy: DiffusionPolicy, t: Tensor, weight: Tensor | None = None) -> Tensor | None:
+    """ω(λ_t) times the policy's factor that makes its squared regression error the ε-error of eq. 14.
+
+    ε-prediction: no factor (``weight`` is returned as given). Flow matching (`FlowMatchingPolicy`): (1 − σ_t)², since
+    at a fixed x_σ the ε implied by a velocity is ε̂ = x_σ + (1 − σ) v̂, so ‖ε − ε̂‖² = (1 − σ)² ‖v − v̂‖²: the
+    weighted velocity regression is eq. 14 term for term (docs/derivation.md, "DPO in velocity form"). (B,) or None.
+    """
+    factor = policy.eps_error_weight(t)
+    if factor is None:
+        return weight
+    return factor if weight is None else weight * factor
+
+
 def preference_accuracy(margin: Tensor) -> Tensor:
     """Fraction of pairs ranked correctly by a margin (ties count ½)."""
     return (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean()
@@ -137,7 +150,10 @@ def implicit_reward_margin(
         noise = torch.randn(x_a.shape, generator=generator).to(x_a.device)
         model_pred, ref_pred, target = paired_predictions(policy, ref_policy, x_a, x_b, cond, t, noise)
         m_err, r_err = per_sample_error(model_pred, target, reduction), per_sample_error(ref_pred, target, reduction)
-        total += implicit_margin(m_err[:b], m_err[b:], r_err[:b], r_err[b:], beta, convention=convention)
+        weight = parameterised_weight(policy, t)  # None for ε-prediction
+        total += implicit_margin(
+            m_err[:b], m_err[b:], r_err[:b], r_err[b:], beta, convention=convention, weight=weight
+        )
     return total / n_draws
 
 

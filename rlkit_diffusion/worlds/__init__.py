@@ -10,6 +10,7 @@ from rlkit_diffusion.worlds.base import World
 # name -> "module:function"; imported lazily so that toy2d never pays for transformers/open_clip imports.
 WORLDS: dict[str, str] = {
     "toy2d": "rlkit_diffusion.worlds.toy2d:build_toy2d",
+    "toy2d_flow": "rlkit_diffusion.worlds.toy2d:build_toy2d_flow",
     "shapes": "rlkit_diffusion.worlds.shapes:build_shapes",
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:build_sd15",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:build_sdxl",
@@ -33,7 +34,8 @@ def world_config_class(name: str) -> type | None:
 
 
 def build_world(name: str, **kwargs: Any) -> World:
-    """Build a world by name (``toy2d``, ``shapes``, ``sd15``, ``sdxl``); ``kwargs``: its settings and ``device``."""
+    """Build a world by name (``toy2d``, ``toy2d_flow``, ``shapes``, ``sd15``, ``sdxl``); ``kwargs``: its settings
+    and ``device``."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; available: {sorted(WORLDS)}")
     builder = _load(WORLDS[name])

@@ -17,19 +17,20 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rlkit_diffusion.checkpoint import atomic_write
-from rlkit_diffusion.policy import DiffusionPolicy
+from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy
 from rlkit_diffusion.worlds.base import World
 
 TRAIN_ANGLES = [0, 60, 120, 180, 240, 300]
 HELDOUT_ANGLES = [30, 90, 150, 210, 270, 330]
 MODE_STD = 0.12
 ASSET = Path(__file__).parent / "assets" / "toy2d_base.safetensors"
+FLOW_ASSET = Path(__file__).parent / "assets" / "toy2d_flow_base.safetensors"
 NUM_TRAIN_TIMESTEPS = 1000
 _PROMPT = re.compile(r"^\s*angle\s+(-?\d+(?:\.\d+)?)\s*$")
 
@@ -88,7 +89,8 @@ def sample_data(cond: Tensor, generator: torch.Generator | None = None) -> Tenso
 
 
 class EpsMLP(nn.Module):
-    """ε_θ(x_t, t, c) for 2-D points: [x_t, sinusoidal(t), c] → MLP → ε."""
+    """ε_θ(x_t, t, c) for 2-D points: [x_t, sinusoidal(t), c] → MLP → ε (toy2d_flow: the same MLP predicts v at
+    t = σ·T)."""
 
     def __init__(self, hidden: int = 128, time_dim: int = 32, cond_dim: int = 2, depth: int = 3):
         super().__init__()
@@ -123,12 +125,20 @@ def make_scheduler() -> DDIMScheduler:
     )
 
 
-def pretrain(steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: int = 0) -> dict[str, Tensor]:
-    """Fit the base ε-model to p_data with the diffusion loss (eq. 2, ω = 1). ~15 s on 2 CPU cores."""
+def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The rectified-flow schedule of toy2d_flow: σ linear in the step (shift 1), T = 1000 training grid points."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+
+
+def pretrain(
+    steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: int = 0, flow: bool = False
+) -> dict[str, Tensor]:
+    """Fit the base model to p_data with the diffusion loss (eq. 2, ω = 1) — ε-prediction, or (``flow``) the
+    flow-matching regression ‖(ε − x_0) − v_θ(x_σ, σ)‖² on the same draws. ~15 s on 2 CPU cores."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = EpsMLP()
-    policy = DiffusionPolicy(model, make_scheduler())
+    policy = FlowMatchingPolicy(model, make_flow_scheduler()) if flow else DiffusionPolicy(model, make_scheduler())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in tqdm(range(steps), desc="pretrain toy2d", leave=False):
@@ -138,7 +148,8 @@ def pretrain(steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: 
         x0 = sample_data(cond, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=g)
-        loss = ((policy.model_output(policy.add_noise(x0, noise, t), t, cond) - noise) ** 2).mean()
+        target = policy.training_target(x0, noise, t)  # ε itself for the ε-model
+        loss = ((policy.model_output(policy.add_noise(x0, noise, t), t, cond) - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -147,12 +158,12 @@ def pretrain(steps: int = 4000, batch_size: int = 1024, lr: float = 2e-3, seed: 
 
 
 def save_base(path: Path = ASSET, **kwargs) -> Path:
-    """Pretrain and write the base weights (``python -m benchmarks.prepare world=toy2d``)."""
+    """Pretrain and write the base weights (``python -m benchmarks.prepare world=toy2d`` / ``world=toy2d_flow``
+    with ``flow=True``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = pretrain(**kwargs)
-    return atomic_write(
-        path, lambda tmp: save_file(state, str(tmp), metadata={"world": "toy2d", "recipe": repr(kwargs)})
-    )
+    name = "toy2d_flow" if kwargs.get("flow") else "toy2d"
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"world": name, "recipe": repr(kwargs)}))
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -244,28 +255,62 @@ def build_toy2d(
     """Build the toy2d world (loads the shipped base weights; trains and caches them if the file is missing).
 
     ``weights``: a safetensors file of the ε-MLP, or a directory holding ``model.safetensors`` (an exported run)."""
-    device = torch.device(device)
-    path = Path(weights) if weights else ASSET
+    model = _load_base(weights, ASSET, "toy2d", device)
+    policy = DiffusionPolicy(model, make_scheduler(), sampler="ddim", eta=eta, num_inference_steps=num_inference_steps)
+    return _toy2d_world("toy2d", policy, device, seed, label_temperature, optimum_pool)
+
+
+def build_toy2d_flow(
+    *,
+    device: str | torch.device = "cpu",
+    weights: str | Path | None = None,
+    num_inference_steps: int = 20,
+    sampler: str = "sde",
+    noise_level: float = 0.7,
+    seed: int = 0,
+    label_temperature: float = 1.0,
+    optimum_pool: int = 4096,
+) -> World:
+    """toy2d with a flow-matching base (`FlowMatchingPolicy`, same MLP, data, reward, pairs and prompts): the
+    ε-UNet-vs-flow comparison on a task whose KL-optimal target is known. ``sampler``: ``sde`` (Gaussian policy,
+    noise level a = ``noise_level``) or ``ode`` (deterministic Euler)."""
+    model = _load_base(weights, FLOW_ASSET, "toy2d_flow", device)
+    policy = FlowMatchingPolicy(
+        model,
+        make_flow_scheduler(),
+        sampler=sampler,
+        noise_level=noise_level,
+        num_inference_steps=num_inference_steps,
+    )
+    return _toy2d_world("toy2d_flow", policy, device, seed, label_temperature, optimum_pool)
+
+
+def _load_base(weights: str | Path | None, default: Path, name: str, device) -> EpsMLP:
+    """The base MLP from ``weights`` (or the shipped file, pretrained and cached when missing)."""
+    path = Path(weights) if weights else default
     if path.is_dir():  # an exported model directory (python -m benchmarks.export)
         path = path / "model.safetensors"
     if not path.exists():
         if weights:
-            raise FileNotFoundError(f"toy2d weights not found: {path}")
-        save_base(path)
+            raise FileNotFoundError(f"{name} weights not found: {path}")
+        save_base(path, flow=name == "toy2d_flow")
     model = EpsMLP()
     try:
         model.load_state_dict(load_file(str(path)))
     except RuntimeError as e:
-        raise ValueError(f"toy2d weights {path} do not match the EpsMLP architecture: {e}") from None
-    model.to(device)
-    policy = DiffusionPolicy(model, make_scheduler(), sampler="ddim", eta=eta, num_inference_steps=num_inference_steps)
+        raise ValueError(f"{name} weights {path} do not match the EpsMLP architecture: {e}") from None
+    return model.to(torch.device(device))
+
+
+def _toy2d_world(name: str, policy: DiffusionPolicy, device, seed: int, label_temperature: float, pool: int) -> World:
+    device = torch.device(device)
     policy.to(device)
     encoder = Toy2dEncoder(device)
     reward = Toy2dReward(encoder)
     train_prompts = [prompt(a) for a in TRAIN_ANGLES]
     heldout_prompts = [prompt(a) for a in HELDOUT_ANGLES]
     world = World(
-        name="toy2d",
+        name=name,
         policy=policy,
         encoder=encoder,
         sample_shape=(2,),
@@ -276,5 +321,5 @@ def build_toy2d(
         val_pairs=Toy2dPairs(encoder, reward, train_prompts, seed=seed + 10_000, temperature=label_temperature),
         distance=energy_distance,
     )
-    world.optimum = TiltedOptimum(world, train_prompts + heldout_prompts, pool=optimum_pool, seed=seed)
+    world.optimum = TiltedOptimum(world, train_prompts + heldout_prompts, pool=pool, seed=seed)
     return world
