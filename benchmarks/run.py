@@ -29,6 +29,7 @@ from benchmarks.wiring import (
     resolve_resume,
     save_config,
     save_eval,
+    save_per_sample,
     save_samples,
     to_dataclass,
 )
@@ -120,6 +121,7 @@ def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: 
         implicit_scale=algo.implicit_reward_scale(),
     )
     save_samples(world, policy, base_policy, s.eval, run_dir, algo.sampler)
+    save_per_sample(metrics, run_dir, s.eval.samples_per_prompt)
     return metrics
 
 

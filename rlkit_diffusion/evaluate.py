@@ -46,6 +46,8 @@ Metric formulas (all rewards are the world's ``gold`` reward unless named ``prox
   = β log π_θ/π_ref estimated with ``implicit_draws`` shared (t, ε) draws (`rlkit_diffusion.preference`);
   ``reward_acc_<name>``: the same for each explicit reward model. The accuracy does not depend on β; the margin is in
   the algorithm's own β.
+* ``per_sample`` / ``heldout_per_sample``: the per-row arrays (``wins``, ``gold_trained``, ``gold_base``, ``kl``;
+  caption-major) behind the means — the runner saves them as ``per_sample.npz`` (pooling seeds needs the rows).
 * ``inference_nfe_per_sample``: UNet evaluations spent sampling one evaluation sample (the inference cost of Table 1;
   N× the base's for best-of-N), ``inference_reward_queries_per_sample`` likewise for reward calls.
 
@@ -489,6 +491,12 @@ def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, c
         out[f"{pre}diversity_ci_low"], out[f"{pre}diversity_ci_high"] = _diversity_ci(div, s["x0"], prompts, cfg)
     if world.optimum is not None and world.distance is not None:
         out.update(_distance_to_optimum(world, cfg, plist, prompts, s["x0"], base["x0"], pre))
+    out[f"{pre}per_sample"] = {  # (B,) rows caption-major: the pooled intervals over seeds need them
+        "wins": wins,
+        "gold_trained": r_t,
+        "gold_base": base["gold"],
+        **({"kl": s["kl"].double().cpu().numpy()} if "kl" in s else {}),
+    }
     return out
 
 
