@@ -203,3 +203,32 @@ def fmt_ci(cell: dict[str, float] | None, fmt: str = "{:.3f}") -> str:
     if not math.isfinite(cell.get("ci_low", math.nan)):
         return fmt.format(cell["mean"])
     return f"{fmt.format(cell['mean'])} [{fmt.format(cell['ci_low'])}, {fmt.format(cell['ci_high'])}]"
+
+
+def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one configuration over several seeds as one run-like record for report sections: ``eval`` holds
+    each numeric metric's mean over seeds with its Student-t 95% interval as ``<key>_ci_low/_ci_high`` (a single
+    seed keeps its own caption-bootstrap interval), the win rates pooled over seeds and captions with the two-way
+    cluster bootstrap, list metrics (curves) averaged elementwise, ``n_seeds``; ``dir``/``config``/``metrics``
+    of the first seed (for config look-ups and image grids) and ``seed_runs``."""
+    first = runs[0]
+    if len(runs) == 1:
+        return {**first, "seed_runs": runs, "eval": {**first["eval"], "n_seeds": 1}}
+    ev: dict[str, Any] = dict(first["eval"])
+    for k in numeric_keys(runs):
+        m, lo, hi = t_interval([r["eval"].get(k) for r in runs])
+        ev[k] = m
+        if f"{k}_ci_low" in first["eval"] or k in ("unet_nfe", "wall_s"):
+            ev[f"{k}_ci_low"], ev[f"{k}_ci_high"] = lo, hi
+    for k, v in first["eval"].items():
+        if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+            vals = [r["eval"].get(k) for r in runs]
+            if all(isinstance(x, list) and len(x) == len(v) for x in vals):
+                ev[k] = [float(x) for x in np.mean(np.array(vals, dtype=np.float64), axis=0)]
+    for split, pre in (("train", ""), ("heldout", "heldout_")):
+        p = pooled_win_rate(runs, split)
+        if p is not None:
+            ev[f"{pre}win_rate_vs_base"], ev[f"{pre}win_rate_vs_base_ci_low"], ev[f"{pre}win_rate_vs_base_ci_high"] = p
+    ev["n_seeds"] = len(runs)
+    ev["seeds"] = [r["eval"].get("seed") for r in runs]
+    return {**first, "eval": ev, "seed_runs": runs}

@@ -7,6 +7,7 @@ Every run directory gets ``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/``,
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import benchmarks.schema  # noqa: F401  (registers the structured-config schemas)
 from algos import algo_config_class, build_algo
@@ -34,6 +35,7 @@ from benchmarks.wiring import (
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
+from rlkit_diffusion.checkpoint import atomic_write_text
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
@@ -179,6 +181,43 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     return result
 
 
+def run_seeds(cfg: DictConfig, parent: Path, run_one=None) -> list[dict[str, Any]]:
+    """``seeds=[..]`` (or a count): one run per seed into ``<parent>/s<seed>/`` (a finished one — with eval.json —
+    is reused, so an interrupted multi-seed run continues), then ``aggregate.json`` and the report of all of them
+    (mean and 95% interval over seeds, win rate pooled over seeds and captions; `benchmarks.protocol`)."""
+    from benchmarks import protocol
+    from benchmarks.report import load_run, write_report
+
+    run_one = run_one or run
+    seeds = protocol.resolve_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
+    protocol.check_reporting_seeds(seeds)
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i, seed in enumerate(seeds):
+        run_dir = parent / f"s{seed}"
+        if (run_dir / "eval.json").exists():
+            print(f"[seeds] {i + 1}/{len(seeds)} seed {seed}: complete already, reused {run_dir}", flush=True)
+            continue
+        print(f"[seeds] {i + 1}/{len(seeds)} seed {seed} -> {run_dir}", flush=True)
+        sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_one(sub, run_dir=run_dir)
+    runs = [load_run(parent / f"s{seed}") for seed in seeds]
+    rows = protocol.aggregate(runs)
+    atomic_write_text(parent / "aggregate.json", json.dumps(rows, indent=2))
+    report = write_report([parent]) if cfg.get("report", True) else None
+    for row in rows:
+        win = row["pooled_win_rate"].get("train")
+        print(
+            f"{row['algo']} on {row['world']}, seeds {row['seeds']}: pooled win rate vs base "
+            f"{protocol.fmt_ci(win, '{:.1%}')} (95% CI, captions × seeds); gold "
+            f"{protocol.fmt_ci(row['metrics'].get('gold_reward_trained'))} (t-interval over seeds)",
+            flush=True,
+        )
+    print(f"  aggregate: {parent / 'aggregate.json'}" + (f"   report: {report}" if report else ""), flush=True)
+    return rows
+
+
 def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:
     def f(key: str) -> str:
         return f"{r[key]:.3f}" if key in r else "n/a"
@@ -186,7 +225,7 @@ def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = N
     lines = [
         f"{r['algo']} on {r['world']} (seed {r['seed']}): {r['updates']} updates in {r['train_wall_s']:.1f}s",
         f"  win rate vs base (gold): {r['win_rate_vs_base']:.1%} "
-        f"[95% CI {r['win_rate_vs_base_ci_low']:.1%}, {r['win_rate_vs_base_ci_high']:.1%}]",
+        f"[95% CI over captions {r['win_rate_vs_base_ci_low']:.1%}, {r['win_rate_vs_base_ci_high']:.1%}]",
     ]
     if "heldout_win_rate_vs_base" in r:
         lines.append(
@@ -249,6 +288,11 @@ def main(cfg: DictConfig) -> float:
         from benchmarks import experiments
 
         return experiments.run(cfg, run_one=run)
+    if cfg.get("seeds") is not None:  # one run per seed, then their aggregate
+        from benchmarks.wiring import hydra_output_dir
+
+        rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
+        return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
     result = run(cfg)
     return float(result.get("win_rate_vs_base", float("nan")))
 
