@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks import protocol, report
+from benchmarks import leaderboard, protocol, report
 from benchmarks.wiring import hydra_output_dir
 from rlkit_diffusion.checkpoint import latest_checkpoint
 
@@ -87,6 +87,8 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
     exp_dir = Path(exp_dir or experiment_dir(cfg))
     exp_dir.mkdir(parents=True, exist_ok=True)
+    if sweep.get("grid"):  # leaderboard: the run list is every module (benchmarks.leaderboard.expand_grid)
+        sweep["runs"] = leaderboard.expand_grid(sweep)
     extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
     seeds = experiment_seeds(cfg, sweep)
     runs, timings, seed_runs = [], {}, []
@@ -413,4 +415,6 @@ SECTIONS: dict[str, Section] = {
     "beta_sweep": section_beta_sweep,
     "best_of_n": section_best_of_n,
     "sdedit": section_sdedit,
+    "leaderboard": leaderboard.section_leaderboard,
+    "paper_claims": leaderboard.section_paper_claims,
 }

@@ -120,7 +120,9 @@ def test_every_experiment_composes_and_its_runs_compose(name):
         assert cfg.tutorial is None and cfg.algo.name in group_choices("algo")
         return
     assert cfg.sweep.section in experiments.SECTIONS
-    for spec in cfg.sweep.runs:  # each run of the experiment is a valid single-run config
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
+    runs = experiments.leaderboard.expand_grid(sweep) if sweep.get("grid") else cfg.sweep.runs
+    for spec in OmegaConf.create(runs):  # each run of the experiment is a valid single-run config
         sub = compose_cfg([*spec.overrides, experiments.label_override(spec.label)])
         assert sub.label == spec.label and sub.sweep is None
 
