@@ -284,6 +284,10 @@ def main(cfg: DictConfig) -> float:
         from benchmarks import tutorial
 
         return tutorial.run(cfg)
+    if cfg.get("experiment") == "tune":  # the recorded tuning sweep of one algorithm (benchmarks/tune.py)
+        from benchmarks import tune
+
+        return float(tune.run(cfg, run_one=run)["chosen"])
     if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section (benchmarks/experiments.py)
         from benchmarks import experiments
 

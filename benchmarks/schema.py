@@ -71,6 +71,8 @@ class RunConfig:
     sweep: Any = None
     """Set by the paper-style ``experiment=<name>`` configs: the runs of the experiment and its report section
     (`benchmarks.experiments`); None = one training run."""
+    tune: Any = None
+    """Settings of ``experiment=tune`` (``conf/experiment/tune.yaml``; `benchmarks.tune`); None otherwise."""
     tutorial: Any = None
     """Settings of ``experiment=toy2d_tutorial`` (``conf/experiment/toy2d_tutorial.yaml``); None otherwise."""
 

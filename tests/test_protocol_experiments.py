@@ -142,3 +142,38 @@ def test_verdict_rule_and_matched_kl_interpolation():
     kl, gold = np.array([0.0, 10.0, 50.0]), np.array([1.0, 2.0, 4.0])
     assert protocol.value_at_kl(kl, gold, 30.0) == pytest.approx(3.0)
     assert np.isnan(protocol.value_at_kl(kl, gold, 60.0))
+
+
+def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
+    import yaml
+
+    from benchmarks import tune
+
+    cfg = compose_cfg(
+        [
+            "experiment=tune",
+            "algo=dpo",
+            *TINY,
+            "train.steps=3",
+            f"out_dir={tmp_path}",
+            "tune.lr_factors=[0.1,1.0]",
+            "tune.knob_factors=[1.0,4.0]",
+            f"tune.conf_dir={tmp_path / 'conf'}",
+            f"tune.docs_dir={tmp_path / 'docs'}",
+        ]
+    )
+    assert len(tune.trial_grid(cfg)) == 4 and tune.knob_of("dpo") == "algo.beta"
+    record = tune.run(cfg, run_one)
+    assert record["seeds"] == [100] and len(record["trials"]) == 4
+    best = max(r["proxy"] for r in record["trials"])
+    assert record["trials"][record["chosen"]]["proxy"] == best  # the stated rule (tie_tol 0)
+    tuned = yaml.safe_load((tmp_path / "conf" / "toy2d_dpo.yaml").read_text())
+    assert set(tuned) <= {"algo", "train", "reference"}
+    assert tuned["train"]["lr"] == record["trials"][record["chosen"]]["train.lr"]
+    assert tuned["algo"]["beta"] == record["trials"][record["chosen"]]["algo.beta"]
+    table = (tmp_path / "docs" / "toy2d_dpo.md").read_text()
+    assert table.count("| ✓ |") == 1 and "highest mean proxy reward" in table
+    with pytest.raises(ValueError, match="reporting seeds"):
+        tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
+    with pytest.raises(ValueError, match="not tuned"):
+        tune.run(OmegaConf.merge(cfg, {"algo": {"name": "best_of_n"}}), run_one)
