@@ -62,7 +62,7 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     algos = ["dpo", "sft", "ddpo", "best_of_n"]
     cfg = _leaderboard_cfg(tmp_path, algos)
     exp = tmp_path / "lb"
-    overrides = TINY[1:] + [f"out_dir={tmp_path}"]
+    overrides = [*TINY, f"out_dir={tmp_path}"]
 
     calls = []
 
@@ -120,7 +120,7 @@ def test_paper_claims_end_to_end(tmp_path):
     sweep["params"].update(claims=claims, docs_out=str(tmp_path / "docs" / "claims.md"))
     cfg = OmegaConf.merge(cfg, {"sweep": sweep, "seeds": 3})
     t0 = time.perf_counter()
-    experiments.run(cfg, run_one, exp_dir=tmp_path / "pc", overrides=TINY[1:] + [f"out_dir={tmp_path}"])
+    experiments.run(cfg, run_one, exp_dir=tmp_path / "pc", overrides=[*TINY, f"out_dir={tmp_path}"])
     wall = time.perf_counter() - t0
     md = (tmp_path / "docs" / "claims.md").read_text()
     record = json.loads((tmp_path / "docs" / "claims.json").read_text())
