@@ -96,7 +96,8 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     assert rows[("ddpo", 3000.0)]["data_cost"] is None
     win = rows[("dpo", 3000.0)]["win_rate"]
     assert win["ci_low"] <= win["mean"] <= win["ci_high"]
-    assert record["matched_kl"]["best_of_n"] == {}  # no measured KL: no matched-KL point, said so
+    assert record["matched_kl"]["dpo"]["1e+06"]["reached"] == 0  # never extrapolated: "not reached"
+    assert record["matched_kl"]["dpo"]["0.5"]["reached"] == 3
     print(f"\nleaderboard tiny ({len(algos)} modules x 3 seeds): {wall:.1f} s")
 
 
