@@ -275,6 +275,7 @@ class DDPO(AlgorithmDefaults):
             raise ValueError(f"{self.name} needs a stochastic policy (DDIM eta > 0, DDPO uses eta = 1); got eta = 0")
         self.tracker = PerPromptStatTracker(cfg.buffer_size, cfg.min_count, use_std=cfg.advantage_std)
         self.dim = math.prod(ctx.world.sample_shape)
+        self.env = ctx.env  # the MDP collected from and re-scored in (GRPO may train on a shorter schedule)
 
     # Collection ------------------------------------------------------------------------------------------------
     def advantages(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -305,10 +306,20 @@ class DDPO(AlgorithmDefaults):
 
     def collect(self) -> Trajectories:
         ctx = self.ctx
-        prompts = ctx.env.sample_prompts(ctx.batch_size, ctx.generator)
+        return self.collect_trajectories(ctx.env.sample_prompts(ctx.batch_size, ctx.generator))
+
+    def collect_trajectories(self, prompts: list[str], **rollout_kwargs: Any) -> Trajectories:
+        """Roll ``prompts`` out through ``self.env`` (detail 1), score them and compute the advantages.
+        ``rollout_kwargs`` go to `DenoisingCore.rollout` (``x_T``, ``stochastic``, ...)."""
+        ctx = self.ctx
         with torch.no_grad():
-            ro = ctx.env.rollout(
-                ctx.policy, prompts, generator=ctx.generator, return_trajectory=True, with_reward=False
+            ro = self.env.rollout(
+                ctx.policy,
+                prompts,
+                generator=ctx.generator,
+                return_trajectory=True,
+                with_reward=False,
+                **rollout_kwargs,
             )
             rewards = ctx.reward(ctx.env.reward_model, ctx.world.decode(ro.x0), prompts)  # (B,)
         adv, stats = self.advantages(prompts, rewards)
@@ -329,7 +340,7 @@ class DDPO(AlgorithmDefaults):
     def minibatches(self, batch: Trajectories) -> Iterator[Transitions]:
         cfg, g = self.config, self.ctx.generator
         b, n = batch.log_probs.shape
-        stochastic = batch.stds.cpu() > max(cfg.min_std, 0.0)  # (B, N) detail 2
+        stochastic = self.trainable_steps(batch)  # (B, N) detail 2
         for epoch in range(cfg.num_inner_epochs):
             keys = torch.rand(b, n, generator=g).masked_fill(~stochastic, 2.0)  # random order of stochastic steps
             per_sample = stochastic.sum(1)
@@ -343,6 +354,10 @@ class DDPO(AlgorithmDefaults):
             for j, chunk in enumerate(order.chunk(cfg.num_minibatches)):
                 yield Transitions(batch, sample[chunk], step[chunk], first=epoch == 0 and j == 0)
 
+    def trainable_steps(self, batch: Trajectories) -> Tensor:
+        """(B, N) bool: the steps that may be trained, σ_t > min_std (detail 2)."""
+        return batch.stds.cpu() > max(self.config.min_std, 0.0)
+
     # Loss -----------------------------------------------------------------------------------------------------
     def step_outputs(self, policy: DiffusionPolicy, mb: Transitions):
         """π(x_{t−1} | x_t, c) of ``policy`` at the minibatch's transitions, scoring the recorded actions
@@ -350,7 +365,7 @@ class DDPO(AlgorithmDefaults):
         tr = mb.batch
         i, k = mb.sample.to(tr.latents.device), mb.step.to(tr.latents.device)
         pick = lambda c: c[i]  # noqa: E731
-        return self.ctx.env.rescore(
+        return self.env.rescore(
             policy,
             tr.latents[i, k],
             k,

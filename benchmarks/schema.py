@@ -55,6 +55,9 @@ class RunConfig:
     ``train.steps=0``, evaluates a finished run again in another mode (e.g. ``eval.mode=sdedit``)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
+    logger: Any = "tensorboard"
+    """Trackers, through accelerate: ``tensorboard | wandb | trackio | mlflow | none`` or a list
+    (``logger=[tensorboard,wandb]``); ``metrics.jsonl`` is always written (`rlkit_diffusion.logging.make_logger`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -322,9 +322,11 @@ class DiffusionPolicy(nn.Module):
     # THE denoising step
     # ------------------------------------------------------------------------------------------------------------
     def step_distribution(
-        self, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int, eps: Tensor
+        self, x_t: Tensor, t: Tensor | int, t_prev: Tensor | int, eps: Tensor, *, eta: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mean and std of π(x_{t-1} | x_t, c) given the noise prediction ε.
+
+        ``eta``: DDIM's η for this step (None = ``self.eta``; MixGRPO's deterministic steps pass 0). DDPM ignores it.
 
         DDIM (Song et al. eq. 12 and 16), as in diffusers ``DDIMScheduler.step``::
 
@@ -352,7 +354,7 @@ class DiffusionPolicy(nn.Module):
             x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
         if self.sampler == "ddim":
             var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            std = self.eta * var.clamp(min=0).sqrt()  # (2)
+            std = (self.eta if eta is None else float(eta)) * var.clamp(min=0).sqrt()  # (2)
             s = _bcast(std, x_t)
             mean = ap.sqrt() * x0_pred + (1 - ap - s**2).clamp(min=0).sqrt() * eps  # (3)
         else:
@@ -401,15 +403,17 @@ class DiffusionPolicy(nn.Module):
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
         prev_sample: Tensor | None = None,
+        eta: float | None = None,
     ) -> StepOutput:
         """Evaluate the policy at state (c, t, x_t) and draw (or score) the action x_{t-1}.
 
         Args:
             noise: the standard normal z of x_{t-1} = mean + σ z (drawn from ``generator`` if None).
             prev_sample: score this given action instead of drawing one (DDPO's re-evaluation of old actions).
+            eta: DDIM's η of this step (None = ``self.eta``).
         """
         eps = self.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=guidance_scale)
-        mean, std, x0_pred = self.step_distribution(x_t, t, t_prev, eps)
+        mean, std, x0_pred = self.step_distribution(x_t, t, t_prev, eps, eta=eta)
         if prev_sample is None:
             if noise is None:
                 noise = _randn_like(x_t, generator)
@@ -433,6 +437,7 @@ class DiffusionPolicy(nn.Module):
         checkpoint: bool = False,
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
+        stochastic: Tensor | None = None,
     ) -> SampleOutput:
         """Roll out the chain x_{t_N} → ... → x_0 (DESIGN.md: the MDP's ρ_0 gives x_T, every action is a step).
 
@@ -446,9 +451,19 @@ class DiffusionPolicy(nn.Module):
             checkpoint: recompute each tracked step in the backward pass (activation memory flat in k).
             generator: source of the per-step noise z (seed it for common random numbers).
             return_trajectory: keep x_t of every step and the step means (for DDPO / KL).
+            stochastic: (N,) bool, MixGRPO's per-step mask: steps marked False run with η = 0 (deterministic DDIM,
+                σ_t = 0, log-prob 0), the others with ``self.eta``. None = every step with ``self.eta`` (the default,
+                bit-identical to no mask). The noise z of every step is drawn either way, so the generator's stream
+                and hence the other steps' noise do not depend on the mask.
         """
         schedule = schedule or self.schedule()
         n = len(schedule)
+        if stochastic is not None:
+            if self.sampler != "ddim":
+                raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's)")
+            if tuple(stochastic.shape) != (n,):
+                raise ValueError(f"stochastic must be a bool mask of shape ({n},), got {tuple(stochastic.shape)}")
+            stochastic = stochastic.bool().tolist()
         if grad not in ("none", "full", "last_k"):
             raise ValueError(f"grad must be 'none', 'full' or 'last_k', got {grad!r}")
         if grad == "last_k" and not 0 <= k <= n:
@@ -460,14 +475,26 @@ class DiffusionPolicy(nn.Module):
             t, t_prev = schedule.timesteps[i], schedule.prev_timesteps[i]
             noise = _randn_like(x, generator)
             tracked = i >= n - n_tracked
+            eta = None if stochastic is None or stochastic[i] else 0.0
             with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
                 if tracked and checkpoint:
                     out = torch_checkpoint(
-                        self._checkpointed_step, x, t, t_prev, cond, uncond, guidance_scale, noise, use_reentrant=False
+                        self._checkpointed_step,
+                        x,
+                        t,
+                        t_prev,
+                        cond,
+                        uncond,
+                        guidance_scale,
+                        noise,
+                        eta,
+                        use_reentrant=False,
                     )
                     prev, mean, lp, std = out
                 else:
-                    o = self.step(x, t, t_prev, cond, uncond=uncond, guidance_scale=guidance_scale, noise=noise)
+                    o = self.step(
+                        x, t, t_prev, cond, uncond=uncond, guidance_scale=guidance_scale, noise=noise, eta=eta
+                    )
                     prev, mean, lp, std = o.prev_sample, o.mean, o.log_prob, o.std
             x = prev
             log_probs.append(lp)
@@ -484,6 +511,6 @@ class DiffusionPolicy(nn.Module):
             schedule=schedule,
         )
 
-    def _checkpointed_step(self, x, t, t_prev, cond, uncond, guidance_scale, noise):
-        o = self.step(x, t, t_prev, cond, uncond=uncond, guidance_scale=guidance_scale, noise=noise)
+    def _checkpointed_step(self, x, t, t_prev, cond, uncond, guidance_scale, noise, eta=None):
+        o = self.step(x, t, t_prev, cond, uncond=uncond, guidance_scale=guidance_scale, noise=noise, eta=eta)
         return o.prev_sample, o.mean, o.log_prob, o.std

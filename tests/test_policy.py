@@ -205,3 +205,32 @@ def test_bad_arguments_are_clear():
         policy.schedule(0)
     with pytest.raises(ValueError, match="grad"):
         policy.sample(torch.zeros(1, 2), None, grad="some")
+
+
+def test_stochastic_mask_is_parity_preserving_and_makes_masked_steps_deterministic(toy_world):
+    """MixGRPO's per-step η: no mask and an all-True mask are bit-identical to before; a False step is the η = 0
+    DDIM step (σ = 0, log-prob 0) and the other steps still receive the same noise z."""
+    policy = _toy_policy(toy_world)
+    cond = toy_world.encoder(["angle 60"] * 4)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(mask=None, eta=None):
+        p = policy if eta is None else policy.with_eps_model(policy.eps_model)
+        if eta is not None:
+            p.eta = eta
+        return p.sample(x_T, cond, generator=torch.Generator().manual_seed(3), return_trajectory=True, stochastic=mask)
+
+    n = len(policy.schedule())
+    plain, all_true = run(), run(torch.ones(n, dtype=torch.bool))
+    assert torch.equal(plain.x0, all_true.x0) and torch.equal(plain.log_probs, all_true.log_probs)
+    window = torch.zeros(n, dtype=torch.bool)
+    window[1:3] = True
+    mixed = run(window)
+    assert (mixed.stds[:, ~window] == 0).all() and (mixed.log_probs[:, ~window] == 0).all()
+    assert (mixed.stds[:, window] > 0).all() and torch.equal(mixed.stds[:, window], plain.stds[:, window])
+    ode = run(eta=0.0)  # step 0 outside the window: exactly the deterministic DDIM step from the same x_T
+    torch.testing.assert_close(mixed.latents[1], ode.latents[1], rtol=0, atol=0)
+    # Inside the window the noise is the unmasked run's z: x_{t-1} − μ is the same σ z as in the plain run.
+    torch.testing.assert_close(mixed.latents[2] - mixed.means[1], plain.latents[2] - plain.means[1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        run(torch.ones(n + 1, dtype=torch.bool))
