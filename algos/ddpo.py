@@ -67,7 +67,10 @@ class DDPOConfig:
     clip_range: float = 1e-4
     """ε of the clipped ratio (ddpo-pytorch's 1e-4, meant for per-dim MEAN log-probs: ``log_prob_reduction``)."""
     adv_clip_max: float = 5.0
-    """Advantages are clipped to [−adv_clip_max, adv_clip_max]."""
+    """Advantages are clipped to [−adv_clip_max, adv_clip_max] in units of their standard deviation: standardised
+    advantages (``advantage_std``) are clipped at adv_clip_max, unstandardised ones (DPOK's raw reward minus a
+    baseline) at adv_clip_max × their batch standard deviation — a fixed ±5 on raw rewards would clip every reward
+    whose spread exceeds 5 and change the β of DPOK's target."""
     advantage_norm: str = "per_prompt"
     """``per_prompt`` (stat tracker), ``global`` (batch statistics) or ``none`` (raw rewards)."""
     advantage_std: bool = True
@@ -296,7 +299,17 @@ class DDPO(AlgorithmDefaults):
         rank = ctx.accelerator.process_index if ctx.accelerator is not None else 0
         b = len(prompts)
         stats = {"reward_mean": float(all_r.mean()), "reward_std": float(all_r.std(unbiased=False))}
+        stats["adv_clip"] = self.advantage_clip(adv)
         return adv[rank * b : (rank + 1) * b].to(rewards.device), stats
+
+    def advantage_clip(self, adv: Tensor) -> float:
+        """The advantage clip in units of the advantages' standard deviation (``adv_clip_max``): standardised
+        advantages are clipped at adv_clip_max, unstandardised ones at adv_clip_max × their batch std (no clip for a
+        zero std), so DPOK's raw-reward advantages keep their scale and ``kl_coef`` stays the β of its target."""
+        if self.config.advantage_std:
+            return float(self.config.adv_clip_max)
+        std = float(adv.std(unbiased=False)) if adv.numel() > 1 else 0.0
+        return self.config.adv_clip_max * std if std > 0 else math.inf
 
     def collect(self) -> Trajectories:
         ctx = self.ctx
@@ -385,7 +398,8 @@ class DDPO(AlgorithmDefaults):
 
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions) -> dict[str, Tensor]:
         cfg = self.config
-        return ddpo_loss(log_prob, old, adv, clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max, mode=cfg.mode)
+        clip = mb.batch.stats.get("adv_clip", cfg.adv_clip_max)
+        return ddpo_loss(log_prob, old, adv, clip_range=cfg.clip_range, adv_clip_max=clip, mode=cfg.mode)
 
     def check_fresh_ratio(self, log_prob: Tensor, old: Tensor, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """Detail 4: before the first update on a fresh batch, ratio == 1 and clipfrac == 0."""
@@ -430,6 +444,6 @@ class DPOK(DDPO):
             kl,
             kl_coef=cfg.kl_coef,
             clip_range=cfg.clip_range,
-            adv_clip_max=cfg.adv_clip_max,
+            adv_clip_max=mb.batch.stats.get("adv_clip", cfg.adv_clip_max),
             mode=cfg.mode,
         )

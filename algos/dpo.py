@@ -69,7 +69,12 @@ class DPOConfig:
 
 @dataclass
 class DPOL2Config(DPOConfig):
-    """Hyper-parameters of the S2 alternative approximation (same fields as Diffusion-DPO)."""
+    """Hyper-parameters of the S2 alternative approximation (same fields as Diffusion-DPO, another default)."""
+
+    sft_weight: float = 1.0
+    """The diffusion loss on the winners, on by default: θ = θ_ref (where every run starts, LoRA or full fine-tune)
+    is a stationary point of the pure S2 loss, so with 0 the gradient is exactly zero and the run returns the base
+    model; `DPOL2.setup` refuses 0."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,6 +301,15 @@ class DPOL2(DPO):
 
     name = "dpo_l2"
     config_class = DPOL2Config
+
+    def setup(self, ctx: AlgoContext) -> None:
+        if self.config.sft_weight <= 0:
+            raise ValueError(
+                "dpo_l2: sft_weight must be > 0 — θ = θ_ref (the start of every run, LoRA or full fine-tune) is a "
+                "stationary point of the pure S2 loss (`dpo_l2_loss`), so with sft_weight = 0 the gradient is exactly "
+                "zero and training returns the base model; use algo.sft_weight=1.0 (the default) or another value > 0"
+            )
+        super().setup(ctx)
 
     def loss(self, batch) -> dict[str, Tensor]:
         prompts = batch[0]

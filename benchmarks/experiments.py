@@ -19,8 +19,11 @@ The experiment file (``conf/experiment/<name>.yaml``) lists its runs under ``swe
 ``{label, overrides}``; each run is composed from the normal config with those overrides followed by the command
 line's own overrides (so ``experiment=beta_sweep train.steps=20`` shortens every run) and ``label=<label>``, and
 runs through `benchmarks.run.run` — the one training loop and the one evaluation. The experiment directory holds
-``runs/<label>/`` (complete runs are reused when the same directory is run again, e.g. after an interruption:
-``hydra.run.dir=<experiment dir>``), ``section.md``, its figures and ``experiment.json``;
+``runs/<label>/s<seed>/`` for each reporting seed (``seeds=`` on the command line or ``sweep.seeds``; default
+`benchmarks.protocol.REPORTING_SEEDS`, three seeds; sections show means over seeds with 95% intervals, win rates
+pooled over seeds and captions; complete runs are reused and an interrupted one resumes from its last checkpoint
+when the same directory is run again: ``hydra.run.dir=<experiment dir>``), ``section.md``, its figures,
+``aggregate.json`` (`benchmarks.protocol.aggregate`) and ``experiment.json``;
 ``python -m benchmarks.report <dir>`` includes the section.
 """
 
@@ -36,8 +39,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from benchmarks import report
+from benchmarks import leaderboard, protocol, report
 from benchmarks.wiring import hydra_output_dir
+from rlkit_diffusion.checkpoint import latest_checkpoint
 
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
@@ -83,35 +87,63 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
     exp_dir = Path(exp_dir or experiment_dir(cfg))
     exp_dir.mkdir(parents=True, exist_ok=True)
-    extra = _user_overrides() if overrides is None else list(overrides)
-    runs, timings = [], {}
-    for i, spec in enumerate(sweep["runs"]):
+    if sweep.get("grid"):  # leaderboard: the run list is every module (benchmarks.leaderboard.expand_grid)
+        sweep["runs"] = leaderboard.expand_grid(sweep)
+    extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
+    seeds = experiment_seeds(cfg, sweep)
+    runs, timings, seed_runs = [], {}, []
+    todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
+    for i, (spec, seed) in enumerate(todo):
         label = spec["label"]
-        run_dir = exp_dir / "runs" / _slug(label)
-        print(f"[{cfg.experiment}] run {i + 1}/{len(sweep['runs'])}: {label}", flush=True)
+        run_dir = exp_dir / "runs" / _slug(label) / f"s{seed}"
+        print(f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}", flush=True)
         if (run_dir / "eval.json").exists():
             print(f"[{cfg.experiment}]   complete already, reused: {run_dir}", flush=True)
         else:
             t_run = time.perf_counter()
+            resume = [f"resume={run_dir}"] if latest_checkpoint(run_dir / "checkpoints") is not None else []
             sub = compose_run(
-                [*spec.get("overrides", []), *extra, label_override(label), f"out_dir={exp_dir / 'runs'}"]
+                [
+                    *spec.get("overrides", []),
+                    *extra,
+                    label_override(label),
+                    f"seed={seed}",
+                    f"out_dir={exp_dir / 'runs'}",
+                    *resume,
+                ]
             )
             run_dir.mkdir(parents=True, exist_ok=True)
             run_one(sub, run_dir=run_dir)
-            timings[label] = time.perf_counter() - t_run
-        runs.append(report.load_run(run_dir))
+            timings[f"{label}/s{seed}"] = time.perf_counter() - t_run
+            done = sum(timings.values())
+            left = done / len(timings) * (len(todo) - i - 1)
+            print(f"[{cfg.experiment}]   {timings[f'{label}/s{seed}']:.0f} s; ~{left / 60:.0f} min left", flush=True)
+        seed_runs.append(report.load_run(run_dir))
+    for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
+        mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]
+        runs.append(protocol.merge_seeds(mine))
     lines = SECTIONS[sweep["section"]](runs, sweep.get("params", {}), exp_dir)
+    rows = protocol.aggregate(seed_runs, tuple(sweep.get("params", {}).get("kl_levels", protocol.KL_LEVELS)))
+    (exp_dir / "aggregate.json").write_text(json.dumps(rows, indent=2))
     wall = time.perf_counter() - t0
     title = sweep.get("title", cfg.experiment)
-    runs_wall = sum(float(r["eval"].get("wall_s", 0.0)) for r in runs)  # each run's own build+train+eval time
-    footer = f"_{len(runs)} runs, {runs_wall / 60:.1f} min of run time (`experiment={cfg.experiment}`)._"
+    runs_wall = sum(float(r["eval"].get("wall_s", 0.0)) for r in seed_runs)  # each run's build+train+eval time
+    footer = (
+        f"_{len(seed_runs)} runs ({len(runs)} configurations × seeds {seeds}; numbers are means over seeds with 95% "
+        f"intervals: t over seeds, win rates pooled with a caption × seed cluster bootstrap), {runs_wall / 60:.1f} "
+        f"min of run time (`experiment={cfg.experiment}`)._"
+    )
     body = [f"## {title}", "", *lines, "", footer]
     (exp_dir / "section.md").write_text("\n".join(body) + "\n")
     record = {
         "experiment": cfg.experiment,
         "title": title,
         "section": sweep["section"],
-        "runs": {r["eval"].get("label", r["dir"].name): str(r["dir"].relative_to(exp_dir)) for r in runs},
+        "runs": {
+            f"{r['eval'].get('label', r['dir'].parent.name)}/s{r['eval']['seed']}": str(r["dir"].relative_to(exp_dir))
+            for r in seed_runs
+        },
+        "seeds": seeds,
         "run_wall_s": timings,
         "wall_s": wall,
         "runs_wall_s": runs_wall,
@@ -119,6 +151,20 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     (exp_dir / "experiment.json").write_text(json.dumps(record, indent=2))
     print(f"[{cfg.experiment}] section: {exp_dir / 'section.md'} ({wall:.0f} s)", flush=True)
     return wall
+
+
+def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:
+    """The reporting seeds: ``seeds=`` on the command line, else the experiment's ``sweep.seeds``, else
+    `benchmarks.protocol.REPORTING_SEEDS`; never a tuning seed."""
+    value = cfg.get("seeds")
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    seeds = protocol.resolve_seeds(value if value is not None else sweep.get("seeds"))
+    protocol.check_reporting_seeds(seeds)
+    return seeds
+
+
+def _is_seeds(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") in ("seed", "seeds")
 
 
 def label_override(label: str) -> str:
@@ -369,4 +415,6 @@ SECTIONS: dict[str, Section] = {
     "beta_sweep": section_beta_sweep,
     "best_of_n": section_best_of_n,
     "sdedit": section_sdedit,
+    "leaderboard": leaderboard.section_leaderboard,
+    "paper_claims": leaderboard.section_paper_claims,
 }

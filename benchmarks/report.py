@@ -5,7 +5,8 @@ a warning naming the file), groups runs by their full config minus the seed (a g
 tell it apart from the other groups of its algorithm), keeps worlds apart (one set of figures per world) and writes
 into ``--out`` (default: a new folder ``reports/report-<time>``; never into a run directory):
 
-* ``report.md``   — the comparison table (mean ± 95% CI over seeds), figures and image grids, linked;
+* ``report.md``   — the comparison table (mean [95% t-interval over seeds], pooled win rate with a caption × seed
+  cluster-bootstrap interval), figures and image grids, linked;
 * ``report.html`` — the same, self-contained (images inlined);
 * ``curves.png``  — gold and proxy reward against each budget axis (updates, UNet NFEs, reward queries, seconds);
 * ``frontier.png`` — gold reward vs KL to the reference (the reward–divergence frontier), one point per run;
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.protocol import fmt_ci, pooled_win_rate
+from rlkit_diffusion.intervals import t_interval
 
 TABLE_COLUMNS = [
     ("win_rate_vs_base", "win rate", "{:.1%}"),
@@ -139,18 +143,18 @@ def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def table(groups: dict[tuple[str, str], list[dict]]) -> str:
+    """Mean [Student-t 95% interval over seeds] of each column (the mean alone for one seed), and the win rate
+    pooled over seeds and captions with its two-way cluster bootstrap interval (`benchmarks.protocol`)."""
     cols = [c for c in TABLE_COLUMNS if any(c[0] in r["eval"] for rs in groups.values() for r in rs)]
-    lines = ["| world | algo | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    head = "| world | algo | seeds | " + " | ".join(c[1] for c in cols) + " | pooled win rate (caption × seed CI) |"
+    lines = [head, "|---|---|---|" + "---|" * (len(cols) + 1)]
     for (world, algo), rs in groups.items():
         cells = []
         for key, _, fmt in cols:
-            m, h = mean_ci([r["eval"].get(key) for r in rs])
-            if math.isnan(m):
-                cells.append("–")
-            elif len(rs) > 1:
-                cells.append(f"{fmt.format(m)} ± {fmt.format(h).rstrip('%')}{'%' if '%' in fmt else ''}")
-            else:
-                cells.append(fmt.format(m))
+            m, lo, hi = t_interval([r["eval"].get(key) for r in rs])
+            cells.append(fmt_ci({"mean": m, "ci_low": lo, "ci_high": hi}, fmt))
+        pooled = pooled_win_rate(rs)
+        cells.append("–" if pooled is None else fmt_ci(dict(zip(("mean", "ci_low", "ci_high"), pooled)), "{:.1%}"))
         lines.append(f"| {world} | {algo} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -40,10 +40,12 @@ from benchmarks.wiring import (
     refuse_existing_run,
     save_config,
     save_eval,
+    save_per_sample,
     save_samples,
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
+from rlkit_diffusion.checkpoint import atomic_write_text
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
@@ -145,6 +147,7 @@ def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: 
         implicit_scale=algo.implicit_reward_scale(),
     )
     save_samples(world, policy, base_policy, s.eval, run_dir, algo.sampler)
+    save_per_sample(metrics, run_dir, s.eval.samples_per_prompt)
     return metrics
 
 
@@ -247,6 +250,43 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     return result
 
 
+def run_seeds(cfg: DictConfig, parent: Path, run_one=None) -> list[dict[str, Any]]:
+    """``seeds=[..]`` (or a count): one run per seed into ``<parent>/s<seed>/`` (a finished one — with eval.json —
+    is reused, so an interrupted multi-seed run continues), then ``aggregate.json`` and the report of all of them
+    (mean and 95% interval over seeds, win rate pooled over seeds and captions; `benchmarks.protocol`)."""
+    from benchmarks import protocol
+    from benchmarks.report import load_run, write_report
+
+    run_one = run_one or run
+    seeds = protocol.resolve_seeds(OmegaConf.to_container(cfg.seeds) if OmegaConf.is_config(cfg.seeds) else cfg.seeds)
+    protocol.check_reporting_seeds(seeds)
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for i, seed in enumerate(seeds):
+        run_dir = parent / f"s{seed}"
+        if (run_dir / "eval.json").exists():
+            print(f"[seeds] {i + 1}/{len(seeds)} seed {seed}: complete already, reused {run_dir}", flush=True)
+            continue
+        print(f"[seeds] {i + 1}/{len(seeds)} seed {seed} -> {run_dir}", flush=True)
+        sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_one(sub, run_dir=run_dir)
+    runs = [load_run(parent / f"s{seed}") for seed in seeds]
+    rows = protocol.aggregate(runs)
+    atomic_write_text(parent / "aggregate.json", json.dumps(rows, indent=2))
+    report = write_report([parent]) if cfg.get("report", True) else None
+    for row in rows:
+        win = row["pooled_win_rate"].get("train")
+        print(
+            f"{row['algo']} on {row['world']}, seeds {row['seeds']}: pooled win rate vs base "
+            f"{protocol.fmt_ci(win, '{:.1%}')} (95% CI, captions × seeds); gold "
+            f"{protocol.fmt_ci(row['metrics'].get('gold_reward_trained'))} (t-interval over seeds)",
+            flush=True,
+        )
+    print(f"  aggregate: {parent / 'aggregate.json'}" + (f"   report: {report}" if report else ""), flush=True)
+    return rows
+
+
 def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:
     def f(key: str) -> str:
         return f"{r[key]:.3f}" if key in r else "n/a"
@@ -254,7 +294,7 @@ def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = N
     lines = [
         f"{r['algo']} on {r['world']} (seed {r['seed']}): {r['updates']} updates in {r['train_wall_s']:.1f}s",
         f"  win rate vs base (gold): {r['win_rate_vs_base']:.1%} "
-        f"[95% CI {r['win_rate_vs_base_ci_low']:.1%}, {r['win_rate_vs_base_ci_high']:.1%}]",
+        f"[95% CI over captions {r['win_rate_vs_base_ci_low']:.1%}, {r['win_rate_vs_base_ci_high']:.1%}]",
     ]
     if "heldout_win_rate_vs_base" in r:
         lines.append(
@@ -313,10 +353,19 @@ def main(cfg: DictConfig) -> float:
             from benchmarks import tutorial
 
             return tutorial.run(cfg)
+        if cfg.get("experiment") == "tune":  # the recorded tuning sweep of one algorithm (benchmarks/tune.py)
+            from benchmarks import tune
+
+            return float(tune.run(cfg, run_one=run)["chosen"])
         if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section
             from benchmarks import experiments
 
             return experiments.run(cfg, run_one=run)
+        if cfg.get("seeds") is not None:  # one run per seed, then their aggregate
+            from benchmarks.wiring import hydra_output_dir
+
+            rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
+            return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
         result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
     except ConfigError as err:
         logging.getLogger("benchmarks.run").debug("user error", exc_info=True)

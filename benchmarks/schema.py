@@ -39,6 +39,9 @@ class RunConfig:
 
     seed: int = 0
     """Seed of training randomness (evaluation noises have their own fixed seed: eval.seed)."""
+    seeds: Any = None
+    """Several seeds (a list, or a count n = seeds 0..n−1): one run directory per seed (``s<seed>/``), then their
+    aggregate (mean and 95% interval over seeds; `benchmarks.protocol`). Experiments default to 3 reporting seeds."""
     device: str = "auto"
     """``auto`` (accelerate picks CUDA when present), ``cpu`` or ``cuda``."""
     reward: str = "proxy"
@@ -74,6 +77,8 @@ class RunConfig:
     sweep: Any = None
     """Set by the paper-style ``experiment=<name>`` configs: the runs of the experiment and its report section
     (`benchmarks.experiments`); None = one training run."""
+    tune: Any = None
+    """Settings of ``experiment=tune`` (``conf/experiment/tune.yaml``; `benchmarks.tune`); None otherwise."""
     tutorial: Any = None
     """Settings of ``experiment=toy2d_tutorial`` (``conf/experiment/toy2d_tutorial.yaml``); None otherwise."""
 

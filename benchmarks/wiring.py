@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit_diffusion.algorithm import AlgoContext, Counters
-from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, latest_checkpoint
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference, add_lora
@@ -160,6 +160,22 @@ def init_from_run(policy, path: Path) -> None:
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved config of a new run (a resumed run is its config.yaml: `benchmarks.lifecycle`)."""
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+
+def save_per_sample(metrics: dict[str, Any], run_dir: Path, samples_per_prompt: int) -> None:
+    """Move the evaluation's per-row arrays (``per_sample``, ``heldout_per_sample``) out of ``metrics`` into
+    ``per_sample.npz`` (keys ``<split>/<name>``, plus ``samples_per_prompt``): pooled intervals over seeds resample
+    their captions (`benchmarks.report.pooled_win_rate`)."""
+    arrays = {"samples_per_prompt": np.array(samples_per_prompt)}
+    for key in [k for k in metrics if k.endswith("per_sample") and isinstance(metrics[k], dict)]:
+        split = "heldout" if key.startswith("heldout_") else "train"
+        arrays.update({f"{split}/{name}": np.asarray(v) for name, v in metrics.pop(key).items()})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(run_dir / "per_sample.npz", write)
 
 
 def save_eval(result: dict[str, Any], run_dir: Path) -> None:

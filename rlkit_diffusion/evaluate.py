@@ -7,32 +7,47 @@ per-step noises are drawn from ``seed`` — identical for the base and the train
 Metric formulas (all rewards are the world's ``gold`` reward unless named ``proxy_*``):
 
 * ``win_rate_vs_base`` = mean over (prompt, noise) of 1[r(x_θ) > r(x_base)] + ½·1[r(x_θ) = r(x_base)];
-  ``_ci_low/_ci_high``: percentile bootstrap 95% interval over (prompt, noise) pairs.
-* ``gold_reward_*``: mean, median and bootstrap CI of r on the split's samples; ``proxy_reward_*`` likewise.
+  ``_ci_low/_ci_high``: percentile 95% interval of a cluster bootstrap over captions (`rlkit_diffusion.intervals`:
+  the ``samples_per_prompt`` draws of one caption are correlated, so whole captions are resampled). Every interval
+  of a per-sample metric below is this caption-cluster bootstrap (``*_ci_low/_ci_high``).
+* ``gold_reward_*``: mean, median and CI of r on the split's samples; ``proxy_reward_*`` likewise.
 * ``kl_to_ref`` = E_{x_{0:T} ~ π_θ} Σ_t KL(π_θ(·|x_t, c) ‖ π_base(·|x_t, c)), the path KL of eq. 10 along policy
-  samples (per-step Gaussian KLs with the shared σ_t; deterministic steps contribute 0).
+  samples (per-step Gaussian KLs with the shared σ_t), with its CI. With a deterministic sampler (DDIM η = 0) every
+  step's KL is 0 while the images differ, so the KL is measured on a separate stochastic pass of the same two
+  networks at η = 1 (``kl_to_ref_eta`` = 1.0 says so; the samples themselves stay η = 0).
 * ``distance_to_optimum_*`` (toy2d): energy distance to draws from p* ∝ p_ref exp(r/β*), averaged over prompts.
 * ``win_rate_by_category`` (worlds whose ``extras["prompt_categories"]`` labels the prompts, e.g. PartiPrompts'
   categories or HPSv2's styles): the win rate and its CI per category.
 * ``diversity``: the world's diversity measure (shapes: entropy of the attributes a caption leaves unspecified;
-  otherwise the mean pairwise distance between samples of one prompt).
-* ``best_of_n_equivalent`` (supp. S8): the N at which best-of-N over the *base* model's draws, picked by the gold
-  reward, matches the trained policy's mean gold reward. ``best_of_n_curve[N-1]`` = E[max of N base draws] per
-  prompt (averaged over prompts), estimated without bias from the split's ``samples_per_prompt`` base draws by order
-  statistics: E[max_N] = Σ_i r_(i) C(i−1, N−1) / C(n, N) (r_(1) ≤ … ≤ r_(n)); N is interpolated linearly between
-  integers. ``best_of_n_equivalent_censored`` is true when the policy beats even best-of-n (then N ≥ n).
-  ``best_of_n_curve_by_proxy`` / ``best_of_n_equivalent_by_proxy``: the same with the draws picked by the proxy
-  reward (what the best-of-N baseline can actually do) and still scored by gold.
+  otherwise the mean pairwise distance between samples of one prompt). ``diversity_ci_low/_high``: caption
+  bootstrap of the mean of the per-caption diversities (the measure applied to each caption's draws alone).
+* ``best_of_n_equivalent`` (the MEAN-REWARD CROSSING, not S8's statistic): the N at which best-of-N over the *base*
+  model's draws, picked by the gold reward, matches the trained policy's mean gold reward. ``best_of_n_curve[N-1]`` =
+  E[max of N base draws] per prompt (averaged over prompts), estimated without bias from the split's
+  ``samples_per_prompt`` base draws by order statistics: E[max_N] = Σ_i r_(i) C(i−1, N−1) / C(n, N) (r_(1) ≤ … ≤
+  r_(n)); N is interpolated linearly between integers. ``best_of_n_equivalent_censored`` is true when the policy beats
+  even best-of-n (then N ≥ n). ``best_of_n_curve_by_proxy`` / ``best_of_n_equivalent_by_proxy``: the same with the
+  draws picked by the proxy reward (what the best-of-N baseline can actually do) and still scored by gold.
+  ``best_of_n_equivalent_ci_*``: caption bootstrap of the crossing.
+* ``s8_p_base_best_of_n_beats_policy`` (supp. S8 as in the paper): entry n−1 = P(the best of n base draws, picked
+  by gold, beats one trained draw) for the same caption, averaged over captions; per caption and trained draw y it
+  is 1 − ½(C(k_<, n) + C(k_≤, n)) / C(m, n) over the m base draws (k_< / k_≤ = base draws below / not above y;
+  exact for n drawn without replacement, ties ½). ``s8_base_draws_for_half``: the n at which that probability
+  reaches ½ (linear between integers; ``_censored`` = even the best of m does not reach ½), with caption-bootstrap
+  intervals. ``metric_labels`` names what each of these S8 numbers is.
 * ``win_rate_vs_base_by_reward`` (``eval.rewards=[...]``): win rate vs base under each named reward — the AI-feedback
   matrix of the paper's Fig. 6 evaluates every trained model under every reward.
 * ``eval_mode``: ``sample`` (from pure noise) or ``sdedit`` (image-to-image editing, §5.3): each row starts from
   the world's edit input x_in (shapes: a corrupted render that differs from the caption in one attribute) noised to
   t = strength·T, x_t ~ q(x_t | x_in) — the env's ρ_0 becomes q(x_t | x_in) — and denoises the rest of the
   schedule. Base and policy edit the same inputs with the same noises; wins are scored against the caption.
-* ``implicit_acc`` / ``implicit_margin`` (Table 2, every algorithm): the preference accuracy on the world's first
-  ``implicit_pairs`` validation pairs of the trained policy's implicit reward against the base, r̂ = β log π_θ/π_ref
-  estimated with ``implicit_draws`` shared (t, ε) draws (`rlkit_diffusion.preference`); ``reward_acc_<name>``: the
-  same for each explicit reward model. The accuracy does not depend on β; the margin is in the algorithm's own β.
+* ``implicit_acc`` / ``implicit_margin`` (Table 2, every algorithm): the preference accuracy (CI: bootstrap over pairs)
+  on the world's first ``implicit_pairs`` validation pairs of the trained policy's implicit reward against the base, r̂
+  = β log π_θ/π_ref estimated with ``implicit_draws`` shared (t, ε) draws (`rlkit_diffusion.preference`);
+  ``reward_acc_<name>``: the same for each explicit reward model. The accuracy does not depend on β; the margin is in
+  the algorithm's own β.
+* ``per_sample`` / ``heldout_per_sample``: the per-row arrays (``wins``, ``gold_trained``, ``gold_base``, ``kl``;
+  caption-major) behind the means — the runner saves them as ``per_sample.npz`` (pooling seeds needs the rows).
 * ``inference_nfe_per_sample``: UNet evaluations spent sampling one evaluation sample (the inference cost of Table 1;
   N× the base's for best-of-N), ``inference_reward_queries_per_sample`` likewise for reward calls.
 
@@ -55,6 +70,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rlkit_diffusion.intervals import (
+    bootstrap_ci,  # noqa: F401  (re-exported: its import path before intervals.py)
+    caption_clusters,
+    cluster_bootstrap_ci,
+    cluster_weights,
+)
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.preference import implicit_reward_accuracy, reward_preference_accuracy
@@ -106,14 +127,15 @@ class EvalConfig:
             raise ValueError(f"eval.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
 
 
-def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+METRIC_LABELS = {
+    "best_of_n_equivalent": "mean-reward crossing: N at which E[max of N base draws, by gold] reaches the trained "
+    "policy's mean gold reward (not S8's statistic)",
+    "best_of_n_equivalent_by_proxy": "mean-reward crossing with the base draws picked by the proxy reward",
+    "s8_p_base_best_of_n_beats_policy": "S8 (paper): per caption P(best of n base draws beats one trained draw), "
+    "n = 1..samples_per_prompt, averaged over captions",
+    "s8_base_draws_for_half": "S8 (paper): base draws n at which P(best of n base beats one trained draw) = 1/2",
+}
+"""What each best-of-N number in eval.json is (written into eval.json as ``metric_labels``)."""
 
 
 def win_rate(r_trained: np.ndarray, r_base: np.ndarray) -> np.ndarray:
@@ -195,6 +217,13 @@ def _sample_chunks(core: DenoisingCore, policy, prompts, cfg, ref_policy, x_inpu
         elif ref_policy is None:
             x0s.append(core.rollout(policy, chunk, x_T=noise, generator=step_gen, **episode).x0)
             nfe += policy.nfe - nfe0
+        elif deterministic_steps(policy):  # η = 0: the samples, then the KL on a stochastic (η = 1) pass
+            x0s.append(core.rollout(policy, chunk, x_T=noise, generator=step_gen, **episode).x0)
+            nfe += policy.nfe - nfe0
+            kl_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1 + start)
+            with stochastic_steps(policy, ref_policy):
+                ro = core.rollout(policy, chunk, x_T=noise, generator=kl_gen, return_trajectory=True, **episode)
+                kls.append(core.path_kl(policy, ref_policy, ro))
         else:
             ro = core.rollout(policy, chunk, x_T=noise, generator=step_gen, return_trajectory=True, **episode)
             nfe += policy.nfe - nfe0  # before the reference's forwards
@@ -204,6 +233,27 @@ def _sample_chunks(core: DenoisingCore, policy, prompts, cfg, ref_policy, x_inpu
     if kls:
         res["kl"] = torch.cat(kls)
     return res
+
+
+def deterministic_steps(policy: DiffusionPolicy) -> bool:
+    """True when every denoising step is deterministic (DDIM with η = 0): the path KL of such samples is 0."""
+    return getattr(policy, "sampler", "ddim") == "ddim" and float(getattr(policy, "eta", 1.0)) == 0.0
+
+
+class stochastic_steps:
+    """Context: DDIM η = 1 on the given policies (restored afterwards) — the KL pass of η = 0 samplers."""
+
+    def __init__(self, *policies: DiffusionPolicy):
+        self.policies = policies
+        self.saved = [p.eta for p in policies]
+
+    def __enter__(self) -> None:
+        for p in self.policies:
+            p.eta = 1.0
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, eta in zip(self.policies, self.saved):
+            p.eta = eta
 
 
 @torch.no_grad()
@@ -217,7 +267,10 @@ def score(world: World, name: str, x0: Tensor, prompts: list[str], batch_size: i
 
 
 def _summary(prefix: str, values: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
-    lo, hi = bootstrap_ci(values, cfg.bootstrap, cfg.seed)
+    """Mean, median and the caption-cluster bootstrap CI of one per-sample metric (rows caption-major)."""
+    lo, hi = cluster_bootstrap_ci(
+        values, caption_clusters(len(values), cfg.samples_per_prompt), None, cfg.bootstrap, cfg.seed
+    )
     return {
         prefix: float(np.mean(values)),
         f"{prefix}_median": float(np.median(values)),
@@ -242,12 +295,14 @@ def category_win_rates(
     wins: np.ndarray, prompts: list[str], categories: dict[str, str], cfg: EvalConfig
 ) -> dict[str, dict[str, float]]:
     """Win rate vs base per prompt category (e.g. PartiPrompts' ``People``): ``{category: {win_rate, ci_low,
-    ci_high, n}}``, n = number of (prompt, noise) pairs; prompts without a category count as ``other``."""
+    ci_high, n}}``, n = number of (prompt, noise) pairs; prompts without a category count as ``other``. Intervals:
+    caption-cluster bootstrap."""
     labels = np.array([categories.get(p, "other") for p in prompts])
+    clusters = caption_clusters(len(prompts), cfg.samples_per_prompt)
     out = {}
     for cat in sorted(set(labels.tolist())):
         w = wins[labels == cat]
-        lo, hi = bootstrap_ci(w, cfg.bootstrap, cfg.seed)
+        lo, hi = cluster_bootstrap_ci(w, clusters[labels == cat], None, cfg.bootstrap, cfg.seed)
         out[cat] = {"win_rate": float(w.mean()), "ci_low": lo, "ci_high": hi, "n": int(len(w))}
     return out
 
@@ -402,10 +457,11 @@ def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, c
     )
     r_t = score(world, cfg.reward, s["x0"], prompts, cfg.batch_size)
     wins = win_rate(r_t, base["gold"])
-    out.update(_best_of_n_metrics(base, r_t, (len(plist), cfg.samples_per_prompt), pre))
+    out.update(_best_of_n_metrics(base, r_t, (len(plist), cfg.samples_per_prompt), pre, cfg))
     if cfg.rewards:
         out[f"{pre}win_rate_vs_base_by_reward"] = _wins_by_reward(world, cfg, s["x0"], prompts, base)
-    lo, hi = bootstrap_ci(wins, cfg.bootstrap, cfg.seed)
+    clusters = caption_clusters(len(prompts), cfg.samples_per_prompt)  # (B,) caption of each row
+    lo, hi = cluster_bootstrap_ci(wins, clusters, None, cfg.bootstrap, cfg.seed)
     out[f"{pre}win_rate_vs_base"] = float(wins.mean())
     out[f"{pre}win_rate_vs_base_ci_low"], out[f"{pre}win_rate_vs_base_ci_high"] = lo, hi
     categories = world.extras.get("prompt_categories")
@@ -418,30 +474,117 @@ def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, c
         proxy_trained = score(world, proxy, s["x0"], prompts, cfg.batch_size)
         out.update(_summary(f"{pre}proxy_reward_trained", proxy_trained, cfg))
     out[f"{pre}kl_to_ref"] = float(s["kl"].mean()) if "kl" in s else float(getattr(sampler, "kl_to_ref", "nan"))
+    if "kl" in s:
+        kl = s["kl"].double().cpu().numpy()
+        out[f"{pre}kl_to_ref_ci_low"], out[f"{pre}kl_to_ref_ci_high"] = cluster_bootstrap_ci(
+            kl, clusters, None, cfg.bootstrap, cfg.seed
+        )
+        if sampler is None and deterministic_steps(policy):
+            out[f"{pre}kl_to_ref_eta"] = 1.0
     out[f"{pre}inference_nfe_per_sample"] = s["nfe"] / len(prompts)
     out[f"{pre}inference_nfe_per_sample_base"] = base["nfe"] / len(prompts)
     out[f"{pre}inference_reward_queries_per_sample"] = float(getattr(sampler, "reward_queries_per_sample", 0))
     div = world.extras.get("diversity", default_diversity)
     out[f"{pre}diversity"] = div(s["x0"], prompts)
     out[f"{pre}diversity_base"] = div(base["x0"], prompts)
+    if cfg.samples_per_prompt > 1:
+        out[f"{pre}diversity_ci_low"], out[f"{pre}diversity_ci_high"] = _diversity_ci(div, s["x0"], prompts, cfg)
     if world.optimum is not None and world.distance is not None:
         out.update(_distance_to_optimum(world, cfg, plist, prompts, s["x0"], base["x0"], pre))
+    out[f"{pre}per_sample"] = {  # (B,) rows caption-major: the pooled intervals over seeds need them
+        "wins": wins,
+        "gold_trained": r_t,
+        "gold_base": base["gold"],
+        **({"kl": s["kl"].double().cpu().numpy()} if "kl" in s else {}),
+    }
     return out
 
 
-def _best_of_n_metrics(base: dict, r_t: np.ndarray, per_prompt: tuple[int, int], pre: str) -> dict[str, Any]:
+def _diversity_ci(div, x0: Tensor, prompts: list[str], cfg: EvalConfig) -> tuple[float, float]:
+    """Caption bootstrap of the mean per-caption diversity (the world's measure on each caption's draws alone)."""
+    m = cfg.samples_per_prompt
+    per_caption = np.array([div(x0[i : i + m], prompts[i : i + m]) for i in range(0, len(prompts), m)])
+    ok = np.isfinite(per_caption)
+    if not ok.any():
+        return float("nan"), float("nan")
+    return cluster_bootstrap_ci(per_caption[ok], np.arange(int(ok.sum())), None, cfg.bootstrap, cfg.seed)
+
+
+def best_of_n_beats_probability(base: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """Supp. S8's statistic per caption: P(the best of n base draws beats one trained draw), n = 1..m.
+
+    Args:
+        base: (P, m) gold rewards of m base draws per caption.
+        trained: (P, k) gold rewards of k trained draws of the same captions.
+
+    Returns:
+        (P, m); entry [c, n−1] = mean over the trained draws y of 1 − ½(C(k_<, n) + C(k_≤, n)) / C(m, n), with k_<
+        (k_≤) the number of base draws below (not above) y: the exact probability for n base draws without
+        replacement from the m, a tie with the best base draw counting ½ (as the win rate does).
+    """
+    base, trained = np.asarray(base, dtype=np.float64), np.asarray(trained, dtype=np.float64)
+    m = base.shape[1]
+    k_lt = (base[:, None, :] < trained[:, :, None]).sum(2)  # (P, k)
+    k_le = (base[:, None, :] <= trained[:, :, None]).sum(2)  # (P, k)
+    comb = np.array([[math.comb(k, n) for n in range(1, m + 1)] for k in range(m + 1)], dtype=np.float64)  # (m+1, m)
+    total = comb[m]  # (m,) C(m, n)
+    p_not_beaten = 0.5 * (comb[k_lt] + comb[k_le]) / total  # (P, k, m)
+    return 1.0 - p_not_beaten.mean(1)
+
+
+def draws_for_half(curve: np.ndarray) -> tuple[float, bool]:
+    """The n at which an increasing curve of P(best of n base beats the policy) reaches ½: ``(n, censored)``.
+
+    n = 1 when one base draw already wins half the time or more; ``censored`` (n = m) when even n = m stays below.
+    """
+    return best_of_n_equivalent(np.asarray(curve, dtype=np.float64), 0.5)
+
+
+def _percentiles(values: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def _best_of_n_metrics(
+    base: dict, r_t: np.ndarray, per_prompt: tuple[int, int], pre: str, cfg: EvalConfig
+) -> dict[str, Any]:
     """Supp. S8 from the base's draws: the best-of-N curves (picked by gold, and by the proxy) and the N at which
-    they reach the trained policy's mean gold reward."""
+    they reach the trained policy's mean gold reward (the mean-reward crossing); S8's own statistic, the per-caption
+    P(best of n base draws beats one trained draw), and the n at which it reaches ½; caption-bootstrap intervals."""
     out: dict[str, Any] = {}
     curve = expected_best_of_n(base["gold"].reshape(per_prompt))
     n_eq, censored = best_of_n_equivalent(curve, float(r_t.mean()))
     out[f"{pre}best_of_n_equivalent"], out[f"{pre}best_of_n_equivalent_censored"] = n_eq, censored
     out[f"{pre}best_of_n_curve"] = [float(v) for v in curve]
+    # Caption bootstrap: each replicate reweights the captions of the per-caption curves and means.
+    n_p, m = per_prompt
+    weights = cluster_bootstrap_weights(n_p, cfg)  # (n_boot, P)
+    per_caption_max = np.stack([expected_best_of_n(row[None]) for row in base["gold"].reshape(per_prompt)])  # (P, m)
+    mean_t = r_t.reshape(per_prompt).mean(1)  # (P,)
+    boot_curves, boot_t = weights @ per_caption_max / n_p, weights @ mean_t / n_p  # (n_boot, m), (n_boot,)
+    crossings = np.array([best_of_n_equivalent(c, t)[0] for c, t in zip(boot_curves, boot_t)])
+    out[f"{pre}best_of_n_equivalent_ci_low"], out[f"{pre}best_of_n_equivalent_ci_high"] = _percentiles(crossings)
+    p_beat = best_of_n_beats_probability(base["gold"].reshape(per_prompt), r_t.reshape(per_prompt))  # (P, m)
+    s8 = p_beat.mean(0)
+    boot_s8 = weights @ p_beat / n_p  # (n_boot, m)
+    out[f"{pre}s8_p_base_best_of_n_beats_policy"] = [float(v) for v in s8]
+    out[f"{pre}s8_p_base_best_of_n_beats_policy_ci_low"] = [float(v) for v in np.percentile(boot_s8, 2.5, 0)]
+    out[f"{pre}s8_p_base_best_of_n_beats_policy_ci_high"] = [float(v) for v in np.percentile(boot_s8, 97.5, 0)]
+    n_half, half_censored = draws_for_half(s8)
+    out[f"{pre}s8_base_draws_for_half"], out[f"{pre}s8_base_draws_for_half_censored"] = n_half, half_censored
+    halves = np.array([draws_for_half(c)[0] for c in boot_s8])
+    out[f"{pre}s8_base_draws_for_half_ci_low"], out[f"{pre}s8_base_draws_for_half_ci_high"] = _percentiles(halves)
+    if not pre:
+        out["metric_labels"] = dict(METRIC_LABELS)
     if base["proxy"] is not None:  # the realistic baseline: base draws picked by the proxy, scored by gold
         curve_proxy = expected_best_of_n(base["gold"].reshape(per_prompt), base["proxy"].reshape(per_prompt))
         out[f"{pre}best_of_n_curve_by_proxy"] = [float(v) for v in curve_proxy]
         out[f"{pre}best_of_n_equivalent_by_proxy"] = best_of_n_equivalent(curve_proxy, float(r_t.mean()))[0]
     return out
+
+
+def cluster_bootstrap_weights(n_captions: int, cfg: EvalConfig) -> np.ndarray:
+    """(cfg.bootstrap, n_captions) multinomial caption counts of the caption bootstrap (seeded by ``cfg.seed``)."""
+    return cluster_weights(np.random.default_rng(cfg.seed), cfg.bootstrap, n_captions)
 
 
 def _wins_by_reward(world: World, cfg: EvalConfig, x0: Tensor, prompts: list[str], base: dict) -> dict[str, dict]:
@@ -450,7 +593,8 @@ def _wins_by_reward(world: World, cfg: EvalConfig, x0: Tensor, prompts: list[str
     for name in cfg.rewards:
         r_name = score(world, name, x0, prompts, cfg.batch_size)
         w = win_rate(r_name, base[f"reward:{name}"])
-        lo_r, hi_r = bootstrap_ci(w, cfg.bootstrap, cfg.seed)
+        clusters = caption_clusters(len(prompts), cfg.samples_per_prompt)
+        lo_r, hi_r = cluster_bootstrap_ci(w, clusters, None, cfg.bootstrap, cfg.seed)
         by_reward[name] = {
             "win_rate": float(w.mean()),
             "ci_low": lo_r,

@@ -26,10 +26,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rlkit_diffusion.intervals import bootstrap_ci
 from rlkit_diffusion.policy import DiffusionPolicy, cond_cat
 from rlkit_diffusion.worlds.base import PairSource, World
 
@@ -82,6 +84,11 @@ def parameterised_weight(policy: DiffusionPolicy, t: Tensor, weight: Tensor | No
     if factor is None:
         return weight
     return factor if weight is None else weight * factor
+
+
+def pair_outcomes(margin: Tensor) -> np.ndarray:
+    """Per-pair correctness of a margin: 1 (> 0), ½ (tie), 0 — its mean is `preference_accuracy`."""
+    return ((margin > 0).double() + 0.5 * (margin == 0).double()).cpu().numpy()
 
 
 def preference_accuracy(margin: Tensor) -> Tensor:
@@ -190,7 +197,8 @@ def implicit_reward_accuracy(
     tie — so a policy equal to its reference scores exactly 0.5. The pair stream is rewound afterwards (its
     ``state_dict``), so the same pairs are scored every time and the stream is not consumed.
 
-    Returns ``{"implicit_acc": ..., "implicit_margin": mean margin}``.
+    Returns ``{"implicit_acc": ..., "implicit_acc_ci_low/high": percentile bootstrap over pairs,
+    "implicit_margin": mean margin}``.
     """
     generator = torch.Generator().manual_seed(seed)
     margins = []
@@ -217,7 +225,13 @@ def implicit_reward_accuracy(
         bar.close()
         policy.eps_model.train(was_training)
     margin = torch.cat(margins)
-    return {"implicit_acc": float(preference_accuracy(margin)), "implicit_margin": float(margin.mean())}
+    lo, hi = bootstrap_ci(pair_outcomes(margin), seed=seed)  # pairs are independent: bootstrap over pairs
+    return {
+        "implicit_acc": float(preference_accuracy(margin)),
+        "implicit_acc_ci_low": lo,
+        "implicit_acc_ci_high": hi,
+        "implicit_margin": float(margin.mean()),
+    }
 
 
 @torch.no_grad()

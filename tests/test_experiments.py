@@ -120,7 +120,9 @@ def test_every_experiment_composes_and_its_runs_compose(name):
         assert cfg.tutorial is None and cfg.algo.name in group_choices("algo")
         return
     assert cfg.sweep.section in experiments.SECTIONS
-    for spec in cfg.sweep.runs:  # each run of the experiment is a valid single-run config
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
+    runs = experiments.leaderboard.expand_grid(sweep) if sweep.get("grid") else cfg.sweep.runs
+    for spec in OmegaConf.create(runs):  # each run of the experiment is a valid single-run config
         sub = compose_cfg([*spec.overrides, experiments.label_override(spec.label)])
         assert sub.label == spec.label and sub.sweep is None
 
@@ -226,23 +228,23 @@ def test_sections_write_their_figures_and_the_report_includes_them(tmp_path):
 def test_table2_experiment_on_shapes_at_a_tiny_budget(tmp_path):
     """End to end on shapes: an experiment config → one real run (eval.json valid) → its section → the report."""
     overrides = ["train.steps=2", "eval.implicit_pairs=8", "eval.implicit_draws=2", *TINY]
-    cfg = compose_cfg(["experiment=table2", f"out_dir={tmp_path}", *overrides])
+    cfg = compose_cfg(["experiment=table2", f"out_dir={tmp_path}", "seeds=1", *overrides])
     exp_dir = tmp_path / "table2"
     experiments.run(cfg, run_one, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
-    ev = json.loads((exp_dir / "runs" / "dpo" / "eval.json").read_text())
+    ev = json.loads((exp_dir / "runs" / "dpo" / "s0" / "eval.json").read_text())
     validate(ev)
     assert ev["label"] == "dpo" and ev["updates"] == 2
-    assert "grid_shapes.png" in (exp_dir / "runs" / "dpo" / "report.md").read_text()  # each run's own report
+    assert "grid_shapes.png" in (exp_dir / "runs" / "dpo" / "s0" / "report.md").read_text()  # each run's own report
     assert {"reward_acc_gold", "reward_acc_proxy", "implicit_acc", "best_of_n_curve"} <= set(ev)
     assert len(ev["best_of_n_curve"]) == 2 and ev["best_of_n_curve"][1] >= ev["best_of_n_curve"][0]
     section = (exp_dir / "section.md").read_text()
     assert "implicit reward of dpo" in section and "gold reward" in section
     record = json.loads((exp_dir / "experiment.json").read_text())
-    assert record["runs"] == {"dpo": "runs/dpo"} and record["wall_s"] > 0
+    assert record["runs"] == {"dpo/s0": "runs/dpo/s0"} and record["seeds"] == [0] and record["wall_s"] > 0
     # Running the same experiment directory again reuses the complete run (no retraining, no overwrite).
-    mtime = (exp_dir / "runs" / "dpo" / "eval.json").stat().st_mtime
+    mtime = (exp_dir / "runs" / "dpo" / "s0" / "eval.json").stat().st_mtime
     experiments.run(cfg, run_one, exp_dir=exp_dir, overrides=[*overrides, f"out_dir={tmp_path}"])
-    assert (exp_dir / "runs" / "dpo" / "eval.json").stat().st_mtime == mtime
+    assert (exp_dir / "runs" / "dpo" / "s0" / "eval.json").stat().st_mtime == mtime
     md = write_report([exp_dir]).read_text()
     assert "Table 2" in md and (exp_dir / "grid_shapes.png").exists()
 

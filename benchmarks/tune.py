@@ -1,0 +1,164 @@
+"""``python -m benchmarks.run experiment=tune algo=<name> [world=shapes]`` — an equal, recorded tuning budget.
+
+Every algorithm gets the same number of trials: the learning rate × ``tune.lr_factors`` crossed with its main knob
+(`KNOBS`, declared per algorithm) × ``tune.knob_factors`` — 3 × 3 = 9 trials by default — around its current tuning
+file, each on every tuning seed (`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule
+that picks the winner (`pick`): **the highest mean proxy reward of the trained policy over the tuning seeds** — the
+reward a practitioner can see; the gold reward (the evaluation's truth) is never looked at — ties within
+``tune.tie_tol`` broken by the smaller KL to the base. It writes ``conf/tuning/<world>_<algo>.yaml`` (only
+``algo``/``train``/``reference`` keys, as `benchmarks.wiring.check_tuning` requires) and
+``docs/tuning/<world>_<algo>.md`` with the sweep table. Finished trials are reused when the same directory is run
+again (``hydra.run.dir=<dir>``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from benchmarks import protocol
+from benchmarks.report import load_run
+from benchmarks.wiring import hydra_output_dir
+
+KNOBS: dict[str, str] = {
+    "dpo": "algo.beta",
+    "dpo_l2": "algo.beta",
+    "rethink_dpo": "algo.beta",
+    "sft": "train.batch_size",
+    "ddpo": "train.batch_size",
+    "dpok": "algo.kl_coef",
+    "draft": "algo.k",
+    "draft_lv": "algo.k",
+    "alignprop": "algo.k_min",
+}
+"""The one main knob tuned beside the learning rate, per algorithm (others: ``train.batch_size``)."""
+NOT_TUNED = {"best_of_n": "trains nothing: its only knob N is an inference cost, reported as such"}
+INTEGER_KNOBS = ("train.batch_size", "algo.k", "algo.k_min")
+
+
+def knob_of(algo: str) -> str:
+    return KNOBS.get(algo, "train.batch_size")
+
+
+def trial_grid(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The trials: ``{"train.lr": ..., <knob>: ...}`` around the composed (currently tuned) values."""
+    t = cfg.tune
+    knob = knob_of(cfg.algo.name)
+    lr0, k0 = float(cfg.train.lr), OmegaConf.select(cfg, knob)
+    trials = []
+    for fl, fk in itertools.product(t.lr_factors, t.knob_factors):
+        k = k0 * fk
+        k = max(1, int(round(k))) if knob in INTEGER_KNOBS else float(k)
+        trials.append({"train.lr": float(f"{lr0 * fl:.3g}"), knob: k})
+    return trials
+
+
+def pick(rows: list[dict[str, Any]], tie_tol: float) -> int:
+    """The stated rule: highest mean proxy reward over the tuning seeds; within ``tie_tol`` of it, the smallest KL."""
+    best = max(r["proxy"] for r in rows if math.isfinite(r["proxy"]))
+    near = [i for i, r in enumerate(rows) if math.isfinite(r["proxy"]) and r["proxy"] >= best - tie_tol]
+    return min(near, key=lambda i: (rows[i]["kl"] if math.isfinite(rows[i]["kl"]) else math.inf, -rows[i]["proxy"]))
+
+
+def run(cfg: DictConfig, run_one) -> dict[str, Any]:
+    """Run the sweep (reusing finished trials), pick, write the tuning file and its table. Returns the record."""
+    algo, world = cfg.algo.name, cfg.world.name
+    if algo in NOT_TUNED:
+        raise ValueError(f"experiment=tune algo={algo}: not tuned — {NOT_TUNED[algo]}")
+    t = cfg.tune
+    seeds = protocol.resolve_seeds(OmegaConf.to_container(t.seeds), protocol.TUNING_SEEDS)
+    if set(seeds) & set(protocol.REPORTING_SEEDS):
+        raise ValueError(f"tune.seeds={seeds} overlaps the reporting seeds {list(protocol.REPORTING_SEEDS)}")
+    exp_dir = Path(hydra_output_dir() or Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-tune-{world}_{algo}")
+    trials, knob = trial_grid(cfg), knob_of(algo)
+    rows, t0 = [], time.perf_counter()
+    for i, trial in enumerate(trials):
+        runs = []
+        for seed in seeds:
+            run_dir = exp_dir / "trials" / f"{i:02d}" / f"s{seed}"
+            print(f"[tune {world}_{algo}] trial {i + 1}/{len(trials)} {trial} seed {seed}", flush=True)
+            if not (run_dir / "eval.json").exists():
+                sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False, "experiment": None})
+                for key, value in trial.items():
+                    OmegaConf.update(sub, key, value)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                run_one(sub, run_dir=run_dir)
+            runs.append(load_run(run_dir))
+        vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in ("proxy_reward_trained", "kl_to_ref")}
+        rows.append(
+            {
+                **trial,
+                "proxy": float(np.mean(vals["proxy_reward_trained"])),
+                "kl": float(np.mean(vals["kl_to_ref"])),
+                "per_seed_proxy": vals["proxy_reward_trained"],
+            }
+        )
+    chosen = pick(rows, float(t.tie_tol))
+    record = {
+        "world": world,
+        "algo": algo,
+        "knob": knob,
+        "seeds": seeds,
+        "trials": rows,
+        "chosen": chosen,
+        "rule": RULE,
+        "wall_s": time.perf_counter() - t0,
+    }
+    write_outputs(cfg, record, Path(t.conf_dir), Path(t.docs_dir))
+    return record
+
+
+RULE = (
+    "highest mean proxy reward of the trained policy over the tuning seeds (gold never consulted); trials within "
+    "tune.tie_tol of it: the smallest KL to the base"
+)
+
+
+def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_dir: Path) -> tuple[Path, Path]:
+    """``<conf_dir>/<world>_<algo>.yaml`` (the current algo/train/reference settings with the chosen trial's values)
+    and ``<docs_dir>/<world>_<algo>.md`` (the sweep table)."""
+    world, algo, knob = record["world"], record["algo"], record["knob"]
+    chosen = record["trials"][record["chosen"]]
+    tuned: dict[str, Any] = {}
+    current = Path(__file__).parent / "conf" / "tuning" / f"{world}_{algo}.yaml"
+    if current.exists():
+        tuned = yaml.safe_load(current.read_text()) or {}
+    tuned = {k: v for k, v in tuned.items() if k in ("algo", "train", "reference")}
+    for key in ("train.lr", knob):
+        group, name = key.split(".")
+        tuned.setdefault(group, {})[name] = chosen[key]
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    conf = conf_dir / f"{world}_{algo}.yaml"
+    head = (
+        f"# @package _global_\n# {algo} on {world}: written by `python -m benchmarks.run experiment=tune algo={algo} "
+        f"world={world}` ({len(record['trials'])} trials × seeds {record['seeds']}; table: docs/tuning/{world}_{algo}"
+        f".md).\n# Rule: {RULE}.\n"
+    )
+    conf.write_text(head + yaml.safe_dump(tuned, sort_keys=False))
+    lines = [
+        f"# Tuning of {algo} on {world}",
+        "",
+        f"{len(record['trials'])} trials (learning rate × {knob}) on tuning seeds {record['seeds']}; "
+        f"rule: {RULE}. Chosen: trial {record['chosen'] + 1}. Wall time {record['wall_s']:.0f} s.",
+        "",
+        f"| trial | lr | {knob} | proxy reward (mean over seeds) | per seed | KL to base | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(record["trials"]):
+        per = ", ".join(f"{v:.3f}" for v in r["per_seed_proxy"])
+        mark = "✓" if i == record["chosen"] else ""
+        lines.append(
+            f"| {i + 1} | {r['train.lr']:g} | {r[knob]:g} | {r['proxy']:.4f} | {per} | {r['kl']:.2f} | {mark} |"
+        )
+    doc = docs_dir / f"{world}_{algo}.md"
+    doc.write_text("\n".join(lines) + "\n")
+    print(f"[tune {world}_{algo}] chosen trial {record['chosen'] + 1}: {chosen}; wrote {conf} and {doc}", flush=True)
+    return conf, doc

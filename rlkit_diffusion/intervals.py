@@ -1,0 +1,98 @@
+"""95% intervals that respect how evaluation samples are drawn.
+
+An evaluation draws ``samples_per_prompt`` samples for each caption: the draws of one caption share the caption's
+difficulty, so they are correlated, and the unit of independent replication is the caption (and, across training
+runs, the seed). Resampling individual samples treats 60 captions × 4 draws as 240 independent draws and
+under-covers (`tests/test_intervals.py` measures it); the cluster bootstrap resamples whole captions — and when runs
+of several seeds are pooled, seeds and captions independently (a two-way bootstrap: the same captions are
+evaluated under every seed, so a caption's effect is shared across seeds).
+
+* `bootstrap_ci`: percentile bootstrap of the mean of independent values (e.g. validation pairs of Table 2).
+* `cluster_bootstrap_ci`: the same with whole clusters resampled — ``clusters`` labels each value's caption,
+  ``groups`` (optional) its seed. A replicate draws caption weights v_c and seed weights w_s (multinomial counts)
+  and reports Σ_{s,c} w_s v_c S[s,c] / Σ_{s,c} w_s v_c N[s,c], S/N = per-(seed, caption) sums/counts.
+* `caption_clusters`: the caption label of each row of a caption-major evaluation.
+* `t_interval`: mean and Student-t 95% interval over seeds (one number per seed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of independent values."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def caption_clusters(n_rows: int, samples_per_prompt: int) -> np.ndarray:
+    """(n_rows,) caption index of each row: rows are caption-major, ``samples_per_prompt`` consecutive per caption."""
+    return np.arange(n_rows) // samples_per_prompt
+
+
+def cluster_weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """(n, k) multinomial counts: how often each of k clusters is drawn in each of n bootstrap replicates."""
+    idx = rng.integers(0, k, size=(n, k))
+    w = np.zeros((n, k))
+    np.add.at(w, (np.repeat(np.arange(n), k), idx.ravel()), 1.0)
+    return w
+
+
+def cluster_bootstrap_means(
+    values: np.ndarray, clusters: np.ndarray, groups: np.ndarray | None = None, n: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """(n,) bootstrap replicates of the mean of ``values`` resampling whole clusters (and groups, module docstring)."""
+    values = np.asarray(values, dtype=np.float64)
+    _, c = np.unique(np.asarray(clusters), return_inverse=True)
+    _, g = np.unique(np.zeros(len(values)) if groups is None else np.asarray(groups), return_inverse=True)
+    n_g, n_c = int(g.max()) + 1, int(c.max()) + 1
+    sums, counts = np.zeros((n_g, n_c)), np.zeros((n_g, n_c))  # (S, C)
+    np.add.at(sums, (g, c), values)
+    np.add.at(counts, (g, c), 1.0)
+    rng = np.random.default_rng(seed)
+    v = cluster_weights(rng, n, n_c)  # (n, C) caption weights
+    w = cluster_weights(rng, n, n_g) if n_g > 1 else np.ones((n, 1))  # (n, S) seed weights
+    num = np.einsum("bs,sc,bc->b", w, sums, v)
+    den = np.einsum("bs,sc,bc->b", w, counts, v)
+    return num / np.maximum(den, 1e-300)
+
+
+def cluster_bootstrap_ci(
+    values: np.ndarray, clusters: np.ndarray, groups: np.ndarray | None = None, n: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile 95% interval of the mean, resampling whole ``clusters`` (captions) and ``groups`` (seeds)."""
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    means = cluster_bootstrap_means(values, clusters, groups, n, seed)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+"""Two-sided 95% Student-t quantiles by degrees of freedom (≥ 11: scipy-free approximation below)."""
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975, df}: the table above, then the Cornish–Fisher expansion (error < 1e-3 for df ≥ 11)."""
+    if df in T_975:
+        return T_975[df]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_interval(values: list[float] | np.ndarray) -> tuple[float, float, float]:
+    """``(mean, low, high)``: Student-t 95% interval of the mean over seeds; a single seed gives (x, nan, nan)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    half = t_quantile(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return m, m - half, m + half

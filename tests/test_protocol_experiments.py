@@ -1,0 +1,180 @@
+"""The protocol's commands end to end at a tiny size on toy2d: seeds on a run, the leaderboard (resumable), the
+paper-claims table."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from omegaconf import OmegaConf
+
+from benchmarks import experiments, leaderboard, protocol
+from benchmarks.run import run as run_one
+from benchmarks.run import run_seeds
+from tests.helpers import compose_cfg
+from tests.zoo_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "world=toy2d",
+    "eval.samples_per_prompt=8",
+    "eval.bootstrap=100",
+    "eval.heldout=false",
+    "eval.implicit_pairs=16",
+    "eval.implicit_draws=2",
+    "eval.max_prompts=6",
+    "train.batch_size=32",
+    "report=false",
+]
+
+
+def test_seeds_on_a_run_write_each_seed_and_the_aggregate(tmp_path):
+    cfg = compose_cfg([*TINY, "algo=dpo", "train.steps=3", "seeds=[0,1,2]", f"out_dir={tmp_path}"])
+    rows = run_seeds(cfg, tmp_path / "multi")
+    assert [p.name for p in sorted((tmp_path / "multi").glob("s*"))] == ["s0", "s1", "s2"]
+    (row,) = rows
+    assert row["seeds"] == [0, 1, 2] and row["algo"] == "dpo"
+    gold = row["metrics"]["gold_reward_trained"]
+    assert gold["ci_low"] < gold["mean"] < gold["ci_high"] and gold["n"] == 3
+    pooled = row["pooled_win_rate"]["train"]
+    assert pooled["ci_low"] <= pooled["mean"] <= pooled["ci_high"]
+    assert json.loads((tmp_path / "multi" / "aggregate.json").read_text()) == json.loads(json.dumps(rows))
+    mtime = (tmp_path / "multi" / "s1" / "eval.json").stat().st_mtime
+    run_seeds(cfg, tmp_path / "multi")  # everything finished: reused
+    assert (tmp_path / "multi" / "s1" / "eval.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="tuning seeds"):
+        run_seeds(OmegaConf.merge(cfg, {"seeds": [0, 100]}), tmp_path / "bad")
+
+
+def _leaderboard_cfg(tmp_path, algos):
+    cfg = compose_cfg(["experiment=leaderboard", *TINY, f"out_dir={tmp_path}"])
+    sweep = OmegaConf.to_container(cfg.sweep)
+    sweep["grid"]["algos"] = algos
+    sweep["grid"]["eval_points"] = 2
+    sweep["grid"]["overrides"] = ["eval.rewards=[proxy]"]
+    sweep["params"].update(budgets=[1500, 3000], kl_levels=[0.5, 2.0, 1e6], docs_out=str(tmp_path / "docs" / "lb.md"))
+    return OmegaConf.merge(cfg, {"sweep": sweep, "seeds": 3})
+
+
+def test_leaderboard_end_to_end_and_resumable(tmp_path):
+    algos = ["dpo", "sft", "ddpo", "best_of_n"]
+    cfg = _leaderboard_cfg(tmp_path, algos)
+    exp = tmp_path / "lb"
+    overrides = [*TINY, f"out_dir={tmp_path}"]
+
+    calls = []
+
+    def interrupted(sub, run_dir):  # the 5th run is "killed": the leaderboard stops there
+        calls.append(run_dir)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return run_one(sub, run_dir=run_dir)
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run(cfg, interrupted, exp_dir=exp, overrides=overrides)
+    done = sorted(p.parent for p in exp.rglob("eval.json"))
+    assert len(done) == 4
+    again = []
+
+    def counting(sub, run_dir):
+        again.append(run_dir)
+        return run_one(sub, run_dir=run_dir)
+
+    experiments.run(cfg, counting, exp_dir=exp, overrides=overrides)  # continues: the 4 finished runs are reused
+    wall = time.perf_counter() - t0
+    assert len(again) == 3 * len(algos) - 4 and not set(again) & set(done)
+    md = (tmp_path / "docs" / "lb.md").read_text()
+    record = json.loads((tmp_path / "docs" / "lb.json").read_text())
+    assert "At 1,500 training UNet NFEs" in md and "At 3,000 training UNet NFEs" in md
+    assert "At matched KL" in md and "At convergence" in md and "not reached" in md
+    rows = {(r["algo"], r["budget_nfe"]): r for r in record["rows"]}
+    assert rows[("dpo", 3000.0)]["seeds"] == [0, 1, 2]
+    assert rows[("dpo", 3000.0)]["data_cost"]["label_queries"] > 0  # off-policy: pairs were labelled
+    assert rows[("ddpo", 3000.0)]["data_cost"] is None
+    win = rows[("dpo", 3000.0)]["win_rate"]
+    assert win["ci_low"] <= win["mean"] <= win["ci_high"]
+    assert record["matched_kl"]["dpo"]["1e+06"]["reached"] == 0  # never extrapolated: "not reached"
+    assert record["matched_kl"]["dpo"]["0.5"]["reached"] == 3
+    print(f"\nleaderboard tiny ({len(algos)} modules x 3 seeds): {wall:.1f} s")
+
+
+def test_paper_claims_end_to_end(tmp_path):
+    cfg = compose_cfg(["experiment=paper_claims", *TINY, f"out_dir={tmp_path}"])
+    sweep = OmegaConf.to_container(cfg.sweep)
+    sweep["runs"] = [
+        {"label": "dpo", "overrides": ["algo=dpo", "train.steps=4", "eval.rewards=[gold,proxy]"]},
+        {"label": "sft", "overrides": ["algo=sft", "train.steps=4"]},
+        {"label": "dpo_b5", "overrides": ["algo=dpo", "train.steps=4", "algo.beta=5", "train.lr=4e-3"]},
+        {"label": "dpo_b80", "overrides": ["algo=dpo", "train.steps=4", "algo.beta=80", "train.lr=2.5e-4"]},
+        {"label": "draft", "overrides": ["algo=draft", "train.steps=2"]},
+    ]
+    keep = {"win", "diff", "beta", "table2", "s8", "overopt"}
+    claims = [c for c in sweep["params"]["claims"] if c["rule"] in keep and c.get("run") != "dpo_sdedit"]
+    for c in claims:
+        if c["rule"] == "beta":
+            c["runs"] = ["dpo_b5", "dpo", "dpo_b80"]
+        if c["rule"] == "overopt":
+            c["others"] = ["draft"]
+    sweep["params"].update(claims=claims, docs_out=str(tmp_path / "docs" / "claims.md"))
+    cfg = OmegaConf.merge(cfg, {"sweep": sweep, "seeds": 3})
+    t0 = time.perf_counter()
+    experiments.run(cfg, run_one, exp_dir=tmp_path / "pc", overrides=[*TINY, f"out_dir={tmp_path}"])
+    wall = time.perf_counter() - t0
+    md = (tmp_path / "docs" / "claims.md").read_text()
+    record = json.loads((tmp_path / "docs" / "claims.json").read_text())
+    assert len(record) == len(claims)
+    assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") for r in record)
+    assert "| DPO beats the base model | §5.1 |" in md and "Decision rule" in md
+    beta = next(r for r in record if r["rule"] == "beta")
+    assert beta["measured"]["ci_low"] <= beta["measured"]["mean"] <= beta["measured"]["ci_high"]
+    print(f"\npaper_claims tiny (5 runs x 3 seeds): {wall:.1f} s")
+
+
+def test_verdict_rule_and_matched_kl_interpolation():
+    assert leaderboard.verdict(0.55, 0.7, 0.5) == "holds"
+    assert leaderboard.verdict(0.3, 0.45, 0.5) == "does not hold"
+    assert leaderboard.verdict(0.45, 0.55, 0.5) == "inconclusive"
+    assert leaderboard.verdict(float("nan"), float("nan"), 0.5) == "inconclusive"
+    import numpy as np
+
+    kl, gold = np.array([0.0, 10.0, 50.0]), np.array([1.0, 2.0, 4.0])
+    assert protocol.value_at_kl(kl, gold, 30.0) == pytest.approx(3.0)
+    assert np.isnan(protocol.value_at_kl(kl, gold, 60.0))
+
+
+def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
+    import yaml
+
+    from benchmarks import tune
+
+    cfg = compose_cfg(
+        [
+            "experiment=tune",
+            "algo=dpo",
+            *TINY,
+            "train.steps=3",
+            f"out_dir={tmp_path}",
+            "tune.lr_factors=[0.1,1.0]",
+            "tune.knob_factors=[1.0,4.0]",
+            f"tune.conf_dir={tmp_path / 'conf'}",
+            f"tune.docs_dir={tmp_path / 'docs'}",
+        ]
+    )
+    assert len(tune.trial_grid(cfg)) == 4 and tune.knob_of("dpo") == "algo.beta"
+    record = tune.run(cfg, run_one)
+    assert record["seeds"] == [100] and len(record["trials"]) == 4
+    best = max(r["proxy"] for r in record["trials"])
+    assert record["trials"][record["chosen"]]["proxy"] == best  # the stated rule (tie_tol 0)
+    tuned = yaml.safe_load((tmp_path / "conf" / "toy2d_dpo.yaml").read_text())
+    assert set(tuned) <= {"algo", "train", "reference"}
+    assert tuned["train"]["lr"] == record["trials"][record["chosen"]]["train.lr"]
+    assert tuned["algo"]["beta"] == record["trials"][record["chosen"]]["algo.beta"]
+    table = (tmp_path / "docs" / "toy2d_dpo.md").read_text()
+    assert table.count("| ✓ |") == 1 and "highest mean proxy reward" in table
+    with pytest.raises(ValueError, match="reporting seeds"):
+        tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
+    with pytest.raises(ValueError, match="not tuned"):
+        tune.run(OmegaConf.merge(cfg, {"algo": {"name": "best_of_n"}}), run_one)
