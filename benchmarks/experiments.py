@@ -84,6 +84,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     exp_dir = Path(exp_dir or experiment_dir(cfg))
     exp_dir.mkdir(parents=True, exist_ok=True)
     extra = _user_overrides() if overrides is None else list(overrides)
+    cache_dir = cfg.get("eval_cache_dir") or Path(cfg.out_dir) / ".eval_cache"  # one base evaluation for all runs
     runs, timings = [], {}
     for i, spec in enumerate(sweep["runs"]):
         label = spec["label"]
@@ -93,9 +94,8 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             print(f"[{cfg.experiment}]   complete already, reused: {run_dir}", flush=True)
         else:
             t_run = time.perf_counter()
-            sub = compose_run(
-                [*spec.get("overrides", []), *extra, label_override(label), f"out_dir={exp_dir / 'runs'}"]
-            )
+            where = [f"out_dir={exp_dir / 'runs'}", f"eval_cache_dir={cache_dir}"]
+            sub = compose_run([*spec.get("overrides", []), *extra, label_override(label), *where])
             run_dir.mkdir(parents=True, exist_ok=True)
             run_one(sub, run_dir=run_dir)
             timings[label] = time.perf_counter() - t_run

@@ -22,6 +22,7 @@ import benchmarks.schema  # noqa: F401  (registers the structured-config schemas
 from algos import algo_config_class, build_algo
 from benchmarks.eval_schema import SCHEMA_VERSION
 from benchmarks.wiring import (
+    base_eval_cache,
     build_run,
     check_tuning,
     new_run_dir,
@@ -74,17 +75,19 @@ def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from) ->
     """THE training loop (with the learning-curve evaluation), or nothing for an evaluation-only run."""
     main = ctx.accelerator.is_main_process
     logger = MetricLogger(run_dir, enabled=main)
-    base_cache: dict[str, Any] = {}
     curve_cfg = EvalConfig(**{**vars(s.eval), "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4)})
+    caches: list[Any] = []  # the base's cache, opened at the first evaluation (keyed by the base weights then)
 
     def eval_fn(update: int) -> dict[str, float]:
+        if not caches:
+            caches.append(base_eval_cache(cfg, ctx, curve_cfg) if main else {})
         m = evaluate(
             ctx.world,
             ctx.policy,
             ctx.base.policy,
             curve_cfg,
             proxy=cfg.reward,
-            base_cache=base_cache,
+            base_cache=caches[0],
             sampler=algo.sampler,
         )
         return {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith(("_low", "_high"))}
@@ -116,6 +119,7 @@ def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: 
         base_policy,
         s.eval,
         proxy=cfg.reward,
+        base_cache=base_eval_cache(cfg, ctx, s.eval),
         sampler=algo.sampler,
         implicit_scale=algo.implicit_reward_scale(),
     )

@@ -52,6 +52,9 @@ class RunConfig:
     ``train.steps=0``, evaluates a finished run again in another mode (e.g. ``eval.mode=sdedit``)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
+    eval_cache_dir: str | None = None
+    """The cross-run evaluation cache (``eval.cache=true``); None = ``<out_dir>/.eval_cache``. An experiment's runs
+    share the experiment's root cache."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkit_diffusion.algorithm import AlgoContext, Counters
 from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint
+from rlkit_diffusion.eval_cache import open_base_cache
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference, add_lora
@@ -174,6 +176,24 @@ def init_from_run(policy, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving the run's outputs
 # ----------------------------------------------------------------------------------------------------------------
+def base_eval_cache(cfg: DictConfig, ctx: AlgoContext, eval_cfg: EvalConfig) -> MutableMapping:
+    """The base model's evaluation cache: persistent under ``<out_dir>/.eval_cache/<key>/`` with ``eval.cache=true``
+    (`rlkit_diffusion.eval_cache`: shared by every run, experiment and leaderboard of the same world, base weights,
+    evaluation settings, rewards and sampler code), else a dict that lives as long as the run."""
+    if not eval_cfg.cache:
+        return {}
+    world_config = OmegaConf.to_container(cfg.world, resolve=True)
+    return open_base_cache(eval_cache_dir(cfg), ctx.world, ctx.base.policy, eval_cfg, cfg.reward, world_config)
+
+
+def eval_cache_dir(cfg: DictConfig) -> Path:
+    """``eval_cache_dir``, by default ``<out_dir>/.eval_cache``: the run root's evaluation cache (not a run: no
+    eval.json, no checkpoints)."""
+    if cfg.get("eval_cache_dir"):
+        return Path(cfg.eval_cache_dir)
+    return Path(cfg.out_dir) / ".eval_cache"
+
+
 def save_config(cfg: DictConfig, run_dir: Path, resumed: bool = False) -> None:
     """The resolved config; a resume keeps the run's config.yaml (a resume that fails changes nothing)."""
     OmegaConf.save(cfg, run_dir / ("config.resume.yaml" if resumed else "config.yaml"), resolve=True)
