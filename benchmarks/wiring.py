@@ -153,6 +153,7 @@ def build_run(cfg: DictConfig, accelerator, batch_size: int) -> AlgoContext:
     # Data parallelism: every rank draws the global batch of pairs and keeps its slice (union = 1-process batch).
     world.pairs = shard_pairs(world.pairs, accelerator.process_index, accelerator.num_processes)
     base = build_reference(cfg, world)
+    world.policy.set_precision(cfg.train.precision, cfg.train.compile)  # every view, the reference's included
     if cfg.get("init_from"):  # start from a finished run's weights (e.g. evaluate it in another mode, train.steps=0)
         init_from_run(world.policy, Path(cfg.init_from))
     return build_context(
