@@ -156,6 +156,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     from accelerate import Accelerator
 
     t_start = time.perf_counter()
+    phases = Phases()
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -164,12 +165,15 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     ctx = build_run(cfg, accelerator, s.train.batch_size)
     run_dir, resume_from = prepare_run_dir(cfg, run_dir, main)
     algo = build_algo(cfg.algo.name, s.algo)
+    phases.end("build")
     summary = train_run(cfg, s, algo, ctx, run_dir, resume_from)
+    phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
         return {}
     metrics = evaluate_run(cfg, s, algo, ctx, run_dir)
+    phases.end("evaluate")
     result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start)
     save_eval(result, run_dir)
     report_path = None
@@ -177,8 +181,29 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         from benchmarks.report import write_report
 
         report_path = write_report([run_dir])  # report.md/html of this one run (figures, sample grid)
+    phases.end("report")
+    result.update(phases.record())
+    save_eval(result, run_dir)
     print_summary(result, run_dir, report_path)
     return result
+
+
+class Phases:
+    """Wall and CPU seconds of a run's phases (build, train, evaluate, report): ``phases_wall_s``/``phases_cpu_s``
+    in eval.json. The CPU clock is the process's (all threads): a busy neighbour on a shared machine inflates the
+    wall clock, not it."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = {}, {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def end(self, name: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = t - self._t, c - self._c
+        self._t, self._c = t, c
+
+    def record(self) -> dict[str, dict[str, float]]:
+        return {"phases_wall_s": dict(self.wall), "phases_cpu_s": dict(self.cpu)}
 
 
 def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:
@@ -207,6 +232,11 @@ def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = N
         lines.append(f"  matches best-of-N of the base (by gold) at N = {bound}{r['best_of_n_equivalent']:.2f} (S8)")
     lines.append(f"  KL to reference: {f('kl_to_ref')}   inference NFE/sample: {f('inference_nfe_per_sample')}")
     lines.append(f"  wall: {r['wall_s']:.1f}s")
+    if "phases_wall_s" in r:
+        lines.append(
+            "  phases (wall / cpu s): "
+            + ", ".join(f"{k} {r['phases_wall_s'][k]:.1f} / {r['phases_cpu_s'][k]:.1f}" for k in r["phases_wall_s"])
+        )
     lines.append(f"  run directory: {run_dir}")
     if report_path is not None:
         lines.append(f"  report: {report_path}  (compare runs: python -m benchmarks.report <dirs>)")
