@@ -10,8 +10,9 @@ threads), so a busy neighbour on the shared machine does not inflate it; wall se
 
 ``--precision-check``: for each precision (fp32, bf16, fp16 autocast of the network forward; `set_precision`), on
 the world's policy: (a) the on-policy importance ratio π_θ(a|s)/π_θ_old(a|s) of a freshly sampled trajectory
-re-scored by the same weights (`DenoisingCore.rescore`) — exactly 1 in exact arithmetic; reported as max and mean
-|ratio − 1| and the last step's mean ratio; (b) batch invariance: the same transitions re-scored as one batch and
+(inference mode, batch B) re-scored by the same weights as training does (`DenoisingCore.rescore` with autograd
+on, minibatches of B/2) — exactly 1 in exact arithmetic; reported as max and mean |ratio − 1| and the last step's
+mean ratio; (b) batch invariance: the same transitions re-scored as one batch and
 row by row, max |Δ log π| in nats.
 """
 
@@ -186,11 +187,25 @@ def precision_check(world, batch_size: int = 8, precisions=("fp32", "bf16", "fp1
             ro = core.rollout(policy, prompts, generator=gen, with_reward=False, return_trajectory=True)
             s = ro.sample
             ratios, batch_dev = [], 0.0
+            half = max(1, batch_size // 2)
             for i in range(core.horizon):
                 lp = core.rescore(policy, s.latents[i], i, ro.cond, prev_sample=s.latents[i + 1]).log_prob  # (B,)
-                ratios.append(torch.exp(lp - s.log_probs[:, i]))
+                with torch.enable_grad():  # as training re-scores: autograd on, minibatches of B/2
+                    lp_train = torch.cat(
+                        [
+                            core.rescore(
+                                policy,
+                                s.latents[i][j : j + half],
+                                i,
+                                _rows(ro.cond, slice(j, j + half)),
+                                prev_sample=s.latents[i + 1][j : j + half],
+                            ).log_prob.detach()
+                            for j in range(0, batch_size, half)
+                        ]
+                    )
+                ratios.append(torch.exp(lp_train - s.log_probs[:, i]))
                 for r in range(batch_size):
-                    cond_r = _rows(ro.cond, r)
+                    cond_r = _rows(ro.cond, slice(r, r + 1))
                     one = core.rescore(
                         policy, s.latents[i][r : r + 1], i, cond_r, prev_sample=s.latents[i + 1][r : r + 1]
                     )
@@ -207,10 +222,10 @@ def precision_check(world, batch_size: int = 8, precisions=("fp32", "bf16", "fp1
     return {"batch_size": batch_size, "steps": core.horizon, "precisions": out}
 
 
-def _rows(cond: Any, r: int) -> Any:
+def _rows(cond: Any, rows: slice) -> Any:
     if isinstance(cond, torch.Tensor):
-        return cond[r : r + 1]
-    return {k: _rows(v, r) for k, v in cond.items()}
+        return cond[rows]
+    return {k: _rows(v, rows) for k, v in cond.items()}
 
 
 def format_precision(r: dict[str, Any]) -> str:
