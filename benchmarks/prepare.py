@@ -41,9 +41,9 @@ def prepare_toy2d(opts: dict[str, str]) -> None:
 
 
 def prepare_shapes(opts: dict[str, str]) -> None:
-    from rlkit_diffusion.worlds import shapes_prepare
+    from rlkit_diffusion.worlds.shapes import prepare
 
-    shapes_prepare.main(
+    prepare.main(
         stage=opts.get("stage", "all"),
         quick=opts.get("quick", "false").lower() == "true",
         out=Path(opts["out"]) if "out" in opts else None,

@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -212,29 +213,58 @@ def plot_scatter(
     return path
 
 
-def draw_grid(rows: list[tuple[str, Any, Any]], captions: list[str], path: Path, title: str | None = None) -> Path:
-    """One row of images per ``(name, images (n, 3, H, W) in [0, 1], gold (n,) or None)``, one column per caption,
-    the gold score under each image."""
+CAPTION_CHARS_PER_LINE = 24
+"""Wrap width of the captions over the grid's columns (each caption is shown whole)."""
+
+
+def wrap_caption(caption: str, width: int = CAPTION_CHARS_PER_LINE) -> str:
+    """The whole caption on lines of at most ``width`` characters (words longer than that are split)."""
+    return textwrap.fill(caption, width=width, break_long_words=True, break_on_hyphens=False) or " "
+
+
+def grid_figure(
+    rows: list[tuple[str, Any, Any]], captions: list[str], title: str | None = None, reward_name: str = "gold"
+):
+    """The figure of `draw_grid` (returned open, for the caller to save and close)."""
     plt = _plt()
     n = len(captions)
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * 1.1, len(rows) * 1.3), squeeze=False)
-    for i, (name, imgs, gold) in enumerate(rows):
+    wrapped = [wrap_caption(c) for c in captions]
+    caption_lines = max(w.count("\n") + 1 for w in wrapped)
+    name_width = 0.35 + 0.07 * max(len(name) for name, _, _ in rows)  # inches for the row names on the left
+    fig_w = name_width + n * 1.25
+    fig_h = 0.4 + len(rows) * 1.45 + caption_lines * 0.11 + (0.3 if title else 0.0)
+    fig, axes = plt.subplots(len(rows), n, figsize=(fig_w, fig_h), squeeze=False)
+    for i, (name, imgs, reward) in enumerate(rows):
         for j in range(n):
             ax = axes[i][j]
             ax.imshow(imgs[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if gold is not None:
-                ax.set_xlabel(f"{float(gold[j]):.2f}", fontsize=6)
+            if reward is not None:
+                ax.set_xlabel(f"{reward_name} {float(reward[j]):.2f}", fontsize=6)
             if j == 0:
-                ax.set_ylabel(name, fontsize=7)
+                ax.set_ylabel(name, fontsize=8, fontweight="bold", rotation=0, ha="right", va="center")
             if i == 0:
-                ax.set_title(captions[j][:28], fontsize=5)
+                ax.set_title(wrapped[j], fontsize=5.5, linespacing=1.1)
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def draw_grid(
+    rows: list[tuple[str, Any, Any]],
+    captions: list[str],
+    path: Path,
+    title: str | None = None,
+    reward_name: str = "gold",
+) -> Path:
+    """One row of images per ``(name, images (n, 3, H, W) in [0, 1], reward (n,) or None)``, one column per caption:
+    the row's name (the algorithm, or "base") on its left in bold, each caption whole (wrapped) over its column,
+    and ``"<reward_name> <value>"`` under each image."""
+    fig = grid_figure(rows, captions, title, reward_name)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
@@ -302,6 +332,16 @@ def find_sections(paths: list[Path]) -> list[Path]:
     return [e.parent for p in paths for e in sorted(p.rglob("experiment.json")) if (e.parent / "section.md").exists()]
 
 
+def run_links(r: dict, out: Path) -> list[tuple[str, str]]:
+    """Links of a run for the report (relative to the report's folder): its config and, once exported
+    (``python -m benchmarks.export``), its model card."""
+    links = []
+    for title, f in (("config", r["dir"] / "config.yaml"), ("exported model", r["dir"] / "export" / "README.md")):
+        if f.exists():
+            links.append((title, os.path.relpath(f.resolve(), out.resolve())))
+    return links
+
+
 def write_report(paths: list[Path], out: Path | None = None) -> Path:
     runs = [load_run(r) for r in find_runs(paths)]
     out = out or paths[0]
@@ -328,7 +368,9 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
             rel = os.path.relpath(img, out.resolve()) if out.resolve() != d.resolve() else img.name
             text = text.replace(f"]({img.name})", f"]({rel})")
         md += [text, ""]
-    md += ["## Runs", ""] + [f"- `{r['dir']}`" for r in runs]
+    md += ["## Runs", ""] + [
+        f"- `{r['dir']}` " + " · ".join(f"[{t}]({u})" for t, u in run_links(r, out)) for r in runs
+    ]
     (out / "report.md").write_text("\n".join(md) + "\n")
     body = [f"<h1>rlkit-diffusion report</h1><p>{len(runs)} runs.</p>", _md_table_to_html(table(groups))]
     seen = {p.resolve() for _, p in figs}
@@ -338,6 +380,11 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         body.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{b64}'/>")
     for d in sections:
         body.append(f"<pre>{html.escape((d / 'section.md').read_text())}</pre>")
+    items = []
+    for r in runs:
+        links = " · ".join(f"<a href='{html.escape(u)}'>{t}</a>" for t, u in run_links(r, out))
+        items.append(f"<li><code>{html.escape(str(r['dir']))}</code> {links}</li>")
+    body.append("<h2>Runs</h2><ul>" + "".join(items) + "</ul>")
     (out / "report.html").write_text(
         "<html><head><meta charset='utf-8'><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style>"

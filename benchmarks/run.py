@@ -16,7 +16,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import benchmarks.schema  # noqa: F401  (registers the structured-config schemas)
 from algos import algo_config_class, build_algo
@@ -35,7 +35,7 @@ from benchmarks.wiring import (
 )
 from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
-from rlkit_diffusion.logging import MetricLogger
+from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
 from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
 
 
@@ -71,10 +71,9 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path | None, main: bool) -> tuple[
     return run_dir, resume_from
 
 
-def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from) -> dict[str, Any]:
+def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from, logger: MetricLogger) -> dict[str, Any]:
     """THE training loop (with the learning-curve evaluation), or nothing for an evaluation-only run."""
     main = ctx.accelerator.is_main_process
-    logger = MetricLogger(run_dir, enabled=main)
     curve_cfg = EvalConfig(**{**vars(s.eval), "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4)})
     caches: list[Any] = []  # the base's cache, opened at the first evaluation (keyed by the base weights then)
 
@@ -103,10 +102,9 @@ def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from) ->
             budget=s.budget,
             run_dir=run_dir if main else None,
             logger=logger,
-            eval_fn=eval_fn,
+            eval_fn=logger.wrap_eval(eval_fn),
             resume_from=resume_from,
         )
-    logger.close()
     return summary
 
 
@@ -160,22 +158,41 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=s.train.grad_accum)
+    accelerator = Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=s.train.grad_accum,
+        log_with=tracker_names(cfg.get("logger")) or None,  # logger=tensorboard|wandb|trackio|mlflow|none (a list)
+        project_dir=cfg.out_dir,
+    )
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
     run_dir, resume_from = prepare_run_dir(cfg, run_dir, main)
     algo = build_algo(cfg.algo.name, s.algo)
+    logger = make_logger(
+        run_dir,
+        accelerator,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        enabled=main,
+        world=ctx.world,
+        policy=ctx.policy,
+        base_policy=ctx.base.policy,
+        eval_cfg=s.eval,
+        sampler=algo.sampler,
+    )
     phases.end("build")
-    summary = train_run(cfg, s, algo, ctx, run_dir, resume_from)
+    summary = train_run(cfg, s, algo, ctx, run_dir, resume_from, logger)
     phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
+        logger.close()
         return {}
     metrics = evaluate_run(cfg, s, algo, ctx, run_dir)
     phases.end("evaluate")
     result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start)
     save_eval(result, run_dir)
+    logger.log_final(result, run_dir)
+    logger.close()
     report_path = None
     if cfg.get("report", True):
         from benchmarks.report import write_report

@@ -55,6 +55,9 @@ class RunConfig:
     eval_cache_dir: str | None = None
     """The cross-run evaluation cache (``eval.cache=true``); None = ``<out_dir>/.eval_cache``. An experiment's runs
     share the experiment's root cache."""
+    logger: Any = "tensorboard"
+    """Trackers, through accelerate: ``tensorboard | wandb | trackio | mlflow | none`` or a list
+    (``logger=[tensorboard,wandb]``); ``metrics.jsonl`` is always written (`rlkit_diffusion.logging.make_logger`)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -56,6 +56,24 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def state_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], noun: str = "keys") -> str:
+    """What keeps ``state`` from loading into a module whose state dict is ``expected``: missing and unexpected
+    entries and shape mismatches, the first of each named ("" when it fits). The one check of the weight loaders."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing {noun} (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected {noun} (e.g. {unexpected[0]!r})")
+    if wrong:
+        k = wrong[0]
+        got, want = tuple(state[k].shape), tuple(expected[k].shape)
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {k!r}: file {got}, expected {want})")
+    return "; ".join(parts)
+
+
 def trainable_state(module: nn.Module) -> dict[str, Tensor]:
     """The parameters that train (requires_grad), detached and contiguous, on the CPU."""
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}

@@ -58,8 +58,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_beta1: float = 0.9
+    """AdamW β₁ (first-moment decay)."""
     adam_beta2: float = 0.999
+    """AdamW β₂ (second-moment decay)."""
     adam_eps: float = 1e-8
+    """AdamW ε."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up (the paper uses 25% of training)."""
     max_grad_norm: float = 1.0

@@ -46,18 +46,9 @@ def test_conventions_agree_at_matched_beta():
 
 def test_initial_loss_is_log2_and_ties(toy_world):
     from algos.dpo import DPO
-    from rlkit_diffusion.algorithm import AlgoContext
-    from rlkit_diffusion.mdp import DenoisingCore
-    from rlkit_diffusion.reference import Reference
+    from tests.zoo_helpers import toy_context
 
-    ctx = AlgoContext(
-        world=toy_world,
-        policy=toy_world.policy,
-        base=Reference(toy_world.policy, "frozen"),
-        env=DenoisingCore(toy_world),
-        batch_size=64,
-        generator=torch.Generator().manual_seed(0),
-    )
+    ctx = toy_context(toy_world, batch_size=64)
     algo = DPO()
     algo.setup(ctx)
     out = algo.loss(algo.collect())

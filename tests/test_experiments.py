@@ -53,9 +53,9 @@ def test_best_of_n_equivalent_interpolates_and_censors():
 # SDEdit
 # ------------------------------------------------------------------------------------------------------------------
 def test_sdedit_scenes_contradict_the_caption_in_exactly_one_attribute():
-    from rlkit_diffusion.worlds.shapes import EDIT_ATTRIBUTES, eval_prompts, sdedit_inputs, sdedit_scenes
-    from rlkit_diffusion.worlds.shapes_render import COMPATIBLE
-    from rlkit_diffusion.worlds.shapes_text import caption_targets
+    from rlkit_diffusion.worlds.shapes.captions import caption_targets
+    from rlkit_diffusion.worlds.shapes.render import COMPATIBLE
+    from rlkit_diffusion.worlds.shapes.world import EDIT_ATTRIBUTES, eval_prompts, sdedit_inputs, sdedit_scenes
 
     prompts = eval_prompts(32, 0, seed=0)[0]
     spec, edited = sdedit_scenes(prompts, seed=5)
@@ -303,7 +303,7 @@ def test_report_has_win_rates_by_caption_category(tmp_path):
 
 
 def test_shapes_prompt_categories():
-    from rlkit_diffusion.worlds.shapes import eval_prompts, prompt_categories
+    from rlkit_diffusion.worlds.shapes.world import eval_prompts, prompt_categories
 
     train, held = eval_prompts(64, 64, 0)
     cats = prompt_categories(train, held)

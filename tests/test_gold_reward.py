@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rlkit_diffusion.rewards.base import checked_reward
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.worlds.shapes_render import ATTRIBUTES, COMPATIBLE, NUISANCES, SceneSpec, render, sample_scenes
-from rlkit_diffusion.worlds.shapes_text import canonical_text
+from rlkit_diffusion.worlds.shapes.captions import canonical_text
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.render import ATTRIBUTES, COMPATIBLE, NUISANCES, SceneSpec, render, sample_scenes
+from tests.zoo_helpers import one_thread  # noqa: F401
 
 SCENES = [
     {"shape": "circle", "colour": "red", "background": "navy", "size": "large", "position": "top"},
@@ -23,13 +24,7 @@ def gold() -> GoldShapesReward:
     return GoldShapesReward()
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to contention on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread is fastest
 
 
 def _spec(attrs: dict, **nuisance: float) -> SceneSpec:

@@ -14,8 +14,9 @@ from rlkit_diffusion.data.pickapic import (
     encode_image,
     write_pairs,
 )
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.worlds.shapes_pairs import (
+from rlkit_diffusion.worlds.shapes.captions import is_heldout
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.pairs import (
     PairSet,
     calibrate_temperature,
     expected_agreement,
@@ -24,16 +25,9 @@ from rlkit_diffusion.worlds.shapes_pairs import (
     make_shapes_pairs,
     split_captions,
 )
-from rlkit_diffusion.worlds.shapes_text import is_heldout
+from tests.zoo_helpers import one_thread  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to contention on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one intra-op thread is fastest
 
 
 def _images(n: int, seed: int) -> torch.Tensor:

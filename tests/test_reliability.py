@@ -508,7 +508,7 @@ class EmptyCaptionAt:
 
 def test_empty_caption_in_the_data_names_the_caption_and_the_step(tmp_path):
     """(The text encoders' own checks — empty caption → error, too long → truncated with a warning — are tested in
-    tests/test_shapes_text.py::test_encoder_truncation_warns_and_empty_raises and tests/test_sd_world.py.)"""
+    tests/test_shapes_encoder.py::test_encoder_truncation_warns_and_empty_raises and tests/test_sd_world.py.)"""
     from algos import build_algo
     from rlkit_diffusion.algorithm import AlgoContext
     from rlkit_diffusion.mdp import DenoisingCore

@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rlkit_diffusion.rewards.base import checked_reward
-from rlkit_diffusion.rewards.shapes_proxy import (
+from rlkit_diffusion.worlds.shapes.pairs import make_shapes_pairs
+from rlkit_diffusion.worlds.shapes.proxy import (
     EOT_ID,
     SOT_ID,
     UNK_ID,
@@ -24,10 +25,9 @@ from rlkit_diffusion.rewards.shapes_proxy import (
     load_proxy_rewards,
     preprocess,
     save_proxy_models,
-    train_proxy,
 )
-from rlkit_diffusion.worlds.shapes_pairs import make_shapes_pairs
-from rlkit_diffusion.worlds.shapes_render import render, sample_scenes
+from rlkit_diffusion.worlds.shapes.proxy_train import train_proxy
+from rlkit_diffusion.worlds.shapes.render import render, sample_scenes
 
 torch.set_num_threads(1)
 

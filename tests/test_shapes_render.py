@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlkit_diffusion.worlds.shapes_render import (
+from rlkit_diffusion.worlds.shapes.render import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     COLOUR_RGB,

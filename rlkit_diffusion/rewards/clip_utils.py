@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from rlkit_diffusion.checkpoint import state_mismatch
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -142,22 +144,9 @@ def load_weights_file(path: str | Path, what: str) -> dict[str, Tensor]:
 
 def check_state_dict(module: nn.Module, state: dict[str, Tensor], what: str, path: str | Path) -> None:
     """Raise a one-line ValueError if ``state`` does not fit ``module`` (missing/unexpected keys, shapes)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        (k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]!r})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})")
-        if wrong:
-            k, got, want = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k!r}: file {got}, expected {want})")
-        raise ValueError(f"{what}: {path} does not match the expected architecture: {'; '.join(parts)}")
+    problem = state_mismatch(module.state_dict(), state, "keys")
+    if problem:
+        raise ValueError(f"{what}: {path} does not match the expected architecture: {problem}")
 
 
 def load_open_clip(arch: str, checkpoint: str | Path | None, what: str) -> tuple[nn.Module, Callable]:

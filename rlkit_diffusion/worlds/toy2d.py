@@ -241,9 +241,13 @@ def build_toy2d(
     label_temperature: float = 1.0,
     optimum_pool: int = 4096,
 ) -> World:
-    """Build the toy2d world (loads the shipped base weights; trains and caches them if the file is missing)."""
+    """Build the toy2d world (loads the shipped base weights; trains and caches them if the file is missing).
+
+    ``weights``: a safetensors file of the ε-MLP, or a directory holding ``model.safetensors`` (an exported run)."""
     device = torch.device(device)
     path = Path(weights) if weights else ASSET
+    if path.is_dir():  # an exported model directory (python -m benchmarks.export)
+        path = path / "model.safetensors"
     if not path.exists():
         if weights:
             raise FileNotFoundError(f"toy2d weights not found: {path}")

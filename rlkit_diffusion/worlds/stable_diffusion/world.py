@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlkit_diffusion.data.hf_pairs import open_pair_stream
 from rlkit_diffusion.data.latent_pairs import LatentCache, LatentPairs
-from rlkit_diffusion.data.pickapic_stream import StreamingPairs
 from rlkit_diffusion.data.pickapic_stream import dreamlike_only as is_dreamlike_pair
 from rlkit_diffusion.data.prompts import PromptSet, load_prompts
 from rlkit_diffusion.policy import DiffusionPolicy
@@ -64,7 +64,9 @@ class SDWorldConfig:
     gradient_checkpointing: bool = False
     """The UNet's own activation checkpointing (``enable_gradient_checkpointing``)."""
     pairs: str | None = None
-    """Pick-a-Pic v2 parquet file, directory or glob: the training stream of preference pairs."""
+    """Pick-a-Pic v2 parquet file, directory or glob: the training stream of preference pairs; or a hub id
+    (``yuvalkirstain/pickapic_v2[@split]``) or ``datasets:<path>``, streamed through ``datasets``
+    (`rlkit_diffusion.data.hf_pairs`; exact resume only with ``shuffle_buffer=0``)."""
     val_pairs: str | None = None
     """The same for the validation pairs (implicit-reward accuracy)."""
     dreamlike_only: bool = False
@@ -198,10 +200,10 @@ def _build(cfg: SDWorldConfig, *, sdxl: bool, device: str | torch.device, time_i
         {"filter": is_dreamlike_pair, "filter_columns": ("model_0", "model_1")} if cfg.dreamlike_only else {}
     )
     stream_kw = {"seed": cfg.seed, "skip_bad_rows": cfg.skip_bad_rows, **filter_kw}
-    if cfg.pairs:
-        stream = StreamingPairs(cfg.pairs, buffer_size=cfg.shuffle_buffer, **stream_kw)
+    if cfg.pairs:  # local parquet: the project's streamer; a hub id or datasets:<path>: `datasets` streaming
+        stream = open_pair_stream(cfg.pairs, buffer_size=cfg.shuffle_buffer, **stream_kw)
     if cfg.val_pairs:
-        val_stream = StreamingPairs(cfg.val_pairs, buffer_size=0, **stream_kw)
+        val_stream = open_pair_stream(cfg.val_pairs, buffer_size=0, **stream_kw)
     c = load_components(cfg.pretrained, sdxl=sdxl, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
     check_architecture(c, sdxl=sdxl, pretrained=cfg.pretrained, resolution=cfg.resolution, time_ids=time_ids)
     rewards = _rewards(cfg, device)

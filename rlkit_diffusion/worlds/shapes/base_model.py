@@ -2,8 +2,8 @@
 
 Recipe (``python -m benchmarks.prepare world=shapes``; the shipped weights were produced by exactly that command):
 
-* data: captions from the training grammar (`shapes_text.sample_captions`), images rendered for them with nuisance
-  factors switched on half of the time (`shapes_render.sample_scenes(p_nuisance=0.5)`), and **caption noise**: a
+* data: captions from the training grammar (`captions.sample_captions`), images rendered for them with nuisance
+  factors switched on half of the time (`render.sample_scenes(p_nuisance=0.5)`), and **caption noise**: a
   fraction ``caption_noise`` of the images is rendered for another random caption. The base model therefore follows
   captions only part of the time and makes mixed-quality images — what alignment has to fix.
 * pixel space: x_0 = 2·image − 1 ∈ [−1, 1]^{3×16×16}; the world decodes with (x + 1)/2 clamped to [0, 1].
@@ -27,8 +27,11 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from rlkit_diffusion.policy import DiffusionPolicy, UNetEpsModel
+from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.render import render
+from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
 
-BASE_DIR = Path(__file__).parent / "assets" / "shapes_base"
+BASE_DIR = Path(__file__).parents[1] / "assets" / "shapes_base"
 NUM_TRAIN_TIMESTEPS = 1000
 
 UNET_CONFIG = dict(
@@ -74,16 +77,28 @@ def to_images(x0: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PretrainConfig:
+    """The shapes base model's pretraining recipe (`pretrain`; the shipped weights use these defaults)."""
+
     steps: int = 3000
+    """Optimizer steps."""
     batch_size: int = 64
+    """Renders per step."""
     lr: float = 1e-3
+    """AdamW peak learning rate (linear warm-up, then cosine decay)."""
     warmup: int = 200
+    """Warm-up steps."""
     ema_decay: float = 0.999
+    """Decay of the EMA weights that are shipped."""
     caption_noise: float = 0.15
+    """Probability that a training image is rendered for another random caption (imperfect conditioning)."""
     p_nuisance: float = 0.5
+    """Probability of each nuisance factor in a training render (`render.sample_scenes`)."""
     uncond_prob: float = 0.1
+    """Probability of the empty caption (classifier-free guidance training)."""
     seed: int = 0
+    """Seed of the initial weights, the renders and the captions."""
     checkpoint_every: int = 500
+    """Steps between resumable checkpoints of a long pretraining."""
 
 
 def _mix_cond(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
@@ -101,9 +116,6 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
     Resumable: an interrupted run continues from ``out_dir/.pretrain_state`` (safetensors + json, no pickle).
     """
     from safetensors.torch import load_file, save_file
-
-    from rlkit_diffusion.worlds.shapes_render import render
-    from rlkit_diffusion.worlds.shapes_text import SentenceEncoder, sample_captions, scenes_for_captions
 
     cfg = cfg or PretrainConfig()
     torch.set_num_threads(max(1, int(os.environ.get("RLKIT_PRETRAIN_THREADS", "1"))))  # tiny tensors: 1 is fastest

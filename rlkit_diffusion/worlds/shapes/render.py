@@ -281,10 +281,6 @@ class SceneSpec:
         """Copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
-    def without_nuisance(self) -> SceneSpec:
-        """The same scenes with every nuisance strength set to zero (perfect renders)."""
-        return self.replace(**{name: torch.zeros_like(getattr(self, name)) for name in NUISANCES})
-
     def names(self, i: int) -> dict[str, str]:
         """Canonical attribute names of scene ``i``, e.g. ``{"shape": "circle", "colour": "red", ...}``."""
         return {attr: values[int(getattr(self, attr)[i])] for attr, values in ATTRIBUTES.items()}

@@ -20,7 +20,7 @@ Three stages (all deterministic from ``seed`` on the CPU):
 (c) **Aesthetic head**: an MLP on the frozen contrastive image embedding regressing ``10 * q(x)`` (the gold
     reward's quality component) on the training pairs' images, by mean squared error.
 
-:func:`train_proxy` runs the three stages, saves the weights (:func:`~rlkit_diffusion.rewards.shapes_proxy.
+:func:`train_proxy` runs the three stages, saves the weights (:func:`~rlkit_diffusion.worlds.shapes.proxy.
 save_proxy_models`), reloads them and reports preference accuracies on the validation pairs for the proxy, the CLIP
 score, the aesthetic head and the gold reward itself (the gold reward's accuracy against the labels *is* the
 label/gold agreement, the ceiling set by label noise), plus every head's agreement with the gold ordering on pairs
@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlkit_diffusion.data.pickapic import PreferencePairDataset
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.rewards.shapes_proxy import (
+from rlkit_diffusion.worlds.shapes.captions import all_canonical_captions, sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.pairs import generate_pairs
+from rlkit_diffusion.worlds.shapes.proxy import (
     WEIGHT_FILES,
     ProxyModelConfig,
     ShapesTokenizer,
@@ -59,9 +61,7 @@ from rlkit_diffusion.rewards.shapes_proxy import (
     save_proxy_models,
     text_embeddings,
 )
-from rlkit_diffusion.worlds.shapes_pairs import generate_pairs
-from rlkit_diffusion.worlds.shapes_render import render
-from rlkit_diffusion.worlds.shapes_text import all_canonical_captions, sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.render import render
 
 ScoreFn = Callable[[Tensor, Sequence[str]], Tensor]
 
@@ -70,38 +70,48 @@ ScoreFn = Callable[[Tensor, Sequence[str]], Tensor]
 class ProxyTrainConfig:
     """Hyper-parameters of :func:`train_proxy` (defaults: the shipped weights; ``quick()``: a smoke test).
 
-    Attributes:
-        clip_steps, clip_batch_size, clip_lr, clip_weight_decay, clip_warmup: stage (a), AdamW with linear warm-up
-            and cosine decay.
-        p_nuisance: probability of each nuisance factor in a pre-training render (strength U(0, 1)).
-        bt_steps, bt_batch_size, bt_lr, bt_weight_decay, bt_warmup: stage (b), same optimiser and schedule.
-        dev_pairs: training pairs held out of stage (b) to select its checkpoint and to score stage (c).
-        eval_every: stage (b) steps between dev evaluations.
-        aesthetic_images: training-pair images used in stage (c) (at most twice the number of pairs).
-        aesthetic_steps, aesthetic_batch_size, aesthetic_lr: stage (c), Adam on precomputed frozen embeddings.
-        heldout_pairs: pairs for held-out captions generated for the transfer report (0 skips it).
-        architecture: overrides of :class:`ProxyModelConfig` fields (not ``vocabulary``).
-    """
+    Stage (a) is contrastive CLIP pre-training on renders, stage (b) Bradley–Terry tuning on the training pairs,
+    stage (c) the aesthetic head on frozen image embeddings; (a) and (b) use AdamW with linear warm-up and cosine
+    decay, (c) Adam on precomputed embeddings."""
 
     clip_steps: int = 1600
+    """Stage (a): optimizer steps."""
     clip_batch_size: int = 128
+    """Stage (a): renders per step (the contrastive batch)."""
     clip_lr: float = 2e-3
+    """Stage (a): peak learning rate."""
     clip_weight_decay: float = 0.1
+    """Stage (a): AdamW weight decay."""
     clip_warmup: int = 100
+    """Stage (a): linear warm-up steps."""
     p_nuisance: float = 0.5
+    """Probability of each nuisance factor in a pre-training render (strength U(0, 1))."""
     bt_steps: int = 800
+    """Stage (b): optimizer steps."""
     bt_batch_size: int = 64
+    """Stage (b): pairs per step."""
     bt_lr: float = 1e-4
+    """Stage (b): peak learning rate."""
     bt_weight_decay: float = 0.0
+    """Stage (b): AdamW weight decay."""
     bt_warmup: int = 50
+    """Stage (b): linear warm-up steps."""
     dev_pairs: int = 1000
+    """Training pairs held out of stage (b) to select its checkpoint and to score stage (c)."""
     eval_every: int = 100
+    """Stage (b) steps between dev evaluations."""
     aesthetic_images: int = 20_000
+    """Training-pair images used in stage (c) (at most twice the number of pairs)."""
     aesthetic_steps: int = 2000
+    """Stage (c): optimizer steps."""
     aesthetic_batch_size: int = 256
+    """Stage (c): embeddings per step."""
     aesthetic_lr: float = 1e-3
+    """Stage (c): Adam learning rate."""
     heldout_pairs: int = 1000
+    """Pairs for held-out captions generated for the transfer report (0 skips it)."""
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Overrides of :class:`ProxyModelConfig` fields (not ``vocabulary``)."""
 
     @classmethod
     def quick(cls) -> ProxyTrainConfig:

@@ -6,11 +6,11 @@ It mirrors the Diffusion-DPO setting (SD + Pick-a-Pic + PickScore) at 16×16 pix
 paper                         shapes
 ============================  ======================================================================================
 Stable Diffusion UNet         a ~2 M-parameter diffusers ``UNet2DConditionModel`` pretrained by the project
-                              (`shapes_base`), pixel space x_0 ∈ [−1, 1]^{3×16×16}
+                              (`base_model`), pixel space x_0 ∈ [−1, 1]^{3×16×16}
 CLIP text encoder (frozen)    all-MiniLM-L6-v2 (frozen, from PyPI), per-token states feed cross-attention
 Pick-a-Pic v2 pairs           renders of the grammar at several corruption levels + base-model samples, labelled by
                               a Bradley–Terry draw on the gold reward (label noise ≈ Pick-a-Pic's), same columns
-human raters (hidden)         ``gold``: pixel-measured prompt fidelity + image quality (`rewards.gold_shapes`)
+human raters (hidden)         ``gold``: pixel-measured prompt fidelity + image quality (`gold`)
 PickScore                     ``proxy``: a tiny open_clip scorer, contrastive then Bradley–Terry fine-tuned
 CLIP score / aesthetics       ``clip`` / ``aesthetic`` heads (AI feedback); ``jpeg`` compressibility (DDPO)
 PartiPrompts / held-out       held-out captions: unseen (colour, shape) combinations and paraphrases
@@ -32,11 +32,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlkit_diffusion.data.pickapic import PreferencePairDataset
 from rlkit_diffusion.policy import DiffusionPolicy, UNetEpsModel
+from rlkit_diffusion.rewards.jpeg import JpegReward
 from rlkit_diffusion.worlds.base import World
-from rlkit_diffusion.worlds.shapes_base import BASE_DIR, load_unet, make_scheduler, to_images, to_model_space
+from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, load_unet, make_scheduler, to_images, to_model_space
+from rlkit_diffusion.worlds.shapes.captions import (
+    caption_targets,
+    is_paraphrase,
+    parse_caption,
+    sample_captions,
+    scenes_for_captions,
+)
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward, measure
+from rlkit_diffusion.worlds.shapes.render import ATTRIBUTES, COMPATIBLE, render
+from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 PAIRS_DIR = ASSETS / "shapes_pairs"
 PROXY_DIR = ASSETS / "shapes_proxy"
 
@@ -57,15 +69,10 @@ class PairsInModelSpace:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batcher.load_state_dict(state)
 
-    def __len__(self) -> int:
-        return len(self.batcher.dataset)
-
 
 def eval_prompts(n_train: int, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
     """Fixed evaluation captions: ``n_train`` unique training-distribution captions and ``n_heldout`` held-out ones
     (half unseen combinations, half paraphrases). Deterministic in ``seed``; shared by every algorithm."""
-    from rlkit_diffusion.worlds.shapes_text import sample_captions
-
     rng = random.Random(f"shapes-eval-{seed}")
     train: dict[str, None] = {}
     while len(train) < n_train:
@@ -89,9 +96,6 @@ def attribute_entropy(images: Tensor, prompts: list[str]) -> float:
     sample is read by the gold reward's measurement; the entropy of the empirical distribution is averaged over
     (caption, attribute). 0 = mode collapse; log(#values) = uniform.
     """
-    from rlkit_diffusion.rewards.gold_shapes import measure
-    from rlkit_diffusion.worlds.shapes_text import parse_caption
-
     pred = measure(images.float()).predicted()
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -120,9 +124,6 @@ def sdedit_scenes(prompts: list[str], seed: int, strength: tuple[float, float] =
     takes another value (an object colour always stays visible on its background); every nuisance factor is present
     with a strength drawn from ``strength``. Deterministic in ``seed``. Returns ``(SceneSpec, edited attribute or
     None per caption)``."""
-    from rlkit_diffusion.worlds.shapes_render import ATTRIBUTES, COMPATIBLE
-    from rlkit_diffusion.worlds.shapes_text import caption_targets, scenes_for_captions
-
     g = torch.Generator().manual_seed(seed)
     spec = scenes_for_captions(prompts, g, p_nuisance=1.0, strength=strength)
     targets = caption_targets(prompts)
@@ -148,8 +149,6 @@ def sdedit_scenes(prompts: list[str], seed: int, strength: tuple[float, float] =
 def sdedit_inputs(prompts: list[str], seed: int) -> Tensor:
     """Inputs of ``eval.mode=sdedit`` on shapes (paper §5.3): corrupted renders that contradict their caption in one
     attribute (`sdedit_scenes`), so that the caption asks for a change. Returns (B, 3, 16, 16) in model space."""
-    from rlkit_diffusion.worlds.shapes_render import render
-
     spec, _ = sdedit_scenes(prompts, seed)
     return to_model_space(render(spec, generator=torch.Generator().manual_seed(seed + 1)))
 
@@ -157,8 +156,6 @@ def sdedit_inputs(prompts: list[str], seed: int) -> Tensor:
 def prompt_categories(train: list[str], heldout: list[str]) -> dict[str, str]:
     """Categories of the evaluation captions for per-category win rates: training captions by how many attributes
     they specify (``2 attributes``), held-out captions as ``paraphrase`` or ``unseen colour+shape``."""
-    from rlkit_diffusion.worlds.shapes_text import is_paraphrase, parse_caption
-
     out = {}
     for p in train:
         n = len(parse_caption(p).specified())
@@ -190,11 +187,6 @@ def build_shapes(
             proper Gaussian policy for DDPO).
         n_train_prompts / n_heldout_prompts: sizes of the fixed prompt sets (online training + evaluation).
     """
-    from rlkit_diffusion.data.pickapic import PreferencePairDataset
-    from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-    from rlkit_diffusion.rewards.jpeg import JpegReward
-    from rlkit_diffusion.worlds.shapes_text import SentenceEncoder
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(device)
     unet = load_unet(weights or BASE_DIR).to(device)
@@ -214,7 +206,7 @@ def build_shapes(
     }
     proxy_dir = Path(proxy_weights) if proxy_weights else PROXY_DIR
     if proxy_weights or (proxy_dir / "config.json").exists():
-        from rlkit_diffusion.rewards.shapes_proxy import load_proxy_rewards
+        from rlkit_diffusion.worlds.shapes.proxy import load_proxy_rewards
 
         rewards.update(load_proxy_rewards(proxy_dir, device))
     train_prompts, heldout_prompts = eval_prompts(n_train_prompts, n_heldout_prompts, seed)
@@ -251,7 +243,8 @@ def build_shapes(
 
 
 def base_sampler(world: World, batch_size: int = 256, seed: int = 0):
-    """``captions -> images (B, 3, 16, 16)`` from the world's base policy (for the pair zoo and the picture)."""
+    """``captions -> images (B, 3, 16, 16)`` from the world's base policy (for the pair zoo and the picture), sampled
+    through `World.denoise` (the one wiring of the sampling loop) with one generator for the noise and the steps."""
     g = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -260,13 +253,7 @@ def base_sampler(world: World, batch_size: int = 256, seed: int = 0):
         for s in range(0, len(captions), batch_size):
             chunk = list(captions[s : s + batch_size])
             x_T = torch.randn((len(chunk), *world.sample_shape), generator=g).to(world.device)
-            x0 = world.policy.sample(
-                x_T,
-                world.encoder(chunk),
-                uncond=world.uncond(len(chunk)),
-                guidance_scale=world.guidance_scale,
-                generator=g,
-            ).x0
+            x0 = world.denoise(world.policy, x_T, world.encoder(chunk), generator=g).x0
             out.append(world.decode(x0).cpu())
         return torch.cat(out)
 

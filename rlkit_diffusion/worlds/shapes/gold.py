@@ -1,7 +1,7 @@
 """Hidden gold ("human") reward of the `shapes` world, measured from pixels only.
 
 It labels preference pairs and scores evaluations; it never feeds an online algorithm. The caption is parsed by
-:func:`rlkit_diffusion.worlds.shapes_text.parse_caption` (canonical words and held-out synonyms alike); only the
+:func:`rlkit_diffusion.worlds.shapes.captions.parse_caption` (canonical words and held-out synonyms alike); only the
 attributes a caption specifies are scored and unknown words are ignored.
 
 Scale: ``r = 10 * (0.6 * fidelity + 0.4 * quality)`` in [0, 10]; a perfect render of its caption scores about 10.
@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlkit_diffusion.worlds.shapes_render import (
+from rlkit_diffusion.worlds.shapes.captions import caption_targets
+from rlkit_diffusion.worlds.shapes.render import (
     BACKGROUND_RGB,
     COLOUR_RGB,
     IMAGE_SIZE,
@@ -64,7 +65,6 @@ from rlkit_diffusion.worlds.shapes_render import (
     pixel_grid,
     shape_masks,
 )
-from rlkit_diffusion.worlds.shapes_text import caption_targets
 
 FIDELITY_WEIGHTS: dict[str, float] = {"shape": 1.0, "colour": 1.0, "background": 0.5, "size": 0.5, "position": 0.5}
 QUALITY_WEIGHTS: dict[str, float] = {

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-from rlkit_diffusion.worlds import shapes_base
+from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, PretrainConfig, pretrain
+from rlkit_diffusion.worlds.shapes.captions import caption_targets
+from rlkit_diffusion.worlds.shapes.gold import measure
+from rlkit_diffusion.worlds.shapes.pairs import calibration_temperature, make_shapes_pairs
+from rlkit_diffusion.worlds.shapes.proxy_train import train_proxy
+from rlkit_diffusion.worlds.shapes.world import PAIRS_DIR, PROXY_DIR, base_sampler, build_shapes
 
 STAGES = ("base", "pairs", "proxy", "grid")
 GRID_CAPTIONS = [
@@ -29,14 +34,12 @@ GRID_CAPTIONS = [
 
 
 def _paths(out: Path | None) -> dict[str, Path]:
-    from rlkit_diffusion.worlds import shapes
-
     if out is None:
         return {
-            "base": shapes_base.BASE_DIR,
-            "pairs": shapes.PAIRS_DIR,
-            "proxy": shapes.PROXY_DIR,
-            "grid": Path(__file__).resolve().parents[2] / "docs" / "images",
+            "base": BASE_DIR,
+            "pairs": PAIRS_DIR,
+            "proxy": PROXY_DIR,
+            "grid": Path(__file__).resolve().parents[3] / "docs" / "images",
         }
     return {
         "base": out / "shapes_base",
@@ -60,9 +63,6 @@ def stage_pairs(p: dict[str, Path], quick: bool, seed: int) -> dict:
 
     The Bradley–Terry temperature is calibrated on the render-only zoo (cheap) to a 70% label/gold agreement.
     """
-    from rlkit_diffusion.worlds.shapes import base_sampler, build_shapes
-    from rlkit_diffusion.worlds.shapes_pairs import calibration_temperature, make_shapes_pairs
-
     world = build_shapes(weights=str(p["base"]), proxy_weights=None, num_inference_steps=4 if quick else 20)
     world.pairs = None
     n_train, n_val = (48, 8) if quick else (10_000, 500)
@@ -79,8 +79,6 @@ def stage_pairs(p: dict[str, Path], quick: bool, seed: int) -> dict:
 
 
 def stage_proxy(p: dict[str, Path], quick: bool, seed: int) -> dict:
-    from rlkit_diffusion.rewards.shapes_proxy import train_proxy
-
     return train_proxy(p["pairs"], p["proxy"], seed=seed, quick=quick)
 
 
@@ -91,10 +89,6 @@ def stage_grid(p: dict[str, Path], quick: bool, seed: int) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rlkit_diffusion.rewards.gold_shapes import measure
-    from rlkit_diffusion.worlds.shapes import base_sampler, build_shapes
-    from rlkit_diffusion.worlds.shapes_text import caption_targets
 
     proxy = str(p["proxy"]) if (p["proxy"] / "config.json").exists() else None
     world = build_shapes(weights=str(p["base"]), proxy_weights=proxy, num_inference_steps=4 if quick else 20)
@@ -151,10 +145,10 @@ def main(stage: str = "all", quick: bool = False, out: Path | None = None, seed:
             continue
         t0 = time.perf_counter()
         if name == "base":
-            cfg = shapes_base.PretrainConfig(seed=seed)
+            cfg = PretrainConfig(seed=seed)
             if quick:
-                cfg = shapes_base.PretrainConfig(steps=4, batch_size=8, warmup=2, checkpoint_every=2, seed=seed)
-            shapes_base.pretrain(p["base"], cfg)
+                cfg = PretrainConfig(steps=4, batch_size=8, warmup=2, checkpoint_every=2, seed=seed)
+            pretrain(p["base"], cfg)
             result: dict = {"dir": str(p["base"])}
         elif name == "pairs":
             result = stage_pairs(p, quick, seed)

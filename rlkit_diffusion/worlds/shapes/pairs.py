@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 
 from rlkit_diffusion.data.pickapic import write_pairs
-from rlkit_diffusion.rewards.gold_shapes import GoldShapesReward
-from rlkit_diffusion.worlds.shapes_render import ATTRIBUTES, render, sample_scenes
-from rlkit_diffusion.worlds.shapes_text import caption_targets, sample_captions
+from rlkit_diffusion.worlds.shapes.captions import caption_targets, sample_captions
+from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.render import ATTRIBUTES, render, sample_scenes
 
 BaseSampler = Callable[[list[str]], Tensor]
 
@@ -284,7 +284,7 @@ def generate_pairs(
 def split_captions(n_train: int, n_val_captions: int, seed: int) -> tuple[list[str], list[str]]:
     """Training captions (N draws, repeats allowed) and ``n_val_captions`` unique validation captions, disjoint.
 
-    Both come from the training caption distribution of ``shapes_text.sample_captions``; no held-out caption
+    Both come from the training caption distribution of ``captions.sample_captions``; no held-out caption
     (unseen combination or paraphrase) is in either.
     """
     rng = random.Random(f"shapes-pairs-{seed}")

@@ -2,7 +2,7 @@
 
 All three are built on a tiny CLIP made by ``open_clip`` itself (``open_clip.CLIP`` from a custom config: a ViT with
 4x4 patches on 16x16 images and a 2-layer causal text transformer) and trained by
-:mod:`rlkit_diffusion.rewards.shapes_proxy_train` exactly as PickScore was (Kirstain et al., 2023): contrastive
+:mod:`rlkit_diffusion.worlds.shapes.proxy_train` exactly as PickScore was (Kirstain et al., 2023): contrastive
 pre-training on image-caption pairs, then Bradley-Terry fine-tuning on preference pairs.
 
 Notation (``x`` an image, ``c`` a caption, ``f_I``/``f_T`` the image/text towers, ``t`` the learned log-temperature):
@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +52,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, state_mismatch
+
 CONFIG_FORMAT = "rlkit-diffusion/shapes-proxy/v1"
-PROXY_ASSET_DIR = Path(__file__).resolve().parents[1] / "worlds" / "assets" / "shapes_proxy"
 WEIGHT_FILES: dict[str, str] = {
     "clip": "clip.safetensors",
     "proxy": "proxy.safetensors",
@@ -328,12 +328,6 @@ def proxy_rewards(
     }
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def save_proxy_models(
     out_dir: str | Path,
     config: ProxyModelConfig,
@@ -358,11 +352,10 @@ def save_proxy_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, module in (("clip", clip), ("proxy", proxy), ("aesthetic", head)):
-        _atomic_save(module.state_dict(), out_dir / WEIGHT_FILES[name])
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+        atomic_write(out_dir / WEIGHT_FILES[name], lambda tmp, t=tensors: save_file(t, str(tmp)))
     document = {"format": CONFIG_FORMAT, "model": config.to_dict(), "files": WEIGHT_FILES, **(extra or {})}
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    atomic_write_text(out_dir / "config.json", json.dumps(document, indent=2) + "\n")
     return out_dir
 
 
@@ -373,34 +366,17 @@ def _load_weights(module: nn.Module, path: Path, what: str) -> None:
     except (OSError, SafetensorError) as err:
         raise ValueError(f"{path}: cannot read as safetensors {what} weights ({type(err).__name__}: {err})") from None
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing tensors (first {missing[0]!r})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected tensors (first {unexpected[0]!r})")
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} shape mismatches (first {k!r}: file {tuple(state[k].shape)}, "
-                f"expected {tuple(expected[k].shape)})"
-            )
-        raise ValueError(
-            f"{path}: does not match the {what} of config.json ({len(expected)} tensors): {'; '.join(details)}"
-        )
+    problem = state_mismatch(expected, state, "tensors")
+    if problem:
+        raise ValueError(f"{path}: does not match the {what} of config.json ({len(expected)} tensors): {problem}")
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def load_proxy_rewards(
-    path: str | Path | None = None, device: torch.device | str = "cpu"
-) -> dict[str, ShapesClipBase]:
+def load_proxy_rewards(path: str | Path, device: torch.device | str = "cpu") -> dict[str, ShapesClipBase]:
     """Load the proxy, CLIP-score and aesthetic rewards saved by :func:`save_proxy_models`.
 
     Args:
-        path: directory with ``config.json`` and the safetensors files; default the shipped ``PROXY_ASSET_DIR``.
+        path: directory with ``config.json`` and the safetensors files (the shipped ones: ``world.PROXY_DIR``).
         device: device of the reward models.
 
     Returns:
@@ -410,10 +386,10 @@ def load_proxy_rewards(
         FileNotFoundError: no ``config.json`` in ``path``.
         ValueError: (one line, naming the file) a config of another format or a weights file that does not match it.
     """
-    path = Path(PROXY_ASSET_DIR if path is None else path)
+    path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"shapes proxy: no config.json in {path} (train one with shapes_proxy_train)")
+        raise FileNotFoundError(f"shapes proxy: no config.json in {path} (train one with proxy_train.train_proxy)")
     document = json.loads(config_path.read_text())
     if document.get("format") != CONFIG_FORMAT:
         raise ValueError(f"{config_path}: format {document.get('format')!r}, expected {CONFIG_FORMAT!r}")
@@ -429,23 +405,9 @@ def load_proxy_rewards(
     return rewards
 
 
-def train_proxy(
-    pairs_dir: str | Path, out_dir: str | Path, *, seed: int, quick: bool = False, **kwargs: Any
-) -> dict[str, Any]:
-    """Train and save the three rewards: :func:`rlkit_diffusion.rewards.shapes_proxy_train.train_proxy`.
-
-    Imported lazily here so that loading the rewards never imports the training code (and the two modules do not
-    import each other at import time).
-    """
-    from rlkit_diffusion.rewards.shapes_proxy_train import train_proxy as _train_proxy
-
-    return _train_proxy(pairs_dir, out_dir, seed=seed, quick=quick, **kwargs)
-
-
 __all__ = [
     "CONFIG_FORMAT",
     "ShapesClipBase",
-    "PROXY_ASSET_DIR",
     "WEIGHT_FILES",
     "ProxyModelConfig",
     "ShapesAestheticReward",
@@ -462,5 +424,4 @@ __all__ = [
     "proxy_rewards",
     "save_proxy_models",
     "text_embeddings",
-    "train_proxy",
 ]
