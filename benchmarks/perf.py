@@ -524,6 +524,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="on-policy importance ratio and log-prob batch invariance in fp32/bf16/fp16 (benchmarks/perf_run.py)",
     )
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="FLOPs, achieved FLOP/s and peak memory vs batch and resolution, and the cost model (perf_run.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -605,12 +610,17 @@ def format_table(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    if args.run is not None or args.precision_check:
+    if args.run is not None or args.precision_check or args.flops:
         from benchmarks import perf_run
 
         if args.run is not None:  # a whole run keeps the run's own thread count
             result = perf_run.whole_run(args.run)
             text = perf_run.format_run(result)
+        elif args.flops:
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(0)
+            result = perf_run.flops_report(args.repeats)
+            text = perf_run.format_flops(result)
         else:
             torch.set_num_threads(args.threads)
             torch.manual_seed(0)

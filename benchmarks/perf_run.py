@@ -241,3 +241,159 @@ def format_precision(r: dict[str, Any]) -> str:
             f"{p['ratio_last_step_mean']:>17.6f}{p['log_prob_batch_max_abs_diff']:>18.2e}"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --flops: FLOPs per UNet call, achieved FLOP/s, growth with batch and resolution, and the cost model
+# ----------------------------------------------------------------------------------------------------------------
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
+"""Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), TFLOP/s."""
+SD15_UNET = {
+    "sample_size": 64,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+}
+"""Stable Diffusion 1.5's UNet (diffusers' UNet2DConditionModel config), built on the meta device to count FLOPs."""
+PAPER_RUNS = {
+    # name: (UNet forwards per unit, units, GPUs, reported hours)
+    # Diffusion-DPO SD1.5: 2,000 steps × 2,048 pairs; per pair the policy's fwd+bwd on x^w and x^l (≈ 3 forwards
+    # each) and the reference's forward on both: 8 forward-equivalents.
+    "diffusion_dpo_sd15": (8 * 2048, 2000, 16, 24.0),
+    # DDPO aesthetic (SD1.5): per epoch 256 samples × 50 steps, sampled with CFG (2 forwards) and trained on every
+    # transition with CFG (fwd+bwd of 2: 6 forward-equivalents): 8 × 50 × 256 per epoch; 100 epochs.
+    "ddpo_aesthetic_sd15": (8 * 50 * 256, 100, 8, 4.0),
+}
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def sd15_forward_flops() -> float:
+    """FLOPs of one SD1.5 UNet forward on one 64×64 latent with 77 text tokens (meta device: no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        x, t, c = torch.empty(1, 4, 64, 64), torch.zeros(1, dtype=torch.long), torch.empty(1, 77, 768)
+    return count_flops(lambda: unet(x, t, encoder_hidden_states=c))
+
+
+def _cpu_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times)
+
+
+def growth_row(name: str, net, x, t, cond, repeats: int) -> dict[str, Any]:
+    """One UNet shape: FLOPs, CPU ms and achieved GFLOP/s of a forward and of a forward+backward, and the peak
+    memory of the forward+backward (weights included; `benchmarks.perf.peak_mb`)."""
+    from benchmarks.perf import peak_mb
+
+    def fwd():
+        with torch.inference_mode():
+            net(x, t, cond)
+
+    def fwd_bwd():
+        net.zero_grad(set_to_none=True)
+        net(x, t, cond).float().pow(2).mean().backward()
+
+    f_fwd, f_train = count_flops(fwd), count_flops(fwd_bwd)
+    s_fwd, s_train = _cpu_seconds(fwd, repeats), _cpu_seconds(fwd_bwd, repeats)
+    return {
+        "item": name,
+        "batch": int(x.shape[0]),
+        "resolution": int(x.shape[-1]),
+        "fwd_gflop": f_fwd / 1e9,
+        "fwd_ms": 1e3 * s_fwd,
+        "fwd_gflops": f_fwd / s_fwd / 1e9,
+        "train_gflop": f_train / 1e9,
+        "train_ms": 1e3 * s_train,
+        "train_gflops": f_train / s_train / 1e9,
+        "train_peak_mb": peak_mb(fwd_bwd, x.device, net),
+    }
+
+
+def growth(repeats: int = 3, batches=(4, 16, 32), sd_batches=(4, 16)) -> list[dict[str, Any]]:
+    """Step time, FLOPs and peak memory vs batch size and resolution: shapes at 16 and 32 px, sd_tiny (32×32 px,
+    4×16×16 latents). Sampling T steps costs T forwards of the sampling batch (×2 with guidance)."""
+    from benchmarks.perf import build
+
+    rows = []
+    for world_name, sizes, bs in (("shapes", (16, 32), batches), ("sd_tiny", (None,), sd_batches)):
+        world = build(world_name, torch.device("cpu"), 20)
+        net = world.policy.eps_model
+        prompts = [world.train_prompts[i % len(world.train_prompts)] for i in range(max(bs))]
+        for size in sizes:
+            for b in bs:
+                shape = world.sample_shape if size is None else (world.sample_shape[0], size, size)
+                x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0))
+                t = torch.full((b,), 500)
+                cond = world.encoder(prompts[:b])
+                rows.append(growth_row(f"{world_name}", net, x, t, cond, repeats))
+    return rows
+
+
+def cost_model(efficiency: float, sd15_fwd_flops: float) -> dict[str, Any]:
+    """Predicted hours of the papers' runs: hours = units × forwards per unit × F_fwd / (GPUs × peak × efficiency)."""
+    out = {}
+    for run, (fwd_per_unit, units, gpus, reported) in PAPER_RUNS.items():
+        flops = fwd_per_unit * units * sd15_fwd_flops
+        pred = {dev: flops / (gpus * peak * 1e12 * efficiency) / 3600 for dev, peak in PEAK_TFLOPS.items()}
+        out[run] = {
+            "total_pflop": flops / 1e15,
+            "gpus": gpus,
+            "reported_h_a100": reported,
+            "predicted_h": pred,
+            "predicted_gpu_h": {dev: h * gpus for dev, h in pred.items()},
+            "implied_a100_efficiency": flops / (gpus * PEAK_TFLOPS["A100"] * 1e12 * reported * 3600),
+        }
+    return out
+
+
+def flops_report(repeats: int = 3, efficiency: float = 0.4) -> dict[str, Any]:
+    rows = growth(repeats)
+    f_sd = sd15_forward_flops()
+    return {
+        "growth": rows,
+        "sd15_fwd_gflop": f_sd / 1e9,
+        "efficiency": efficiency,
+        "cost": cost_model(efficiency, f_sd),
+    }
+
+
+def format_flops(r: dict[str, Any]) -> str:
+    lines = [
+        "benchmarks.perf --flops (CPU time, medians; GFLOP counted by torch.utils.flop_counter)",
+        "",
+        f"{'item':<9}{'B':>4}{'px':>5}{'fwd GFLOP':>11}{'fwd ms':>9}{'GFLOP/s':>9}{'train GFLOP':>13}{'train ms':>10}"
+        f"{'GFLOP/s':>9}{'peak MB':>9}",
+    ]
+    for g in r["growth"]:
+        lines.append(
+            f"{g['item']:<9}{g['batch']:>4}{g['resolution']:>5}{g['fwd_gflop']:>11.2f}{g['fwd_ms']:>9.1f}"
+            f"{g['fwd_gflops']:>9.1f}{g['train_gflop']:>13.2f}{g['train_ms']:>10.1f}{g['train_gflops']:>9.1f}"
+            f"{g['train_peak_mb']:>9.0f}"
+        )
+    lines += [
+        "",
+        f"SD1.5 UNet forward, one 64x64 latent: {r['sd15_fwd_gflop']:.0f} GFLOP. Cost model at efficiency "
+        f"{r['efficiency']:.2f} of the bf16 peak (A100 312, H100/H200 989 TFLOP/s):",
+    ]
+    for run, c in r["cost"].items():
+        pred = ", ".join(f"{d} {h:.1f} h ({c['predicted_gpu_h'][d]:.0f} GPU-h)" for d, h in c["predicted_h"].items())
+        lines.append(
+            f"  {run}: {c['total_pflop']:.0f} PFLOP on {c['gpus']} GPUs -> {pred}; reported {c['reported_h_a100']} h "
+            f"on A100 (implied efficiency {c['implied_a100_efficiency']:.3f})"
+        )
+    return "\n".join(lines)
