@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif args.flops:
             torch.set_num_threads(args.threads)
             torch.manual_seed(0)
-            result = perf_run.flops_report(args.repeats)
+            result = perf_run.flops_report(build, peak_mb, args.repeats)
             text = perf_run.format_flops(result)
         else:
             torch.set_num_threads(args.threads)

@@ -295,10 +295,9 @@ def _cpu_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def growth_row(name: str, net, x, t, cond, repeats: int) -> dict[str, Any]:
+def growth_row(name: str, net, x, t, cond, repeats: int, peak_mb) -> dict[str, Any]:
     """One UNet shape: FLOPs, CPU ms and achieved GFLOP/s of a forward and of a forward+backward, and the peak
-    memory of the forward+backward (weights included; `benchmarks.perf.peak_mb`)."""
-    from benchmarks.perf import peak_mb
+    memory of the forward+backward (weights included; ``peak_mb`` = `benchmarks.perf.peak_mb`)."""
 
     def fwd():
         with torch.inference_mode():
@@ -324,11 +323,10 @@ def growth_row(name: str, net, x, t, cond, repeats: int) -> dict[str, Any]:
     }
 
 
-def growth(repeats: int = 3, batches=(4, 16, 32), sd_batches=(4, 16)) -> list[dict[str, Any]]:
+def growth(build, peak_mb, repeats: int = 3, batches=(4, 16, 32), sd_batches=(4, 16)) -> list[dict[str, Any]]:
     """Step time, FLOPs and peak memory vs batch size and resolution: shapes at 16 and 32 px, sd_tiny (32×32 px,
-    4×16×16 latents). Sampling T steps costs T forwards of the sampling batch (×2 with guidance)."""
-    from benchmarks.perf import build
-
+    4×16×16 latents). Sampling T steps costs T forwards of the sampling batch (×2 with guidance). ``build`` and
+    ``peak_mb``: `benchmarks.perf`'s world builder and memory probe."""
     rows = []
     for world_name, sizes, bs in (("shapes", (16, 32), batches), ("sd_tiny", (None,), sd_batches)):
         world = build(world_name, torch.device("cpu"), 20)
@@ -340,7 +338,7 @@ def growth(repeats: int = 3, batches=(4, 16, 32), sd_batches=(4, 16)) -> list[di
                 x = torch.randn((b, *shape), generator=torch.Generator().manual_seed(0))
                 t = torch.full((b,), 500)
                 cond = world.encoder(prompts[:b])
-                rows.append(growth_row(f"{world_name}", net, x, t, cond, repeats))
+                rows.append(growth_row(world_name, net, x, t, cond, repeats, peak_mb))
     return rows
 
 
@@ -361,8 +359,8 @@ def cost_model(efficiency: float, sd15_fwd_flops: float) -> dict[str, Any]:
     return out
 
 
-def flops_report(repeats: int = 3, efficiency: float = 0.4) -> dict[str, Any]:
-    rows = growth(repeats)
+def flops_report(build, peak_mb, repeats: int = 3, efficiency: float = 0.4) -> dict[str, Any]:
+    rows = growth(build, peak_mb, repeats)
     f_sd = sd15_forward_flops()
     return {
         "growth": rows,
