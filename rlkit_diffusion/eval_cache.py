@@ -109,7 +109,8 @@ def policy_digest(policy: Any) -> str:
             tensor_digest(h, name, value)
         elif isinstance(value, (int, float, str, bool)) or value is None:
             h.update(f"{name}={value!r}".encode())
-    h.update(repr(policy.scheduler.config).encode() if hasattr(policy.scheduler, "config") else b"")
+    config = {k: v for k, v in dict(getattr(policy.scheduler, "config", {})).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())  # not repr: diffusers keeps a set-ordered list
     return h.hexdigest()
 
 

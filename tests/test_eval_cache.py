@@ -4,6 +4,7 @@ recomputed, and a warm run's numbers equal a cold run's bit for bit (toy2d and a
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,7 +16,16 @@ from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.worlds import build_world
 from tests.helpers import compose_cfg
 
-VOLATILE = ("eval_wall_s", "peak_mem_mb", "wall_s", "train_wall_s", "checkpoint", "environment")
+VOLATILE = (
+    "eval_wall_s",
+    "peak_mem_mb",
+    "wall_s",
+    "train_wall_s",
+    "checkpoint",
+    "environment",
+    "phases_wall_s",
+    "phases_cpu_s",
+)
 
 
 @pytest.fixture
@@ -126,3 +136,23 @@ def test_warm_run_equals_cold_run_bit_for_bit(tmp_path, count_base, world):
     _same(cold, warm)
     if "world=toy2d" in world:  # and the cache changes nothing against no cache at all
         _same(_run(tmp_path, ["algo=dpo", *world, "eval.cache=false"], "off"), cold)
+
+
+def test_the_key_is_the_same_in_every_process(tmp_path):
+    """The key must not depend on the interpreter's string-hash seed (diffusers' configs hold set-ordered lists)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from rlkit_diffusion.worlds import build_world\n"
+        "from rlkit_diffusion.evaluate import EvalConfig; from rlkit_diffusion.eval_cache import cache_key\n"
+        "torch.manual_seed(0); w = build_world('toy2d', device='cpu')\n"
+        "print(cache_key(w, w.policy, EvalConfig(), 'proxy')[0])"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(keys) == 1 and "" not in keys, keys
