@@ -91,6 +91,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         sweep["runs"] = leaderboard.expand_grid(sweep)
     extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
     seeds = experiment_seeds(cfg, sweep)
+    cache_dir = cfg.get("eval_cache_dir") or Path(cfg.out_dir) / ".eval_cache"  # one base evaluation for all runs
     runs, timings, seed_runs = [], {}, []
     todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
     for i, (spec, seed) in enumerate(todo):
@@ -109,6 +110,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
                     label_override(label),
                     f"seed={seed}",
                     f"out_dir={exp_dir / 'runs'}",
+                    f"eval_cache_dir={cache_dir}",
                     *resume,
                 ]
             )

@@ -512,6 +512,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--memory-ks", default="all", help="DRaFT K values of the memory sweep: 'all' (1..T) or '1,5,T'")
     p.add_argument("--json", action="store_true", help="print one JSON object with every field instead of a table")
+    p.add_argument(
+        "--run",
+        nargs="*",
+        metavar="OVERRIDE",
+        help="time one complete benchmarks.run (its Hydra overrides follow) against its bare UNet work "
+        "(benchmarks/perf_run.py)",
+    )
+    p.add_argument(
+        "--precision-check",
+        action="store_true",
+        help="on-policy importance ratio and log-prob batch invariance in fp32/bf16/fp16 (benchmarks/perf_run.py)",
+    )
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="FLOPs, achieved FLOP/s and peak memory vs batch and resolution, and the cost model (perf_run.py)",
+    )
     return p.parse_args(argv)
 
 
@@ -593,6 +610,26 @@ def format_table(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.run is not None or args.precision_check or args.flops:
+        from benchmarks import perf_run
+
+        if args.run is not None:  # a whole run keeps the run's own thread count
+            result = perf_run.whole_run(args.run)
+            text = perf_run.format_run(result)
+        elif args.flops:
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(0)
+            result = perf_run.flops_report(build, peak_mb, args.repeats)
+            text = perf_run.format_flops(result)
+        else:
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(0)
+            result = perf_run.precision_check(
+                build(args.world, torch.device(args.device), args.steps), args.batch_size
+            )
+            text = perf_run.format_precision(result)
+        print(json.dumps(result, indent=2) if args.json else text, flush=True)
+        return result
     result = run(args)
     print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
     return result

@@ -34,6 +34,7 @@ from benchmarks.lifecycle import (
     validate,
 )
 from benchmarks.wiring import (
+    base_eval_cache,
     build_run,
     check_tuning,
     new_run_dir,
@@ -102,17 +103,19 @@ def plan_resume(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
 def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from, logger: MetricLogger) -> dict[str, Any]:
     """THE training loop (with the learning-curve evaluation), or nothing for an evaluation-only run."""
     main = ctx.accelerator.is_main_process
-    base_cache: dict[str, Any] = {}
     curve_cfg = EvalConfig(**{**vars(s.eval), "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4)})
+    caches: list[Any] = []  # the base's cache, opened at the first evaluation (keyed by the base weights then)
 
     def eval_fn(update: int) -> dict[str, float]:
+        if not caches:
+            caches.append(base_eval_cache(cfg, ctx, curve_cfg) if main else {})
         m = evaluate(
             ctx.world,
             ctx.policy,
             ctx.base.policy,
             curve_cfg,
             proxy=cfg.reward,
-            base_cache=base_cache,
+            base_cache=caches[0],
             sampler=algo.sampler,
         )
         return {k: v for k, v in m.items() if isinstance(v, float) and not k.endswith(("_low", "_high"))}
@@ -143,6 +146,7 @@ def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: 
         base_policy,
         s.eval,
         proxy=cfg.reward,
+        base_cache=base_eval_cache(cfg, ctx, s.eval),
         sampler=algo.sampler,
         implicit_scale=algo.implicit_reward_scale(),
     )
@@ -184,6 +188,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     from accelerate import Accelerator
 
     t_start = time.perf_counter()
+    phases = Phases()
     validate(cfg)  # before any work: nothing is built and no directory is made for a bad config
     resume_from = None
     if cfg.resume:
@@ -222,6 +227,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
         eval_cfg=s.eval,
         sampler=algo.sampler,
     )
+    phases.end("build")
     summary = train_run(cfg, s, algo, ctx, run_dir, resume_from, logger)
     if summary.get("interrupted"):
         if main:
@@ -231,12 +237,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
             print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
         logger.close()
         return {"interrupted": summary["interrupted"], "updates": summary["updates"], "run_dir": str(run_dir)}
+    phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
         # evaluation (real SD prompt sets) must not run into the collective timeout of ranks waiting at a barrier.
         logger.close()
         return {}
     metrics = evaluate_run(cfg, s, algo, ctx, run_dir)
+    phases.end("evaluate")
     result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start)
     save_eval(result, run_dir)
     logger.log_final(result, run_dir)
@@ -246,6 +254,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
         from benchmarks.report import write_report
 
         report_path = write_report([run_dir], run_dir)  # report.md/html of this one run (figures, sample grid)
+    phases.end("report")
+    result.update(phases.record())
+    save_eval(result, run_dir)
     print_summary(result, run_dir, report_path)
     return result
 
@@ -287,6 +298,24 @@ def run_seeds(cfg: DictConfig, parent: Path, run_one=None) -> list[dict[str, Any
     return rows
 
 
+class Phases:
+    """Wall and CPU seconds of a run's phases (build, train, evaluate, report): ``phases_wall_s``/``phases_cpu_s``
+    in eval.json. The CPU clock is the process's (all threads): a busy neighbour on a shared machine inflates the
+    wall clock, not it."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = {}, {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def end(self, name: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = t - self._t, c - self._c
+        self._t, self._c = t, c
+
+    def record(self) -> dict[str, dict[str, float]]:
+        return {"phases_wall_s": dict(self.wall), "phases_cpu_s": dict(self.cpu)}
+
+
 def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = None) -> None:
     def f(key: str) -> str:
         return f"{r[key]:.3f}" if key in r else "n/a"
@@ -313,6 +342,11 @@ def print_summary(r: dict[str, Any], run_dir: Path, report_path: Path | None = N
         lines.append(f"  matches best-of-N of the base (by gold) at N = {bound}{r['best_of_n_equivalent']:.2f} (S8)")
     lines.append(f"  KL to reference: {f('kl_to_ref')}   inference NFE/sample: {f('inference_nfe_per_sample')}")
     lines.append(f"  wall: {r['wall_s']:.1f}s")
+    if "phases_wall_s" in r:
+        lines.append(
+            "  phases (wall / cpu s): "
+            + ", ".join(f"{k} {r['phases_wall_s'][k]:.1f} / {r['phases_cpu_s'][k]:.1f}" for k in r["phases_wall_s"])
+        )
     lines.append(f"  run directory: {run_dir}")
     if report_path is not None:
         lines.append(f"  report: {report_path}  (compare runs: python -m benchmarks.report <dirs>)")

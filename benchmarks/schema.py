@@ -58,6 +58,9 @@ class RunConfig:
     ``train.steps=0``, evaluates a finished run again in another mode (e.g. ``eval.mode=sdedit``)."""
     out_dir: str = "runs"
     """Parent folder of run directories."""
+    eval_cache_dir: str | None = None
+    """The cross-run evaluation cache (``eval.cache=true``); None = ``<out_dir>/.eval_cache``. An experiment's runs
+    share the experiment's root cache."""
     logger: Any = "tensorboard"
     """Trackers, through accelerate: ``tensorboard | wandb | trackio | mlflow | none`` or a list
     (``logger=[tensorboard,wandb]``); ``metrics.jsonl`` is always written (`rlkit_diffusion.logging.make_logger`)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkit_diffusion.algorithm import AlgoContext, Counters
 from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, latest_checkpoint
+from rlkit_diffusion.eval_cache import open_base_cache
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference, add_lora
@@ -134,6 +136,7 @@ def build_run(cfg: DictConfig, accelerator, batch_size: int) -> AlgoContext:
     # Data parallelism: every rank draws the global batch of pairs and keeps its slice (union = 1-process batch).
     world.pairs = shard_pairs(world.pairs, accelerator.process_index, accelerator.num_processes)
     base = build_reference(cfg, world)
+    world.policy.set_precision(cfg.train.precision, cfg.train.compile)  # every view, the reference's included
     if cfg.get("init_from"):  # start from a finished run's weights (e.g. evaluate it in another mode, train.steps=0)
         init_from_run(world.policy, Path(cfg.init_from))
     return build_context(
@@ -157,6 +160,24 @@ def init_from_run(policy, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Saving the run's outputs
 # ----------------------------------------------------------------------------------------------------------------
+def base_eval_cache(cfg: DictConfig, ctx: AlgoContext, eval_cfg: EvalConfig) -> MutableMapping:
+    """The base model's evaluation cache: persistent under ``<out_dir>/.eval_cache/<key>/`` with ``eval.cache=true``
+    (`rlkit_diffusion.eval_cache`: shared by every run, experiment and leaderboard of the same world, base weights,
+    evaluation settings, rewards and sampler code), else a dict that lives as long as the run."""
+    if not eval_cfg.cache:
+        return {}
+    world_config = OmegaConf.to_container(cfg.world, resolve=True)
+    return open_base_cache(eval_cache_dir(cfg), ctx.world, ctx.base.policy, eval_cfg, cfg.reward, world_config)
+
+
+def eval_cache_dir(cfg: DictConfig) -> Path:
+    """``eval_cache_dir``, by default ``<out_dir>/.eval_cache``: the run root's evaluation cache (not a run: no
+    eval.json, no checkpoints)."""
+    if cfg.get("eval_cache_dir"):
+        return Path(cfg.eval_cache_dir)
+    return Path(cfg.out_dir) / ".eval_cache"
+
+
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved config of a new run (a resumed run is its config.yaml: `benchmarks.lifecycle`)."""
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

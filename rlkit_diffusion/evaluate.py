@@ -117,6 +117,9 @@ class EvalConfig:
     """Validation pairs scored by the policy's implicit reward and by the explicit rewards (Table 2); 0 = skip."""
     implicit_draws: int = 10
     """(t, ε) draws averaged per pair by the implicit reward (S4.1)."""
+    cache: bool = True
+    """Keep the base model's samples and scores in the cross-run cache (`rlkit_diffusion.eval_cache`): computed by
+    the first run of a world and these settings, reused by every later one (never changes a number)."""
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:

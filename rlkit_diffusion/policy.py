@@ -28,6 +28,7 @@ Conventions stated once:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping
@@ -37,6 +38,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``train.precision`` → the autocast dtype of the network forward (None = plain fp32)."""
 
 Cond = Any  # a Tensor, or a (nested) dict of tensors with batch dimension 0 (e.g. SDXL's added_cond_kwargs)
 GradMode = Literal["none", "full", "last_k"]
@@ -203,6 +207,10 @@ class DiffusionPolicy(nn.Module):
         # UNet function evaluations, one per sample per forward (CFG counts two; checkpoint recomputation counts).
         # Shared with every `with_eps_model` view so that reference forwards are counted too.
         self.counter = {"nfe": 0}
+        # Precision and compilation of the network forward (`set_precision`); the step maths stay fp32.
+        self.precision = "fp32"
+        self.compile_network = False
+        self._compiled: dict[int, Any] = {}  # id(network) → its torch.compile'd callable (shared with the views)
 
     @property
     def nfe(self) -> int:
@@ -266,18 +274,44 @@ class DiffusionPolicy(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # The network
     # ------------------------------------------------------------------------------------------------------------
+    def set_precision(self, precision: str = "fp32", compile: bool = False) -> DiffusionPolicy:
+        """Run the network forward in ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast; on CPU bf16 uses
+        AVX-512-bf16/AMX where present) and/or through ``torch.compile``. Only the network forward changes
+        (`model_output`): its output is cast back to fp32, so the step maths — means, log-probabilities and their
+        differences, the DPO/GRPO arguments, the path KL — stay fp32. Applies to every view (`with_eps_model`, the
+        reference's policy) made afterwards. Returns self."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.compile_network = bool(compile)
+        return self
+
+    def _network(self) -> Any:
+        """The ε-model, or its compiled callable (compiled once per network, the reference's included)."""
+        if not self.compile_network:
+            return self.eps_model
+        key = id(self.eps_model)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self.eps_model)
+        return self._compiled[key]
+
     def model_output(self, x_t: Tensor, t: Tensor | int, cond: Cond) -> Tensor:
-        """Raw network output (ε, v or x̂_0 according to ``prediction_type``), no guidance."""
+        """Raw network output (ε, v or x̂_0 according to ``prediction_type``), no guidance; fp32 whatever the
+        precision of the forward (`set_precision`)."""
         t = self._expand(t, x_t.shape[0], x_t.device)
         self.counter["nfe"] += x_t.shape[0]
+        net, dtype = self._network(), PRECISIONS[self.precision]
+        amp = contextlib.nullcontext() if dtype is None else torch.autocast(x_t.device.type, dtype=dtype)
         if torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-            return self.eps_model(x_t, t, cond)
+            with amp:
+                out = net(x_t, t, cond)
+            return out if dtype is None else out.float()
         # No autograd wanted (sampling, reference forwards under no_grad): inference mode also skips the per-op
         # version-counter and view bookkeeping that no_grad keeps (~5% of a small UNet's forward on CPU,
         # benchmarks/perf.py); the clone hands back an ordinary tensor that later autograd code may use freely.
-        with torch.inference_mode():
-            out = self.eps_model(x_t, t, cond)
-        return out.clone()
+        with torch.inference_mode(), amp:
+            out = net(x_t, t, cond)
+        return out.clone() if dtype is None else out.to(torch.float32, copy=True)
 
     def predict_noise(
         self,

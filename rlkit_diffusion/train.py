@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from rlkit_diffusion.algorithm import AlgoContext, Algorithm, sum_losses
 from rlkit_diffusion.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, set_rng_state
 from rlkit_diffusion.logging import MetricLogger, to_float
+from rlkit_diffusion.policy import PRECISIONS
 from rlkit_diffusion.reference import unwrap
 
 
@@ -93,6 +94,15 @@ class TrainConfig:
     """A non-finite loss or gradient: ``stop`` the run (with a clear message) or ``skip`` the step and count it."""
     max_skipped: int = 10
     """With on_nonfinite=skip: stop anyway after this many skipped steps."""
+    precision: str = "fp32"
+    """Network forwards (training and evaluation sampling) in ``fp32``, ``bf16`` or ``fp16`` autocast; the step
+    maths, log-probabilities, losses and path KL stay fp32 (`DiffusionPolicy.set_precision`, docs/perf.md)."""
+    compile: bool = False
+    """``torch.compile`` the ε-model (training and evaluation sampling)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is not a valid choice; available: fp32, bf16, fp16")
 
 
 class DivergenceError(RuntimeError):

@@ -76,3 +76,21 @@ def test_perf_json_has_every_field_and_they_are_finite():
         assert len(m[field]) == steps and all(finite(v) and v > 0 for v in m[field]), (field, m[field])
     assert len(m["draft_ckpt_bound_mb"]) == 2 and all(finite(v) for v in m["draft_ckpt_bound_mb"])
     assert set(r["targets"]) == {"ratio", "dpo_memory", "draft_ckpt_growth"}
+
+
+def test_whole_run_json_fields_present_and_finite(capsys):
+    """``benchmarks.perf --run ... --json``: every phase, the bare UNet work and the ratio (no timing asserted)."""
+    import json
+    import math
+
+    from benchmarks.perf import main
+
+    args = ["world=toy2d", "algo=dpo", "train.steps=2", "eval.samples_per_prompt=2", "eval.bootstrap=10"]
+    main(["--run", *args, "report=false", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["phases"]) == {"build", "train", "evaluate", "report"}
+    assert r["phases"]["train"]["unet_rows"] > 0 and r["phases"]["evaluate"]["unet_rows"] > 0
+    for name in ("train", "evaluate"):
+        assert all(math.isfinite(r["phases"][name][k]) for k in ("wall_s", "cpu_s", "bare_cpu_s", "ratio"))
+    assert all(math.isfinite(r[k]) for k in ("wall_s", "cpu_s", "bare_cpu_s", "ratio", "win_rate_vs_base"))
+    assert r["bare_cpu_s"] > 0
