@@ -76,7 +76,13 @@ def test_implicit_accuracy_is_one_half_at_init_and_rewinds_the_stream(toy_world)
     pairs = ctx.world.val_pairs
     before = pairs.state_dict()["generator"].clone()
     res = implicit_reward_accuracy(ctx.policy, ctx.base.policy, pairs, ctx.world.encoder, n_pairs=96, n_draws=3)
-    assert res == {"implicit_acc": 0.5, "implicit_margin": 0.0}  # θ = θ_ref: every pair is an exact tie
+    # θ = θ_ref: every pair is an exact tie, so the accuracy and both ends of its interval (over pairs) are ½
+    assert res == {
+        "implicit_acc": 0.5,
+        "implicit_margin": 0.0,
+        "implicit_acc_ci_low": 0.5,
+        "implicit_acc_ci_high": 0.5,
+    }
     assert torch.equal(pairs.state_dict()["generator"], before)
 
 
