@@ -634,6 +634,9 @@ class FlowMatchingPolicy(DiffusionPolicy):
         self.register_buffer("alphas_cumprod", snr_like, persistent=False)
         self.final_alpha_cumprod = 1.0
         self.counter = {"nfe": 0}
+        self.precision = "fp32"  # `set_precision`, as for the ε-policy
+        self.compile_network = False
+        self._compiled: dict[int, Any] = {}
 
     @property
     def noise_level(self) -> float:

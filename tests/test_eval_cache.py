@@ -56,7 +56,8 @@ def _same(a: dict, b: dict) -> None:
     keys = sorted(set(a) - set(VOLATILE))
     assert keys == sorted(set(b) - set(VOLATILE))
     for k in keys:
-        assert json.dumps(a[k]) == json.dumps(b[k]), k  # bit for bit (floats printed exactly)
+        # bit for bit (floats printed exactly; the per-row arrays of `per_sample` as lists)
+        assert json.dumps(a[k], default=np.ndarray.tolist) == json.dumps(b[k], default=np.ndarray.tolist), k
 
 
 def test_hit_miss_invalidation_and_corrupt_entry(tmp_path, count_base):

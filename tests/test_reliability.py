@@ -398,7 +398,7 @@ DETERMINISM = {
         "device=cpu",
     ],
 }
-NOT_REPRODUCIBLE = ("wall", "time", "mem", "checkpoint", "environment")  # clocks, memory, paths, argv
+NOT_REPRODUCIBLE = ("wall", "time", "mem", "checkpoint", "environment", "phases")  # clocks, memory, paths, argv
 
 
 def numbers(obj, prefix: str = "") -> dict[str, float]:
