@@ -367,6 +367,8 @@ def run_overrides(assets: dict[str, Path], world: str, algo: str, out: Path) -> 
         "eval.samples_per_prompt=1",
         "eval.max_prompts=2",
         "eval.bootstrap=20",
+        "eval.implicit_pairs=2",  # Table 2 is evaluated for every algorithm: at a tiny size here
+        "eval.implicit_draws=1",
         f"world.pretrained={assets[world]}",
         f"world.resolution={RESOLUTION}",
         "world.num_inference_steps=2",
@@ -381,7 +383,7 @@ def run_overrides(assets: dict[str, Path], world: str, algo: str, out: Path) -> 
         f"world.val_pairs={assets['val_pairs']}",
         f"world.latent_cache={out / 'latents'}",
         *{
-            "dpo": ["eval.implicit_pairs=2", "eval.implicit_draws=1"],
+            "dpo": [],
             "ddpo": ["algo.num_minibatches=1"],  # the sd15 tuning's 400 minibatches are for 32 × 50 transitions
             "draft": ["algo.k=1"],
         }[algo],
