@@ -36,7 +36,6 @@ Implementation details (numbered, cleanrl style):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from algos.ddpo import DDPO, Trajectories, Transitions
-from algos.grpo import grouped_prompts, shared_group_noise
+from algos.grpo import grouped_prompts, setup_trajectories, shared_group_noise
 from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
-from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.preference import preference_accuracy
 
 
@@ -167,23 +165,7 @@ class D3PO(DDPO):
             raise ValueError(f"{self.name}: train.batch_size must be even (pairs), got {ctx.batch_size}")
         if cfg.reference not in ("sampler", "base"):
             raise ValueError(f"{self.name}: reference must be sampler|base, got {cfg.reference!r}")
-        if cfg.log_prob_reduction not in ("sum", "mean"):
-            raise ValueError(f"{self.name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
-        if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
-            raise ValueError(
-                f"{self.name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1"
-            )
-        if ctx.policy.sampler not in ("ddim", "sde") or not ctx.policy.stochastic:
-            raise ValueError(
-                f"{self.name} needs a stochastic DDIM policy (eta > 0) or a flow policy with sampler=sde; "
-                f"got sampler={ctx.policy.sampler}, eta={ctx.policy.eta}"
-            )
-        self.dim = math.prod(ctx.world.sample_shape)
-        self.env = (
-            ctx.env
-            if cfg.sampling_steps is None
-            else DenoisingCore(ctx.world, reward=ctx.env.reward_name, num_inference_steps=cfg.sampling_steps)
-        )
+        self.dim, self.env = setup_trajectories(self.name, ctx, cfg)
         self.reference = ctx.base if cfg.reference == "base" else None
 
     def collect(self) -> Trajectories:

@@ -201,6 +201,25 @@ def mix_window(iteration: int, horizon: int, size: int, stride: int, shift_every
 # --------------------------------------------------------------------------------------------------------------
 # The algorithms
 # --------------------------------------------------------------------------------------------------------------
+def setup_trajectories(name: str, ctx: AlgoContext, cfg: Any) -> tuple[int, DenoisingCore]:
+    """Checks shared by the trajectory algorithms of this family (GRPO, MixGRPO, D3PO): the log-prob reduction, the
+    minibatching, a stochastic policy. Returns (dim = values per sample, the MDP collected from: the run's env, or
+    one with ``cfg.sampling_steps`` steps — denoising reduction)."""
+    if cfg.log_prob_reduction not in ("sum", "mean"):
+        raise ValueError(f"{name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
+    if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
+        raise ValueError(f"{name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1")
+    if ctx.policy.sampler not in ("ddim", "sde") or not ctx.policy.stochastic:
+        raise ValueError(
+            f"{name} needs a stochastic DDIM policy (eta > 0) or a flow policy with sampler=sde; "
+            f"got sampler={ctx.policy.sampler}, eta={ctx.policy.eta}"
+        )
+    if cfg.sampling_steps is None:
+        return math.prod(ctx.world.sample_shape), ctx.env
+    env = DenoisingCore(ctx.world, reward=ctx.env.reward_name, num_inference_steps=cfg.sampling_steps)
+    return math.prod(ctx.world.sample_shape), env
+
+
 class GRPO(DDPO):
     """Flow-GRPO / DanceGRPO on the denoising MDP (`grpo_loss`); DDPO's collection, minibatches and re-scoring."""
 
@@ -216,23 +235,7 @@ class GRPO(DDPO):
             raise ValueError(
                 f"{self.name}: train.batch_size ({ctx.batch_size}) must be a multiple of group_size ({cfg.group_size})"
             )
-        if cfg.log_prob_reduction not in ("sum", "mean"):
-            raise ValueError(f"{self.name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
-        if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
-            raise ValueError(
-                f"{self.name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1"
-            )
-        if ctx.policy.sampler not in ("ddim", "sde") or not ctx.policy.stochastic:
-            raise ValueError(
-                f"{self.name} needs a stochastic DDIM policy (eta > 0) or a flow policy with sampler=sde; "
-                f"got sampler={ctx.policy.sampler}, eta={ctx.policy.eta}"
-            )
-        self.dim = math.prod(ctx.world.sample_shape)
-        self.env = (
-            ctx.env
-            if cfg.sampling_steps is None
-            else DenoisingCore(ctx.world, reward=ctx.env.reward_name, num_inference_steps=cfg.sampling_steps)
-        )
+        self.dim, self.env = setup_trajectories(self.name, ctx, cfg)
         self.steps_mask = self.position_mask(self.env.horizon)  # (N,) detail 5
         self.reference = ctx.base if cfg.kl_coef > 0 else None
 
