@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     ``overrides`` are the command-line overrides (Hydra's): on ``resume=`` only those are compared with the run's
     config; None compares every key of ``cfg``."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     t_start = time.perf_counter()
     phases = Phases()
@@ -209,6 +211,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
         gradient_accumulation_steps=s.train.grad_accum,
         log_with=tracker_names(cfg.get("logger")) or None,  # logger=tensorboard|wandb|trackio|mlflow|none (a list)
         project_dir=cfg.out_dir,
+        # several processes: a rank that stops answering fails the collectives after this, instead of a hang
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=s.train.collective_timeout_s))],
     )
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
