@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import signal
 import sys
@@ -47,10 +48,10 @@ from benchmarks.wiring import (
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
-from rlkit_diffusion.checkpoint import atomic_write_text
+from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
-from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
+from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, train
 
 
 @dataclass
@@ -405,7 +406,7 @@ def main(cfg: DictConfig) -> float:
             rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
             return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
         result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
-    except ConfigError as err:
+    except (ConfigError, ResumeError) as err:
         logging.getLogger("benchmarks.run").debug("user error", exc_info=True)
         sys.exit(f"benchmarks.run: {err}")
     if result.get("interrupted"):
@@ -421,6 +422,7 @@ def preflight(argv: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     check_overrides(argv)
+    argv = elastic_resume(argv)
     for o in argv:  # an explicit hydra.run.dir naming a run: refuse before Hydra writes .hydra/ into it
         if o.lstrip("+").startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in argv):
             refuse_existing_run(Path(o.partition("=")[2]))
@@ -440,6 +442,19 @@ def preflight(argv: list[str]) -> list[str]:
     validate(resume_config(cfg, run_dir, overrides)[0])  # refuses a changed config before anything is written
     rest = [a for a in argv if not a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=", "resume="))]
     return [*rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def elastic_resume(argv: list[str]) -> list[str]:
+    """Under torchrun's elastic agent (``--max-restarts``), a restarted job (``TORCHELASTIC_RESTART_COUNT`` > 0) gets
+    the first attempt's command line again: if it names its run (``hydra.run.dir=``) and that run has a complete
+    checkpoint, continue it (``resume=<run>``) instead of refusing to overwrite it. Anything else is unchanged."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0 or any(a.startswith("resume=") for a in argv):
+        return argv
+    dirs = [o.partition("=")[2] for o in argv if o.lstrip("+").startswith("hydra.run.dir=")]
+    if dirs and latest_checkpoint(Path(dirs[-1]) / "checkpoints") is not None:
+        print(f"elastic restart: continuing {dirs[-1]} from its last checkpoint", file=sys.stderr, flush=True)
+        return [*argv, f"resume={dirs[-1]}"]
+    return argv
 
 
 if __name__ == "__main__":

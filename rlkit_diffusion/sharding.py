@@ -36,13 +36,20 @@ def shard_model(model: nn.Module, blocks: list[str] | tuple[str, ...], device: t
     """``fully_shard`` every module whose class name is in ``blocks`` (children before parents), then ``model``
     itself, over a 1-D device mesh of all processes. In place; returns ``model`` (now an ``FSDPModule``)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = init_device_mesh(device.type, (num_processes,))
     units = [m for m in model.modules() if m is not model and type(m).__name__ in set(blocks)]
     for module in reversed(units):  # reversed pre-order: a nested unit is sharded before the unit holding it
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # Allocate the unsharded parameters once now, outside inference mode: created by a first forward under
+    # torch.inference_mode (rollouts, `DiffusionPolicy.model_output`) they would be inference tensors, which a later
+    # training forward cannot save for backward.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
     return model
 
 

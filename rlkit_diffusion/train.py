@@ -133,6 +133,10 @@ class DivergenceError(RuntimeError):
     """A non-finite loss or gradient stopped training."""
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue in this layout (number of processes, global batch): one line says why."""
+
+
 class Budget:
     def __init__(self, budget: BudgetConfig, cfg: TrainConfig, ctx: AlgoContext, start_nfe: int):
         self.kind = budget.kind
@@ -401,17 +405,21 @@ class _Loop:
             return
         name = Path(path).name
         if not getattr(self.algo, "world_size_invariant", False):
-            raise ValueError(
-                f"resume: {name} was written by {written} processes and algo {self.algo.name!r} draws per-rank random "
-                f"streams (rollouts, timesteps), which cannot continue on {now}; resume it on {written} processes"
+            raise ResumeError(
+                f"resume: {name} was written by {written} process(es) and algo {self.algo.name!r} draws per-rank "
+                f"random streams (rollouts, timesteps), which cannot continue on {now}; resume it on {written}"
             )
         batch = self.ctx.batch_size
         global_then = int(st.get("global_batch", batch * written))
         if global_then != batch * now:
-            fix = f"train.batch_size={global_then // now}" if global_then % now == 0 else "another number of processes"
-            raise ValueError(
-                f"resume: {name} was written with a global batch of {global_then} ({written} processes); "
-                f"train.batch_size={batch} on {now} processes gives {batch * now}: use {fix}"
+            fix = (
+                f"train.batch_size={global_then // now} resume_override=[train.batch_size]"
+                if global_then % now == 0
+                else f"a number of processes that divides {global_then}"
+            )
+            raise ResumeError(
+                f"resume: {name} was written with a global batch of {global_then} ({written} process(es)); "
+                f"train.batch_size={batch} on {now} gives {batch * now}: use {fix}"
             )
 
     def schedule_evaluations(self) -> None:
@@ -621,4 +629,4 @@ def _budget_row(ctx: AlgoContext, budget: Budget, sched=None, skipped: int = 0) 
     return row
 
 
-__all__ = ["BudgetConfig", "DivergenceError", "TrainConfig", "train"]
+__all__ = ["BudgetConfig", "DivergenceError", "ResumeError", "TrainConfig", "train"]
