@@ -207,6 +207,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    init_restarted_process_group(timedelta(seconds=s.train.collective_timeout_s), cpu)
     accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=s.train.grad_accum,
@@ -442,6 +443,33 @@ def preflight(argv: list[str]) -> list[str]:
     validate(resume_config(cfg, run_dir, overrides)[0])  # refuses a changed config before anything is written
     rest = [a for a in argv if not a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=", "resume="))]
     return [*rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def init_restarted_process_group(timeout: timedelta, cpu: bool) -> None:
+    """A job restarted by torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0) joins its process group under a key prefix of
+    its own attempt. Without it the ranks would meet in the elastic agent's store, which still holds the first
+    attempt's addresses: gloo's rank 0 then connects to the killed rank's old port ("Connection refused"). The
+    first attempt (and every other launcher) lets accelerate create the group as usual."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or torch.distributed.is_initialized():
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent serves MASTER_ADDR:PORT
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_store,
+        timeout=timeout,
+    )
+    backend = "gloo" if cpu or not torch.cuda.is_available() else "cpu:gloo,cuda:nccl"
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"restart_{attempt}/", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
 
 
 def elastic_resume(argv: list[str]) -> list[str]:
