@@ -81,6 +81,7 @@ def install(
                 Path(marker).write_text(f"rank {kill_rank} killed itself at step {step}\n")
                 os.kill(os.getpid(), signal.SIGKILL)
             if rank() == stall_rank and step == stall_step:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, but the launcher's SIGTERM still ends it
                 time.sleep(3600)
             return loss(self, batch)
 
