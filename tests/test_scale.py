@@ -182,3 +182,19 @@ def test_a_rank_that_stops_answering_fails_the_job(tmp_path):
     assert message in proc.stdout + proc.stderr
     assert message in (run_dir / "STOPPED").read_text()
     assert not (run_dir / "eval.json").exists()
+
+
+def test_memory_model_counts_and_ordering():
+    """`python -m benchmarks.memory`: the meta-device UNets have the published parameter counts, and per GPU
+    FSDP < ZeRO-2 < DDP, with more GPUs helping only the sharded schemes."""
+    from benchmarks.memory import table
+
+    r = table((8, 16))
+    assert r["counts"]["SD1.5"]["unet"] == 859_520_964 and r["counts"]["SDXL"]["unet"] == 2_567_463_684
+    total = {(x["model"], x["scheme"], x["gpus"]): x["total"] for x in r["rows"]}
+    for model in ("SD1.5", "SDXL"):
+        assert total[model, "FSDP", 8] < total[model, "ZeRO-2", 8] < total[model, "DDP", 8]
+        assert (
+            total[model, "FSDP", 16] < total[model, "FSDP", 8]
+            and total[model, "ZeRO-2", 16] < total[model, "ZeRO-2", 8]
+        )
