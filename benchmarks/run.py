@@ -48,10 +48,10 @@ from benchmarks.wiring import (
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
-from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint
+from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, read_state
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
-from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, train
+from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, check_resume_layout, train
 
 
 @dataclass
@@ -219,9 +219,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
     run_dir = prepare_run_dir(cfg, run_dir, main)
-    if resume_from is not None and main:
-        record_resume(run_dir, cfg, resume_from, extend)
     algo = build_algo(cfg.algo.name, s.algo)
+    if resume_from is not None:  # another number of processes: refused before anything is recorded
+        state = read_state(resume_from)
+        check_resume_layout(state, resume_from.name, algo, s.train.batch_size, accelerator.num_processes)
+        if main:
+            record_resume(run_dir, cfg, resume_from, extend)
     logger = make_logger(
         run_dir,
         accelerator,

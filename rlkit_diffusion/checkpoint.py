@@ -307,6 +307,12 @@ def latest_checkpoint(ckpt_root: Path | str) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(path: Path | str) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` alone (counters, RNG and data state, layout), without its weights."""
+    with open(Path(path) / "state.json") as f:
+        return _unjson(json.load(f))
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint directory: ``{"model", "reference", "optimizer", "state"}`` (no pickle anywhere)."""
     path = Path(path)
@@ -317,6 +323,5 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     out["reference"] = load_file(str(ref)) if ref.exists() else {}
     opt = path / "optimizer.pt"
     out["optimizer"] = torch.load(opt, weights_only=True, map_location="cpu") if opt.exists() else {}
-    with open(path / "state.json") as f:
-        out["state"] = _unjson(json.load(f))
+    out["state"] = read_state(path)
     return out

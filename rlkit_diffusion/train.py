@@ -397,30 +397,7 @@ class _Loop:
         return self.acc.num_processes if self.acc is not None else 1
 
     def check_world_size(self, path: Path | str, st: dict[str, Any]) -> None:
-        """A checkpoint written by another number of processes resumes only when the algorithm's randomness is
-        world-size-invariant (`AlgoContext.global_rows`) and the global batch is unchanged; else one line says why."""
-        written = int(st.get("num_processes", len(st.get("generators") or [st["generator"]])))
-        now = self.world_size
-        if written == now:
-            return
-        name = Path(path).name
-        if not getattr(self.algo, "world_size_invariant", False):
-            raise ResumeError(
-                f"resume: {name} was written by {written} process(es) and algo {self.algo.name!r} draws per-rank "
-                f"random streams (rollouts, timesteps), which cannot continue on {now}; resume it on {written}"
-            )
-        batch = self.ctx.batch_size
-        global_then = int(st.get("global_batch", batch * written))
-        if global_then != batch * now:
-            fix = (
-                f"train.batch_size={global_then // now} resume_override=[train.batch_size]"
-                if global_then % now == 0
-                else f"a number of processes that divides {global_then}"
-            )
-            raise ResumeError(
-                f"resume: {name} was written with a global batch of {global_then} ({written} process(es)); "
-                f"train.batch_size={batch} on {now} gives {batch * now}: use {fix}"
-            )
+        check_resume_layout(st, Path(path).name, self.algo, self.ctx.batch_size, self.world_size)
 
     def schedule_evaluations(self) -> None:
         """The next learning-curve point: the first budget fraction k/eval_points still ahead (after a resume too)."""
@@ -590,6 +567,31 @@ def _name_the_step(err: BaseException, step: int) -> None:
         err.args = (f"{err.args[0]} (at optimizer step {step})",)
 
 
+def check_resume_layout(state: dict[str, Any], name: str, algo: Any, batch_size: int, num_processes: int) -> None:
+    """A checkpoint written by another number of processes resumes only when the algorithm's randomness is
+    world-size-invariant (`AlgoContext.global_rows`) and the global batch is unchanged; else a one-line
+    `ResumeError` says why and what to pass. ``state``: the checkpoint's state.json; ``name``: its directory name."""
+    written = int(state.get("num_processes", len(state.get("generators") or [state.get("generator")])))
+    if written == num_processes:
+        return
+    if not getattr(algo, "world_size_invariant", False):
+        raise ResumeError(
+            f"resume: {name} was written by {written} process(es) and algo {algo.name!r} draws per-rank random "
+            f"streams (rollouts, timesteps), which cannot continue on {num_processes}; resume it on {written}"
+        )
+    global_then = int(state.get("global_batch", batch_size * written))
+    if global_then != batch_size * num_processes:
+        fix = (
+            f"train.batch_size={global_then // num_processes} resume_override=[train.batch_size]"
+            if global_then % num_processes == 0
+            else f"a number of processes that divides {global_then}"
+        )
+        raise ResumeError(
+            f"resume: {name} was written with a global batch of {global_then} ({written} process(es)); "
+            f"train.batch_size={batch_size} on {num_processes} gives {batch_size * num_processes}: use {fix}"
+        )
+
+
 def _explain_timeout(err: BaseException, timeout_s: float) -> None:
     """A collective that timed out: say that a rank stopped answering and name the setting (same exception)."""
     text = str(err)
@@ -629,4 +631,4 @@ def _budget_row(ctx: AlgoContext, budget: Budget, sched=None, skipped: int = 0) 
     return row
 
 
-__all__ = ["BudgetConfig", "DivergenceError", "ResumeError", "TrainConfig", "train"]
+__all__ = ["BudgetConfig", "DivergenceError", "ResumeError", "TrainConfig", "check_resume_layout", "train"]

@@ -172,10 +172,16 @@ def test_fsdp_ddpo_equals_ddp(tmp_path):
 
 def test_two_process_checkpoint_resumes_on_one(uninterrupted, tmp_path):
     from benchmarks.run import run
+    from rlkit_diffusion.train import ResumeError
 
     run_dir = tmp_path / "run"
     proc = launch(torchrun() + [*TOY, "train.steps=3", "train.batch_size=8", f"hydra.run.dir={run_dir}"], 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    config = (run_dir / "config.yaml").read_text()
+    longer = ["train.steps=6", "resume_override=[train.steps]"]  # the per-process batch kept: refused, no trace
+    with pytest.raises(ResumeError, match="global batch of 16"):
+        run(compose_cfg([*longer, f"resume={run_dir}"]), overrides=[*longer, f"resume={run_dir}"])
+    assert (run_dir / "config.yaml").read_text() == config and not (run_dir / "resumes.jsonl").exists()
     change = ["train.steps=6", "train.batch_size=16", "resume_override=[train.steps,train.batch_size]"]
     run(compose_cfg([*change, f"resume={run_dir}"]), overrides=[*change, f"resume={run_dir}"])
     assert json.loads((run_dir / "eval.json").read_text())["environment"]["num_processes"] == 1
@@ -193,20 +199,18 @@ def test_one_process_checkpoint_resumes_on_two(uninterrupted, tmp_path):
 
 
 def test_world_size_change_refused_with_one_line():
-    from rlkit_diffusion.train import ResumeError, _Loop
+    from rlkit_diffusion.train import ResumeError, check_resume_layout
 
-    written_by_two = {"num_processes": 2, "global_batch": 16, "generators": [0, 0], "generator": 0}
-
-    def loop(algo: str, invariant: bool, batch: int):
-        algo = SimpleNamespace(name=algo, world_size_invariant=invariant)
-        return SimpleNamespace(algo=algo, ctx=SimpleNamespace(batch_size=batch), world_size=1)
-
+    by_two = {"num_processes": 2, "global_batch": 16, "generators": [0, 0], "generator": 0}
+    ddpo, dpo = (SimpleNamespace(name=n, world_size_invariant=n == "dpo") for n in ("ddpo", "dpo"))
     with pytest.raises(ResumeError, match=r"algo 'ddpo' draws per-rank random streams .* resume it on 2$"):
-        _Loop.check_world_size(loop("ddpo", False, 16), "step_00000003", written_by_two)
+        check_resume_layout(by_two, "step_00000003", ddpo, 16, 1)
     with pytest.raises(ResumeError, match=r"global batch of 16 .* use train.batch_size=16 resume_override"):
-        _Loop.check_world_size(loop("dpo", True, 8), "step_00000003", written_by_two)
-    _Loop.check_world_size(loop("dpo", True, 16), "step_00000003", written_by_two)  # the same global batch: fine
-    _Loop.check_world_size(loop("ddpo", False, 8), "step_00000003", {**written_by_two, "num_processes": 1})
+        check_resume_layout(by_two, "step_00000003", dpo, 8, 1)
+    with pytest.raises(ResumeError, match=r"use a number of processes that divides 16$"):
+        check_resume_layout(by_two, "step_00000003", dpo, 8, 3)
+    check_resume_layout(by_two, "step_00000003", dpo, 16, 1)  # the same global batch: fine
+    check_resume_layout({**by_two, "num_processes": 1}, "step_00000003", ddpo, 8, 1)  # the same world size
 
 
 def test_elastic_restart_continues_from_the_last_checkpoint(uninterrupted, tmp_path):
