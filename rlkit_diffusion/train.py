@@ -19,6 +19,11 @@
 
 The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``reward_queries`` or wall seconds
 ``wall_s`` — so algorithms whose steps cost orders of magnitude apart can be compared at equal cost.
+
+Several processes: DDP through accelerate, or FSDP2 with ``train.parallel=fsdp`` (`rlkit_diffusion.sharding`: the
+network is sharded before the optimizer is built; checkpoints gather it to the one-process format; the final
+evaluation runs on gathered weights). A checkpoint records its number of processes and global batch; it resumes on
+another number of processes only for world-size-invariant algorithms at the same global batch (`check_resume_layout`).
 """
 
 from __future__ import annotations
