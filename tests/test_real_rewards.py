@@ -217,7 +217,7 @@ def test_text_features_are_cached(assets):
     reward.text_features.encode = lambda prompts: calls.append(list(prompts)) or encode(prompts)
     reward(images_batch(), PROMPTS)
     reward(images_batch(2), PROMPTS[:2])
-    assert calls == [["a red cat", "an owl made of glass"]]
+    assert calls == [["a red cat"], ["an owl made of glass"]]  # once per prompt, each on its own (a batch of one)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -209,8 +209,14 @@ class _DropMessage(logging.Filter):
 class TextFeatureCache:
     """Memoise ``encode(prompts) -> (B, D)`` per prompt string (frozen text towers give the same features).
 
+    A new prompt is encoded on its own (a batch of one), never together with the other new prompts of a call: a
+    batched matmul's rounding depends on the batch's size, so a prompt's features would depend on which prompts
+    first arrived with it, i.e. on the run's history. That made a resumed shapes run differ from an uninterrupted one
+    (by 6e-8 in the proxy's text embeddings, then in the rewards, the advantages and the weights; issue #15). One
+    prompt at a time, the features are a function of the prompt alone, also after an eviction.
+
     Args:
-        encode: the batched text encoder (called without gradient on the prompts not cached yet).
+        encode: the batched text encoder (called without gradient on one prompt not cached yet at a time).
         max_size: least recently used prompts are evicted beyond this.
     """
 
@@ -219,12 +225,13 @@ class TextFeatureCache:
         self.max_size = max_size
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
 
+    def clear(self) -> None:
+        self._cache.clear()
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Tensor:
-        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if new:
-            for p, f in zip(new, self.encode(new)):
-                self._cache[p] = f
+        for p in dict.fromkeys(p for p in prompts if p not in self._cache):
+            self._cache[p] = self.encode([p])[0]  # (D,): a batch of one (see the class docstring)
         for p in prompts:
             self._cache.move_to_end(p)
         out = torch.stack([self._cache[p] for p in prompts])

@@ -23,7 +23,8 @@ Image preprocessing is plain torch so every score is differentiable w.r.t. the p
 through it): images ``(B, 3, H, W)`` in [0, 1] are area-resized to 16x16 if needed and normalised with open_clip's
 ``OPENAI_DATASET_MEAN``/``OPENAI_DATASET_STD``, i.e. ``(x - mean) / std`` per channel, what open_clip's own
 ``image_transform`` does after ``ToTensor``. The reward models' parameters are frozen (``requires_grad=False``) and
-text embeddings are cached per caption string (computed without gradient).
+text embeddings are cached per caption string (computed without gradient, each caption on its own so that its
+embedding does not depend on the captions it first arrived with).
 
 Tokens: captions are split by open_clip's bundled BPE tokenizer (``open_clip.tokenizer.SimpleTokenizer``, no network)
 and the BPE ids are mapped to a compact vocabulary, the BPE tokens seen in the training captions (saved in
@@ -53,6 +54,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, state_mismatch
+from rlkit_diffusion.rewards.clip_utils import TextFeatureCache
 
 CONFIG_FORMAT = "rlkit-diffusion/shapes-proxy/v1"
 WEIGHT_FILES: dict[str, str] = {
@@ -233,7 +235,7 @@ class ShapesClipBase:
     def __init__(self, model: open_clip.CLIP, tokenizer: ShapesTokenizer) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self._text_cache: dict[str, Tensor] = {}
+        self.text_cache = TextFeatureCache(self._encode_text)
 
     @property
     def device(self) -> torch.device:
@@ -241,21 +243,19 @@ class ShapesClipBase:
 
     def to(self, device: torch.device | str) -> ShapesClipBase:
         self.model.to(device)
-        self._text_cache.clear()
+        self.text_cache.clear()
         return self
 
     def image_embeddings(self, images: Tensor) -> Tensor:
         """(B, E) unit image embeddings (float32 for a float32 model); gradients flow to ``images``."""
         return image_embeddings(self.model, images.to(device=self.device, dtype=self.model.logit_scale.dtype))
 
+    def _encode_text(self, prompts: list[str]) -> Tensor:
+        return text_embeddings(self.model, self.tokenizer(prompts).to(self.device))
+
     def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
-        """(B, E) unit text embeddings, computed once per caption string (no gradient)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                embeddings = text_embeddings(self.model, self.tokenizer(missing).to(self.device))
-            self._text_cache.update(zip(missing, embeddings))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        """(B, E) unit text embeddings, computed once per caption string, each on its own (no gradient)."""
+        return self.text_cache(prompts)
 
 
 class ShapesProxyReward(ShapesClipBase):

@@ -115,24 +115,28 @@ class SentenceEncoder:
         self._cache.clear()
 
     def _encode_into_cache(self, captions: list[str]) -> None:
+        """Encode each caption on its own (a batch of one): a caption's embedding must not depend on the captions it
+        first arrived with, or a resumed run would differ from an uninterrupted one (issue #15)."""
         for caption in captions:
-            n_tokens = len(self.tokenizer(caption)["input_ids"])
-            if n_tokens > self.max_length:
-                warnings.warn(
-                    f"SentenceEncoder: caption truncated from {n_tokens} to {self.max_length} tokens: {caption!r}",
-                    stacklevel=3,
-                )
+            self._encode_one(caption)
+
+    def _encode_one(self, caption: str) -> None:
+        n_tokens = len(self.tokenizer(caption)["input_ids"])
+        if n_tokens > self.max_length:
+            warnings.warn(
+                f"SentenceEncoder: caption truncated from {n_tokens} to {self.max_length} tokens: {caption!r}",
+                stacklevel=4,
+            )
         tokens = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            [caption], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         with torch.no_grad():
-            hidden = self.model(**tokens).last_hidden_state.float()  # (B, L, 384)
-        mask = tokens["attention_mask"].bool()  # (B, L)
-        weights = mask.float()[:, :, None]
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, 384)
+            hidden = self.model(**tokens).last_hidden_state.float()[0]  # (L, 384)
+        mask = tokens["attention_mask"].bool()[0]  # (L,)
+        weights = mask.float()[:, None]  # (L, 1)
+        pooled = (hidden * weights).sum(0) / weights.sum(0).clamp(min=1.0)  # (384,)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        for i, caption in enumerate(captions):
-            self._cache[caption] = (hidden[i].cpu(), mask[i].cpu(), pooled[i].cpu())
+        self._cache[caption] = (hidden.cpu(), mask.cpu(), pooled.cpu())
 
     def _stack(self, captions: list[str]) -> TextEmbedding:
         entries = [self._cache[c] for c in captions]
