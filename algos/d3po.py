@@ -170,9 +170,9 @@ class D3PO(DDPO):
 
     def collect(self) -> Trajectories:
         ctx, cfg = self.ctx, self.config
-        n_pairs = ctx.batch_size // 2
-        prompts = grouped_prompts(ctx.env, n_pairs, 2, ctx.generator)
-        x_T = shared_group_noise(self.env, n_pairs, 2, ctx.generator) if cfg.shared_noise else None
+        g, n, rows = ctx.global_rows(ctx.batch_size)  # whole pairs (DDPO detail 6): the batch is even
+        prompts = grouped_prompts(ctx.env, n // 2, 2, g)[rows]
+        x_T = shared_group_noise(self.env, n // 2, 2, g)[rows] if cfg.shared_noise else None
         return self.collect_trajectories(prompts, x_T=x_T)
 
     def advantages(self, prompts: list[str], rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
@@ -211,7 +211,7 @@ class D3PO(DDPO):
             fresh_clip = ((log_prob.detach() - old).exp() - 1.0).abs() > cfg.ratio_clip
             out.update(self.check_fresh_ratio(log_prob, old, {"clipfrac": fresh_clip.float().mean()}))
         out.update({k: torch.tensor(v) for k, v in pairs.traj.stats.items()})
-        return out
+        return self.weighted(out, mb.weight)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

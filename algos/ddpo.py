@@ -40,6 +40,15 @@ Implementation details (numbered, cleanrl style):
    clipped; ``check_ratio`` asserts this (it fails if collection and training disagree: dropout, a different
    guidance scale, schedule or η).
 5. The loss is the mean over transitions; logs ``approx_kl`` = ½ E[(log_prob − old_log_prob)²] and ``clipfrac``.
+6. Data parallelism computes what one process computes with the global batch (and a checkpoint resumes on another
+   number of processes: ``world_size_invariant``). Every random number is drawn for the GLOBAL batch from a stream
+   shared by the processes, each keeping its rows (`AlgoContext.global_rows`): the prompts, x_T and every step's
+   noise (`DenoisingCore.rollout`'s ``rows``), and the minibatches — the kept steps and the permutation of detail 3
+   are drawn over all processes' transitions, and each process trains, of every chunk of M transitions, the M_r of
+   its own trajectories. Rewards and prompts are all-gathered before the advantages (detail 1). DDP and FSDP
+   average the processes' gradients, so each process's loss (a mean over its M_r transitions) is weighted by
+   M_r · W / M: the average over the W processes is then the mean over the chunk's M transitions. In one process
+   W = 1, M_r = M, the weight is 1 and every number is what it was before data parallelism was made invariant.
 """
 
 from __future__ import annotations
@@ -242,6 +251,7 @@ class Transitions:
     sample: Tensor  # (M,) long
     step: Tensor  # (M,) long
     first: bool  # the first minibatch since collection (θ = θold)
+    weight: float = 1.0  # this process's loss multiplier (detail 6); 1 in one process
 
 
 def _gather_strings(ctx: AlgoContext, items: list[str]) -> list[str]:
@@ -260,6 +270,7 @@ class DDPO(AlgorithmDefaults):
 
     name = "ddpo"
     config_class = DDPOConfig
+    world_size_invariant = True  # detail 6: resumable on any number of processes
 
     def setup(self, ctx: AlgoContext) -> None:
         super().setup(ctx)
@@ -313,17 +324,22 @@ class DDPO(AlgorithmDefaults):
 
     def collect(self) -> Trajectories:
         ctx = self.ctx
-        return self.collect_trajectories(ctx.env.sample_prompts(ctx.batch_size, ctx.generator))
+        g, n, rows = ctx.global_rows(ctx.batch_size)  # detail 6: this process's rows of the global batch
+        return self.collect_trajectories(ctx.env.sample_prompts(n, g)[rows])
 
     def collect_trajectories(self, prompts: list[str], **rollout_kwargs: Any) -> Trajectories:
         """Roll ``prompts`` out through ``self.env`` (detail 1), score them and compute the advantages.
-        ``rollout_kwargs`` go to `DenoisingCore.rollout` (``x_T``, ``stochastic``, ...)."""
+        ``prompts`` are this process's rows of the global batch (`AlgoContext.global_rows`), whose x_T and
+        per-step noise are drawn for the global batch and sliced (detail 6). ``rollout_kwargs`` go to
+        `DenoisingCore.rollout` (``x_T``, ``stochastic``, ...)."""
         ctx = self.ctx
+        g, n, rows = ctx.global_rows(len(prompts))
         with torch.no_grad():
             ro = self.env.rollout(
                 ctx.policy,
                 prompts,
-                generator=ctx.generator,
+                generator=g,
+                rows=(n, rows),
                 return_trajectory=True,
                 with_reward=False,
                 **rollout_kwargs,
@@ -345,9 +361,13 @@ class DDPO(AlgorithmDefaults):
         )
 
     def minibatches(self, batch: Trajectories) -> Iterator[Transitions]:
-        cfg, g = self.config, self.ctx.generator
-        b, n = batch.log_probs.shape
-        stochastic = self.trainable_steps(batch)  # (B, N) detail 2
+        """Detail 3 on the GLOBAL batch (detail 6): the kept steps and their order are drawn for all processes'
+        trajectories, and each process takes, from every chunk, the transitions of its own trajectories."""
+        cfg, ctx = self.config, self.ctx
+        g, b, rows = ctx.global_rows(len(batch.log_probs))  # b = the global batch, rows = this process's
+        mask = self.trainable_steps(batch).to(ctx.device, torch.uint8)  # (B_local, N) detail 2
+        stochastic = ctx.gather(mask).cpu().bool()  # (B, N)
+        n = stochastic.shape[1]
         for epoch in range(cfg.num_inner_epochs):
             keys = torch.rand(b, n, generator=g).masked_fill(~stochastic, 2.0)  # random order of stochastic steps
             per_sample = stochastic.sum(1)
@@ -359,7 +379,21 @@ class DDPO(AlgorithmDefaults):
                 raise ValueError(f"{self.name}: no stochastic step to train on (every sigma_t is 0)")
             order = torch.randperm(len(sample), generator=g)
             for j, chunk in enumerate(order.chunk(cfg.num_minibatches)):
-                yield Transitions(batch, sample[chunk], step[chunk], first=epoch == 0 and j == 0)
+                yield self.own_share(batch, sample[chunk], step[chunk], keep, rows, epoch == 0 and j == 0)
+
+    def own_share(
+        self, batch: Any, sample: Tensor, step: Tensor, keep: Tensor, rows: slice, first: bool
+    ) -> Transitions:
+        """This process's part of a global minibatch of M transitions (``sample`` indexes the global batch): those
+        of its rows, re-indexed into its batch, with the weight M_r · W / M (detail 6). A process holding none of
+        them trains one of its kept transitions at weight 0, so that its collectives still run."""
+        world = len(keep) // (rows.stop - rows.start)
+        mine = (sample >= rows.start) & (sample < rows.stop)  # (M,)
+        if bool(mine.any()):
+            weight = int(mine.sum()) * world / len(sample)
+            return Transitions(batch, sample[mine] - rows.start, step[mine], first=first, weight=weight)
+        own = keep[rows].nonzero()[:1]  # (1, 2): (local sample, step)
+        return Transitions(batch, own[:, 0], own[:, 1], first=first, weight=0.0)
 
     def trainable_steps(self, batch: Trajectories) -> Tensor:
         """(B, N) bool: the steps that may be trained, σ_t > min_std (detail 2)."""
@@ -394,7 +428,14 @@ class DDPO(AlgorithmDefaults):
         if mb.first:
             out.update(self.check_fresh_ratio(log_prob, old, out))
         out.update({k: torch.tensor(v) for k, v in mb.batch.stats.items()})
-        return out
+        return self.weighted(out, mb.weight)
+
+    @staticmethod
+    def weighted(out: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+        """The stepped ``loss*`` terms times this process's weight (detail 6); unchanged at weight 1."""
+        if weight == 1.0:
+            return out
+        return {k: v * weight if k.startswith("loss") else v for k, v in out.items()}
 
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions) -> dict[str, Tensor]:
         cfg = self.config

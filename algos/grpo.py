@@ -39,7 +39,9 @@ Implementation details (numbered, cleanrl style):
 
 1. ``batch_size`` must be a multiple of ``group_size``; a batch holds B/G distinct captions drawn from the training
    prompts, each repeated G times in consecutive rows. Groups never span processes, so the advantages need no
-   all-gather (only the logged reward statistics are gathered).
+   all-gather (only the logged reward statistics are gathered). Captions, x_T, the sampling noise and the
+   minibatches are drawn for the global batch and sliced, as DDPO's (``algos/ddpo.py``, detail 6), so several
+   processes compute what one computes with the global batch.
 2. ``shared_noise`` gives the G samples of a group the same x_T (DanceGRPO's shared initialisation noise); the
    per-step noise still differs. Default off (Flow-GRPO draws independent x_T).
 3. A group whose rewards are all equal gets A = 0 (the ε in the denominator), so it contributes only its KL.
@@ -253,11 +255,11 @@ class GRPO(DDPO):
     # Collection ------------------------------------------------------------------------------------------------
     def collect(self) -> Trajectories:
         ctx, cfg = self.ctx, self.config
-        n_groups = ctx.batch_size // cfg.group_size
-        prompts = grouped_prompts(ctx.env, n_groups, cfg.group_size, ctx.generator)
+        g, n, rows = ctx.global_rows(ctx.batch_size)  # whole groups: the batch is a multiple of group_size
+        prompts = grouped_prompts(ctx.env, n // cfg.group_size, cfg.group_size, g)[rows]
         kwargs: dict[str, Any] = self.rollout_kwargs()
         if cfg.shared_noise:
-            kwargs["x_T"] = shared_group_noise(self.env, n_groups, cfg.group_size, ctx.generator)
+            kwargs["x_T"] = shared_group_noise(self.env, n // cfg.group_size, cfg.group_size, g)[rows]
         return self.collect_trajectories(prompts, **kwargs)
 
     def rollout_kwargs(self) -> dict[str, Any]:

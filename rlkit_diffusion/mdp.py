@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput, StepOutput
+from rlkit_diffusion.policy import Cond, DiffusionPolicy, Rows, SampleOutput, StepOutput, check_rows
 from rlkit_diffusion.rewards.base import checked_reward
 from rlkit_diffusion.worlds.base import World
 
@@ -103,9 +103,11 @@ class DenoisingCore:
         x_T: Tensor | None = None,
         x_input: Tensor | None = None,
         cond: Cond = None,
+        rows: Rows | None = None,
     ) -> State:
         """s_0 = (c, T, x_T), x_T ~ N(0, I); for SDEdit (``x_input`` given) x_T ~ q(x_t | x_input), t = the
-        schedule's first timestep (strength·T). ``cond``: the prompts' encoding if already computed."""
+        schedule's first timestep (strength·T). ``cond``: the prompts' encoding if already computed. ``rows =
+        (n, rows)``: the prompts are the rows ``rows`` of n drawn as one; x_T is drawn for all n and sliced."""
         if isinstance(prompts, str):  # a str would be iterated per character
             raise ValueError(f"prompts must be a list of strings, got the string {prompts!r} (wrap it: [prompt])")
         if len(prompts) == 0:
@@ -113,7 +115,9 @@ class DenoisingCore:
         device = self.world.device
         cond = self.world.encoder(prompts) if cond is None else cond
         if x_T is None:
-            x_T = torch.randn((len(prompts), *self.sample_shape), generator=generator, device=device)
+            check_rows(rows, len(prompts))
+            n, keep = rows if rows is not None else (len(prompts), slice(None))
+            x_T = torch.randn((n, *self.sample_shape), generator=generator, device=device)[keep]
         if x_input is not None:
             t = self.schedule.timesteps[:1].expand(len(prompts)).to(device)
             x_T = self.forward_process(x_input.to(device), t, x_T)
@@ -156,14 +160,20 @@ class DenoisingCore:
         x_input: Tensor | None = None,
         cond: Cond = None,
         with_reward: bool = True,
+        rows: Rows | None = None,
         **sample_kwargs: Any,
     ) -> Rollout:
         """Run ``policy`` from ρ_0 to t = 0 (`DiffusionPolicy.sample`) and score the final sample.
 
         ``sample_kwargs`` go to `DiffusionPolicy.sample` (``grad``, ``k``, ``checkpoint``, ``return_trajectory``).
+        ``rows = (n, rows)``: the episodes are the rows ``rows`` of n run as one batch (data parallelism,
+        `AlgoContext.global_rows`): x_T and every step's noise are drawn for all n rows and sliced, so a row's
+        episode does not depend on how the n rows are split over processes.
         """
-        s0 = self.initial_state(prompts, generator=generator, x_T=x_T, x_input=x_input, cond=cond)
-        out = self.world.denoise(policy, s0.x, s0.cond, schedule=self.schedule, generator=generator, **sample_kwargs)
+        s0 = self.initial_state(prompts, generator=generator, x_T=x_T, x_input=x_input, cond=cond, rows=rows)
+        out = self.world.denoise(
+            policy, s0.x, s0.cond, schedule=self.schedule, generator=generator, rows=rows, **sample_kwargs
+        )
         rewards = self.terminal_reward(out.x0, s0.prompts) if with_reward else None
         return Rollout(prompts=s0.prompts, cond=s0.cond, sample=out, rewards=rewards)
 

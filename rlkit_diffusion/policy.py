@@ -78,11 +78,26 @@ def _expand_t(t: Tensor | int, batch: int, device: torch.device) -> Tensor:
     return t.long()
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+Rows = tuple[int, slice]
+"""``(n, rows)``: a batch that is the rows ``rows`` of a batch of n drawn as one (`AlgoContext.global_rows`)."""
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None, rows: Rows | None = None) -> Tensor:
     """Standard normal noise shaped like ``x``, drawn on the generator's device (a CPU generator gives the same
-    numbers on every device) and moved to ``x``'s device."""
+    numbers on every device) and moved to ``x``'s device. ``rows = (n, rows)``: the noise of all n rows of the
+    batch ``x`` is part of is drawn and ``x``'s rows are kept (one process: n = B, every row; the same numbers)."""
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    if rows is None:
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    n, keep = rows
+    return torch.randn((n, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)[keep].to(x.device)
+
+
+def check_rows(rows: Rows | None, batch: int) -> None:
+    """A ``rows = (n, slice)`` argument must select exactly ``batch`` of the n rows."""
+    kept = batch if rows is None else len(range(rows[0])[rows[1]])
+    if kept != batch:
+        raise ValueError(f"rows={rows} selects {kept} of {rows[0]} rows, but the batch has {batch}")
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -486,6 +501,7 @@ class DiffusionPolicy(nn.Module):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         stochastic: Tensor | None = None,
+        rows: Rows | None = None,
     ) -> SampleOutput:
         """Roll out the chain x_{t_N} → ... → x_0 (DESIGN.md: the MDP's ρ_0 gives x_T, every action is a step).
 
@@ -503,9 +519,14 @@ class DiffusionPolicy(nn.Module):
                 σ_t = 0, log-prob 0), the others with ``self.eta``. None = every step with ``self.eta`` (the default,
                 bit-identical to no mask). The noise z of every step is drawn either way, so the generator's stream
                 and hence the other steps' noise do not depend on the mask.
+            rows: ``(n, rows)``: this batch is the rows ``rows`` of a batch of n sampled as one (data parallelism,
+                `AlgoContext.global_rows`): every step's z is drawn for all n rows from ``generator`` and the batch's
+                rows kept, so the noise of a row does not depend on how the n rows are split over processes.
+                None = the batch's own rows (the same numbers as ``(B, slice(0, B))``).
         """
         schedule = schedule or self.schedule()
         n = len(schedule)
+        check_rows(rows, x_T.shape[0])
         if stochastic is not None:
             if self.sampler not in ("ddim", "sde"):
                 raise ValueError("a per-step stochastic mask needs the DDIM sampler (η is DDIM's) or the flow SDE")
@@ -521,7 +542,7 @@ class DiffusionPolicy(nn.Module):
         latents, means, log_probs, stds = [x_T], [], [], []
         for i in range(n):
             t, t_prev = schedule.timesteps[i], schedule.prev_timesteps[i]
-            noise = _randn_like(x, generator)
+            noise = _randn_like(x, generator, rows)
             tracked = i >= n - n_tracked
             eta = None if stochastic is None or stochastic[i] else 0.0
             with torch.set_grad_enabled(tracked and torch.is_grad_enabled()):
