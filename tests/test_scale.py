@@ -65,10 +65,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def one_process(run_dir: Path, overrides: list[str]) -> None:
+def one_process(run_dir: Path, overrides: list[str], base: list[str] = TOY) -> None:
     from benchmarks.run import run
 
-    run(compose_cfg([*TOY, *overrides, f"out_dir={run_dir.parent}"]), run_dir=run_dir)
+    run(compose_cfg([*base, *overrides, f"out_dir={run_dir.parent}"]), run_dir=run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -150,24 +150,46 @@ def test_fsdp_dpo_on_shapes_equals_one_process(tmp_path):
     assert max_diff(p1, p2) <= SHAPES_ATOL
 
 
-def test_fsdp_ddpo_equals_ddp(tmp_path):
-    common = [
-        "world=toy2d",
-        "algo=ddpo",
-        "device=cpu",
-        "seed=1",
-        "train.steps=3",
-        "train.batch_size=8",
-        "eval.samples_per_prompt=4",
-        "eval.bootstrap=20",
-        "eval.heldout=false",
-        "report=false",
-        "logger=none",
-    ]
-    for name, extra in (("fsdp", ["train.parallel=fsdp"]), ("ddp", [])):
-        proc = launch(torchrun() + [*common, *extra, f"hydra.run.dir={tmp_path / name}"], timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert max_diff(final_params(tmp_path / "fsdp"), final_params(tmp_path / "ddp")) <= PARAM_ATOL
+TOY_DDPO = [
+    *(o for o in TOY if not o.startswith(("algo=", "seed=", "train.lr=", "train.warmup", "train.checkpoint_every"))),
+    "algo=ddpo",  # toy2d's tuning: 4 minibatches per collected batch, σ_t > 0.05 trained, PPO clip 0.2
+    "seed=1",
+    "train.checkpoint_every=4",  # after the first collected batch (checkpoints fall between batches)
+]
+
+
+@pytest.fixture(scope="module")
+def ddpo_uninterrupted(tmp_path_factory):
+    """Eight DDPO steps (two collected batches of four minibatches) on toy2d with the global batch of 16: one
+    process, and two FSDP processes of 8."""
+    root = tmp_path_factory.mktemp("ddpo")
+    one_process(root / "one", ["train.steps=8", "train.batch_size=16"], base=TOY_DDPO)
+    two = [*TOY_DDPO, "train.steps=8", "train.batch_size=8", f"hydra.run.dir={root / 'two'}"]
+    proc = launch(torchrun() + two, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SimpleNamespace(one=root / "one", two=root / "two")
+
+
+def test_fsdp_ddpo_equals_one_process_with_the_global_batch(ddpo_uninterrupted):
+    """Rollouts (prompts, x_T, every step's noise) and minibatches are drawn for the global batch from the shared
+    stream; each process trains its share of each minibatch, weighted M_r·W/M (algos/ddpo.py, detail 6)."""
+    p1, p2 = final_params(ddpo_uninterrupted.one), final_params(ddpo_uninterrupted.two)
+    assert max_diff(p1, p2) <= PARAM_ATOL
+    assert moved_from_base(p1) > 100 * PARAM_ATOL
+    e1, e2 = (json.loads((d / "eval.json").read_text()) for d in (ddpo_uninterrupted.one, ddpo_uninterrupted.two))
+    assert e2["environment"]["num_processes"] == 2 and e1["updates"] == e2["updates"] == 8
+
+
+def test_two_process_ddpo_checkpoint_resumes_on_one(ddpo_uninterrupted, tmp_path):
+    from benchmarks.run import run
+
+    run_dir = tmp_path / "run"
+    proc = launch(torchrun() + [*TOY_DDPO, "train.steps=4", "train.batch_size=8", f"hydra.run.dir={run_dir}"], 600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    change = ["train.steps=8", "train.batch_size=16", "resume_override=[train.steps,train.batch_size]"]
+    run(compose_cfg([*change, f"resume={run_dir}"]), overrides=[*change, f"resume={run_dir}"])
+    assert json.loads((run_dir / "eval.json").read_text())["environment"]["num_processes"] == 1
+    assert max_diff(final_params(run_dir), final_params(ddpo_uninterrupted.one)) <= PARAM_ATOL
 
 
 def test_two_process_checkpoint_resumes_on_one(uninterrupted, tmp_path):
@@ -202,15 +224,15 @@ def test_world_size_change_refused_with_one_line():
     from rlkit_diffusion.train import ResumeError, check_resume_layout
 
     by_two = {"num_processes": 2, "global_batch": 16, "generators": [0, 0], "generator": 0}
-    ddpo, dpo = (SimpleNamespace(name=n, world_size_invariant=n == "dpo") for n in ("ddpo", "dpo"))
-    with pytest.raises(ResumeError, match=r"algo 'ddpo' draws per-rank random streams .* resume it on 2$"):
-        check_resume_layout(by_two, "step_00000003", ddpo, 16, 1)
+    other, dpo = (SimpleNamespace(name=n, world_size_invariant=n == "dpo") for n in ("rethink_dpo", "dpo"))
+    with pytest.raises(ResumeError, match=r"algo 'rethink_dpo' draws per-rank random streams .* resume it on 2$"):
+        check_resume_layout(by_two, "step_00000003", other, 16, 1)
     with pytest.raises(ResumeError, match=r"global batch of 16 .* use train.batch_size=16 resume_override"):
         check_resume_layout(by_two, "step_00000003", dpo, 8, 1)
     with pytest.raises(ResumeError, match=r"use a number of processes that divides 16$"):
         check_resume_layout(by_two, "step_00000003", dpo, 8, 3)
     check_resume_layout(by_two, "step_00000003", dpo, 16, 1)  # the same global batch: fine
-    check_resume_layout({**by_two, "num_processes": 1}, "step_00000003", ddpo, 8, 1)  # the same world size
+    check_resume_layout({**by_two, "num_processes": 1}, "step_00000003", other, 8, 1)  # the same world size
 
 
 def test_elastic_restart_continues_from_the_last_checkpoint(uninterrupted, tmp_path):
