@@ -11,13 +11,15 @@ sharded optimizer, and injects the failures (SIGKILL of rank 1 once; a rank that
 Why one process and two agree: every rank draws the global batch of pairs and keeps its slice (`ShardedPairs`), and
 DPO's (t, ε) are slices of one global draw from a stream shared by the ranks (`AlgoContext.global_rows`); FSDP's
 reduce-scatter averages the per-rank gradients of per-rank means (the gradient of the global mean), as DDP's
-all-reduce does. Tolerance: ``PARAM_ATOL`` = 1e-5 on the final parameters (float32 reduction order; measured max
-|Δθ| 6e-8; with a LoRA reference 3e-8). DDPO draws its rollouts from per-rank streams, so its FSDP run is compared
-with the DDP run of the same two processes (measured max |Δθ| 6e-8), not with one process. A resume across world
-sizes continues the global stream and the pairs' position, so it ends where an uninterrupted run at the new size ends
-(measured max |Δθ| 6e-8); the elastic restart ends at the uninterrupted run's parameters exactly (measured Δθ = 0).
+all-reduce does. DDPO and its family (DPOK, GRPO, D3PO) draw prompts, x_T and every step's noise for the global batch
+from the shared stream and keep their rows, permute the global batch's transitions into minibatches, and weight each
+rank's share M_r of a minibatch of M by M_r·W/M (algos/ddpo.py, detail 6). Tolerance: ``PARAM_ATOL`` = 1e-5 on the
+final parameters (float32 reduction order; measured max |Δθ| 6e-8 for DPO, with a LoRA reference 3e-8; DDPO 2.7e-7,
+DPOK 1.9e-7, GRPO 6.8e-7, D3PO 2.8e-6); shapes: ``SHAPES_ATOL``. A resume across world sizes continues the global
+stream and the pairs' position, so it ends where an uninterrupted run at the new size ends (measured max |Δθ| 6e-8);
+the elastic restart ends at the uninterrupted run's parameters exactly (measured Δθ = 0).
 
-Times here (2 shared cores): the file ≈ 5 min; each test 20–47 s, mostly launch start-up; none is marked slow.
+Times here (2 shared cores): the file ≈ 9 min; each test 20–50 s, mostly launch start-up; none is marked slow.
 """
 
 from __future__ import annotations
