@@ -295,3 +295,29 @@ def test_memory_model_counts_and_ordering():
             total[model, "FSDP", 16] < total[model, "FSDP", 8]
             and total[model, "ZeRO-2", 16] < total[model, "ZeRO-2", 8]
         )
+
+
+def test_rollout_rows_are_the_rows_of_the_global_rollout():
+    """``DenoisingCore.rollout(..., rows=(n, slice))``: x_T and every step's noise are the rows of one n-row draw,
+    so each half of a batch rolled out alone starts from the same x_T and takes the same noise as in the whole
+    batch; without ``rows`` (None) the numbers are those of ``rows=(B, slice(0, B))``."""
+    from rlkit_diffusion.mdp import DenoisingCore
+    from rlkit_diffusion.worlds.toy2d import build_toy2d
+
+    world = build_toy2d(optimum_pool=16)
+    env = DenoisingCore(world, reward=None)
+    prompts = env.sample_prompts(8, torch.Generator().manual_seed(0))
+
+    def roll(ps, rows=None):
+        g = torch.Generator().manual_seed(7)
+        return env.rollout(world.policy, ps, generator=g, rows=rows, with_reward=False, return_trajectory=True)
+
+    whole = roll(prompts)
+    assert torch.equal(roll(prompts, (8, slice(0, 8))).x0, whole.x0)
+    halves = [roll(prompts[r], (8, r)) for r in (slice(0, 4), slice(4, 8))]
+    assert torch.equal(torch.cat([h.sample.latents[0] for h in halves]), whole.sample.latents[0])  # x_T
+    noise = lambda ro: [ro.sample.latents[i + 1] - ro.sample.means[i] for i in range(env.horizon)]  # noqa: E731
+    for i, z in enumerate(noise(whole)):
+        assert torch.allclose(torch.cat([noise(h)[i] for h in halves]), z, atol=1e-6)
+    with pytest.raises(ValueError, match="selects 4 of 8 rows, but the batch has 8"):
+        roll(prompts, (8, slice(0, 4)))
