@@ -45,7 +45,7 @@ from torch import Tensor
 
 from algos.ddpo import DDPO, Trajectories, Transitions
 from algos.grpo import grouped_prompts, setup_trajectories, shared_group_noise
-from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.preference import preference_accuracy
 
 
@@ -158,9 +158,7 @@ class D3PO(DDPO):
     name = "d3po"
     config_class = D3POConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        AlgorithmDefaults.setup(self, ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: D3POConfig) -> None:
         if ctx.batch_size % 2:
             raise ValueError(f"{self.name}: train.batch_size must be even (pairs), got {ctx.batch_size}")
         if cfg.reference not in ("sampler", "base"):

@@ -261,9 +261,7 @@ class DDPO(AlgorithmDefaults):
     name = "ddpo"
     config_class = DDPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: DDPOConfig) -> None:
         if cfg.mode not in ("is", "sf"):
             raise ValueError(f"{self.name}: mode must be 'is' or 'sf', got {cfg.mode!r}")
         if cfg.advantage_norm not in ("per_prompt", "global", "none"):
@@ -428,8 +426,8 @@ class DPOK(DDPO):
     name = "dpok"
     config_class = DPOKConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
+    def configure(self, ctx: AlgoContext, cfg: DPOKConfig) -> None:
+        super().configure(ctx, cfg)
         self.reference = ctx.base
 
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions) -> dict[str, Tensor]:

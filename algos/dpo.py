@@ -74,7 +74,7 @@ class DPOL2Config(DPOConfig):
     sft_weight: float = 1.0
     """The diffusion loss on the winners, on by default: θ = θ_ref (where every run starts, LoRA or full fine-tune)
     is a stationary point of the pure S2 loss, so with 0 the gradient is exactly zero and the run returns the base
-    model; `DPOL2.setup` refuses 0."""
+    model; `DPOL2.configure` refuses 0."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,22 +227,29 @@ def collect_pairs(ctx: AlgoContext, labels: str) -> tuple[tuple[list[str], Tenso
 # --------------------------------------------------------------------------------------------------------------
 # The algorithms
 # --------------------------------------------------------------------------------------------------------------
-class DPO(AlgorithmDefaults):
-    """Diffusion-DPO on the world's preference pairs (``world.pairs``)."""
+class PairAlgorithm(AlgorithmDefaults):
+    """An algorithm on the world's pair stream: its config's ``labels``, ``t_min`` and ``t_max`` are checked by
+    `setup_pairs`; a batch is `collect_pairs`' ``(prompts, x_w, x_l)``, and ``label_flips`` the fraction of its pairs
+    that AI feedback relabelled."""
 
-    name = "dpo"
-    config_class = DPOConfig
-
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg) -> None:
         self.t_max = setup_pairs(ctx, self.name, cfg.labels, cfg.t_min, cfg.t_max)
-        self.reference = ctx.base
         self.label_flips = 0.0
 
     def collect(self) -> tuple[list[str], Tensor, Tensor]:
         batch, self.label_flips = collect_pairs(self.ctx, self.config.labels)
         return batch
+
+
+class DPO(PairAlgorithm):
+    """Diffusion-DPO on the world's preference pairs (``world.pairs``)."""
+
+    name = "dpo"
+    config_class = DPOConfig
+
+    def configure(self, ctx: AlgoContext, cfg: DPOConfig) -> None:
+        super().configure(ctx, cfg)
+        self.reference = ctx.base
 
     def implicit_reward_scale(self) -> tuple[float, str]:
         """The implicit reward r̂ = β log π_θ/π_ref in this run's own β and convention."""
@@ -302,14 +309,14 @@ class DPOL2(DPO):
     name = "dpo_l2"
     config_class = DPOL2Config
 
-    def setup(self, ctx: AlgoContext) -> None:
-        if self.config.sft_weight <= 0:
+    def configure(self, ctx: AlgoContext, cfg: DPOL2Config) -> None:
+        if cfg.sft_weight <= 0:
             raise ValueError(
                 "dpo_l2: sft_weight must be > 0 — θ = θ_ref (the start of every run, LoRA or full fine-tune) is a "
                 "stationary point of the pure S2 loss (`dpo_l2_loss`), so with sft_weight = 0 the gradient is exactly "
                 "zero and training returns the base model; use algo.sft_weight=1.0 (the default) or another value > 0"
             )
-        super().setup(ctx)
+        super().configure(ctx, cfg)
 
     def loss(self, batch) -> dict[str, Tensor]:
         prompts = batch[0]

@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from algos.ddpo import DDPO, Trajectories, Transitions, dpok_loss
-from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
+from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.policy import DiffusionPolicy
 
@@ -226,9 +226,7 @@ class GRPO(DDPO):
     name = "grpo"
     config_class = GRPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        AlgorithmDefaults.setup(self, ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: GRPOConfig) -> None:
         if cfg.group_size < 2:
             raise ValueError(f"{self.name}: group_size must be >= 2 (a group of one has no baseline)")
         if ctx.batch_size % cfg.group_size:
@@ -315,11 +313,10 @@ class MixGRPO(GRPO):
     name = "mix_grpo"
     config_class = MixGRPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: MixGRPOConfig) -> None:
         if cfg.train_timesteps is not None:
             raise ValueError(f"{self.name}: the window decides the trained steps; leave train_timesteps unset")
-        super().setup(ctx)
+        super().configure(ctx, cfg)
         if not 1 <= cfg.window_size <= self.env.horizon or cfg.window_stride < 0 or cfg.window_shift_every < 1:
             raise ValueError(
                 f"{self.name}: need 1 <= window_size <= {self.env.horizon} (the training chain), window_stride >= 0 "

@@ -134,9 +134,7 @@ class KTO(AlgorithmDefaults):
     name = "kto"
     config_class = KTOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: KTOConfig) -> None:
         if cfg.labels != "pairs" and cfg.labels not in ctx.world.rewards:
             raise ValueError(
                 f"kto: labels={cfg.labels!r} is neither 'pairs' nor a reward of world {ctx.world.name!r} "

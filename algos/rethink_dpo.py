@@ -234,9 +234,8 @@ class RethinkDPO(DPO):
     name = "rethink_dpo"
     config_class = RethinkDPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: RethinkDPOConfig) -> None:
+        super().configure(ctx, cfg)
         if cfg.variant == "paper":
             self._setup_paper(ctx)
         elif cfg.variant == "project":
