@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from algos.ddpo import DDPO, Trajectories, Transitions
+from algos.ddpo import DDPO, Trajectories, TrajectoryTraining, Transitions
 from algos.grpo import grouped_prompts, setup_trajectories, shared_group_noise
 from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.preference import preference_accuracy
 
 
 @dataclass
-class D3POConfig:
+class D3POConfig(TrajectoryTraining):
     """D3PO hyper-parameters."""
 
     beta: float = 0.1
@@ -64,20 +64,6 @@ class D3POConfig:
     """Both samples of a pair start from the same x_T."""
     sampling_steps: int | None = None
     """Steps of the training chain (None = the world's, the evaluation's)."""
-    timestep_fraction: float = 1.0
-    """Fraction of each pair's trainable steps trained per inner epoch, at random."""
-    num_inner_epochs: int = 1
-    """Passes over each collected batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per inner epoch ((pair, step) transitions are shuffled and split evenly)."""
-    log_prob_reduction: str = "mean"
-    """``mean`` over dims (D3PO's code) or ``sum`` (`DiffusionPolicy.log_prob`)."""
-    min_std: float = 0.0
-    """Train only the steps with σ_t > min_std (DDPO detail 2)."""
-    check_ratio: bool = True
-    """Assert π_θ = π_θold on the first minibatch of every fresh batch (DDPO detail 4)."""
-    ratio_check_atol: float = 1e-4
-    """Tolerance of that check on |log_prob − old_log_prob| (after the reduction)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
