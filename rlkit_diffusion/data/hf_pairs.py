@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rlkit_diffusion.data.pickapic import IMAGE_COLUMNS, REQUIRED_COLUMNS, BadRowError, _check_label, resolve_paths
-from rlkit_diffusion.data.pickapic_stream import RawPair, StreamingPairs
+from rlkit_diffusion.data.pickapic_stream import PairStream, RawPair, StreamingPairs
 
 DATASETS_PREFIX = "datasets:"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?")
@@ -68,7 +68,7 @@ def _image_bytes(value: Any) -> bytes | None:
     return value
 
 
-class DatasetsPairs:
+class DatasetsPairs(PairStream):
     """Pick-a-Pic pairs streamed by ``datasets`` (module docstring).
 
     Args:
@@ -163,16 +163,7 @@ class DatasetsPairs:
                 self.n_bad_rows += 1
                 continue
             if pair is not None:
-                self.emitted += 1
-                self._pairs_this_epoch += 1
-                return pair
-
-    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
-        """The next ``n · num_shards`` pairs, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
-        if n <= 0:
-            raise ValueError(f"DatasetsPairs.take: n must be positive, got {n}")
-        pairs = [self._next() for _ in range(n * num_shards)]
-        return pairs[rank * n : (rank + 1) * n]
+                return self._emit(pair)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -64,7 +64,28 @@ class RawPair:
     fetched: bool = False  # image columns read
 
 
-class StreamingPairs:
+class PairStream:
+    """What the pair streams share: ``take`` (this rank's slice of the next pairs) and ``_emit``, which counts a pair
+    out (``emitted``, and the pairs of this epoch, by which an empty epoch is detected). A stream defines
+    ``_next()``, the next pair."""
+
+    emitted: int
+    _pairs_this_epoch: int
+
+    def _emit(self, pair: RawPair) -> RawPair:
+        self.emitted += 1
+        self._pairs_this_epoch += 1
+        return pair
+
+    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
+        """The next ``n · num_shards`` pairs of the stream, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
+        if n <= 0:
+            raise ValueError(f"{type(self).__name__}.take: n must be positive, got {n}")
+        pairs = [self._next() for _ in range(n * num_shards)]
+        return pairs[rank * n : (rank + 1) * n]
+
+
+class StreamingPairs(PairStream):
     """Shuffled stream of Pick-a-Pic pairs over parquet shards (module docstring).
 
     Args:
@@ -200,18 +221,6 @@ class StreamingPairs:
                     f"({self.n_ties} ties dropped, {self.n_filtered} filtered out, {self.n_bad_rows} bad rows skipped)"
                 )
             self._start_epoch(self.epoch + 1)
-
-    def _emit(self, pair: RawPair) -> RawPair:
-        self.emitted += 1
-        self._pairs_this_epoch += 1
-        return pair
-
-    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
-        """The next ``n · num_shards`` pairs of the stream, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
-        if n <= 0:
-            raise ValueError(f"StreamingPairs.take: n must be positive, got {n}")
-        pairs = [self._next() for _ in range(n * num_shards)]
-        return pairs[rank * n : (rank + 1) * n]
 
     # ------------------------------------------------------------------------------------------------------------
     # Resume
