@@ -33,10 +33,11 @@ from __future__ import annotations
 import glob
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlkit_diffusion.data.pickapic import IMAGE_COLUMNS, REQUIRED_COLUMNS, BadRowError, _check_label, resolve_paths
+from rlkit_diffusion.data.pickapic import IMAGE_COLUMNS, REQUIRED_COLUMNS, resolve_paths
 from rlkit_diffusion.data.pickapic_stream import PairStream, RawPair, StreamingPairs
 
 DATASETS_PREFIX = "datasets:"
@@ -94,6 +95,7 @@ class DatasetsPairs(PairStream):
     ) -> None:
         import datasets
 
+        self.label = "Pick-a-Pic via datasets"
         if buffer_size < 0:
             raise ValueError(f"DatasetsPairs: buffer_size must be >= 0, got {buffer_size}")
         self.source = str(source)
@@ -121,21 +123,11 @@ class DatasetsPairs(PairStream):
         self._iter = None
 
     def _check_row(self, ex: dict[str, Any], where: str) -> RawPair | None:
-        """The project's Pick-a-Pic row checks (as `StreamingPairs`): None for a tie or a filtered row."""
-        if not ex.get("caption"):
-            raise BadRowError("missing caption")
-        label_0 = _check_label(ex["label_0"], "label_0")
-        label_1 = _check_label(ex["label_1"], "label_1")
-        if label_0 + label_1 != 1.0:
-            raise BadRowError(f"labels do not sum to 1 (label_0={label_0}, label_1={label_1})")
-        if label_0 == 0.5:
-            self.n_ties += 1
-            return None
-        if self.filter is not None and not self.filter({c: ex.get(c) for c in self.scalar_columns}):
-            self.n_filtered += 1
+        """The project's Pick-a-Pic row checks (`PairStream._winner_first`): None for a tie or a filtered row."""
+        winner_first = self._winner_first(ex.get)
+        if winner_first is None:
             return None
         jpg_0, jpg_1 = _image_bytes(ex["jpg_0"]), _image_bytes(ex["jpg_1"])
-        winner_first = label_0 == 1.0
         image_w, image_l = (jpg_0, jpg_1) if winner_first else (jpg_1, jpg_0)
         return RawPair(ex["caption"], 0, self.emitted, winner_first, image_w, image_l, where=where, fetched=True)
 
@@ -155,13 +147,7 @@ class DatasetsPairs(PairStream):
                 self.epoch, self._pairs_this_epoch, self._iter = self.epoch + 1, 0, None
                 continue
             where = f"{self.source}: epoch {self.epoch} example after pair {self.emitted}"
-            try:
-                pair = self._check_row(ex, where)
-            except BadRowError as err:
-                if not self.skip_bad_rows:
-                    raise BadRowError(f"Pick-a-Pic via datasets: {where}: {err}") from None
-                self.n_bad_rows += 1
-                continue
+            pair = self._checked_row(partial(self._check_row, ex, where), where)
             if pair is not None:
                 return self._emit(pair)
 
