@@ -40,13 +40,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from algos.ddpo import DDPO, Trajectories, TrajectoryTraining, Transitions
+from algos.dpo import bradley_terry_loss
 from algos.grpo import grouped_prompts, setup_trajectories, shared_group_noise
 from rlkit_diffusion.algorithm import AlgoContext
-from rlkit_diffusion.preference import preference_accuracy
 
 
 @dataclass
@@ -99,12 +98,9 @@ def d3po_loss(
     ratio_w = log_ratio_w.exp().clamp(1.0 - ratio_clip, 1.0 + ratio_clip)
     ratio_l = log_ratio_l.exp().clamp(1.0 - ratio_clip, 1.0 + ratio_clip)
     inside = beta * ratio_w.log() - beta * ratio_l.log()  # (M,)
-    loss = -F.logsigmoid(inside).mean()
     both = torch.cat([log_ratio_w, log_ratio_l]).detach()
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),
         "clipfrac": ((both.exp() - 1.0).abs() > ratio_clip).float().mean(),
         "log_ratio_w": log_ratio_w.detach().mean(),
         "log_ratio_l": log_ratio_l.detach().mean(),

@@ -92,6 +92,16 @@ def snr_weight(alpha_bar: Tensor, weighting: str) -> Tensor:
     raise ValueError(f"weighting must be constant|snr|min_snr, got {weighting!r}")
 
 
+def bradley_terry_loss(inside: Tensor) -> dict[str, Tensor]:
+    """``L = −E log σ(inside)``: the Bradley–Terry likelihood of eq. 3/8 on implicit reward margins ``inside`` (B,),
+    with the logs ``implicit_acc`` (inside > 0, ties count ½) and ``reward_margin`` (mean inside)."""
+    return {
+        "loss": -F.logsigmoid(inside).mean(),
+        "implicit_acc": preference_accuracy(inside.detach()),
+        "reward_margin": inside.detach().mean(),
+    }
+
+
 def dpo_loss(
     model_err_w: Tensor,
     model_err_l: Tensor,
@@ -125,11 +135,8 @@ def dpo_loss(
     inside = implicit_margin(
         model_err_w, model_err_l, ref_err_w, ref_err_l, beta, convention=convention, weight=weight
     )  # (B,)
-    loss = -F.logsigmoid(inside).mean()  # eq. 14
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),  # eq. 14
         "model_mse_w": model_err_w.detach().mean(),
         "model_mse_l": model_err_l.detach().mean(),
         "ref_mse_w": ref_err_w.detach().mean(),
@@ -165,11 +172,8 @@ def dpo_l2_loss(
     """
     w = torch.ones_like(dist_w) if weight is None else weight
     inside = -beta_scale(convention) * beta * w * (dist_w - dist_l)  # (B,)
-    loss = -F.logsigmoid(inside).mean()
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),
         "dist_w": dist_w.detach().mean(),
         "dist_l": dist_l.detach().mean(),
     }
