@@ -131,6 +131,7 @@ class AlgorithmDefaults:
     hands the context and the config to ``configure``, where an algorithm checks its config and derives its state."""
 
     config_class: type
+    config: Any = None  # the algorithm's hyper-parameters (an instance of config_class; None: it has none)
     ctx: AlgoContext
     trains: bool = True
     reference: Reference | None = None
