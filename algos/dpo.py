@@ -30,6 +30,7 @@ Conventions (peers disagree; each is reproducible with ``beta_convention``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -236,7 +237,7 @@ class PairAlgorithm(AlgorithmDefaults):
     `setup_pairs`; a batch is `collect_pairs`' ``(prompts, x_w, x_l)``, and ``label_flips`` the fraction of its pairs
     that AI feedback relabelled."""
 
-    def configure(self, ctx: AlgoContext, cfg) -> None:
+    def configure(self, ctx: AlgoContext, cfg: Any) -> None:  # DPOConfig, SFTConfig, ...: labels, t_min, t_max
         self.t_max = setup_pairs(ctx, self.name, cfg.labels, cfg.t_min, cfg.t_max)
         self.label_flips = 0.0
 
