@@ -38,8 +38,9 @@ from torch import Tensor
 
 from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.preference import (
-    beta_scale,
+    beta_scale,  # noqa: F401  (re-exported: docs/exercises/ex03 imports it from algos.dpo)
     implicit_margin,
+    implicit_scale,
     paired_predictions,
     parameterised_weight,
     per_sample_error,
@@ -171,8 +172,7 @@ def dpo_l2_loss(
         dist_w, dist_l: (B,) ‖ε_θ − ε_ref‖² on winners and losers, reduced over pixels (mean, or sum for ``paper``).
         beta, convention, weight: as in `dpo_loss`.
     """
-    w = torch.ones_like(dist_w) if weight is None else weight
-    inside = -beta_scale(convention) * beta * w * (dist_w - dist_l)  # (B,)
+    inside = -implicit_scale(beta, convention, weight, dist_w) * (dist_w - dist_l)  # (B,)
     return {
         **bradley_terry_loss(inside),
         "dist_w": dist_w.detach().mean(),
