@@ -30,8 +30,8 @@ encodes pairs when it collects them). DDPO: B prompts, T DDIM steps with η = 1,
 normalisation (buffer 32, min count 16), clip range 1e-4, advantages clipped at 5, one inner epoch, every timestep
 trained, one optimizer step per iteration (project: ``num_minibatches=1``, all transitions in one batched forward;
 TRL: gradients accumulated over its T per-timestep forwards of train_batch_size = B), the tiny PickScore reward.
-TRL trains all T transitions of a trajectory; the project trains the B·(T−1) stochastic ones (its last DDIM step
-to ᾱ_0 is deterministic and has no log-probability).
+Both train every stochastic transition, B·T here (the tiny scheduler's last DDIM step, to ᾱ_0 of the first training
+timestep, keeps σ > 0); the table prints the counts.
 
 Timing: as ``benchmarks.perf``: one warm-up call of each, then project and peer alternate ``--repeats`` times; on CPU
 each process's own CPU time (``time.process_time``; one thread each), on accelerators the wall clock between
@@ -292,6 +292,7 @@ def trl_worker(spec_file: str) -> None:
     import warnings
 
     import trl
+    from accelerate import PartialState
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
     from benchmarks.perf import clock, sync
@@ -310,7 +311,7 @@ def trl_worker(spec_file: str) -> None:
 
     b, t = spec["batch_size"], spec["steps"]
     config = DDPOConfig(
-        num_epochs=1, mixed_precision="no", log_with=None, seed=0,
+        num_epochs=1, save_freq=10**9, mixed_precision="no", log_with=None, seed=0,
         sample_num_steps=t, sample_eta=spec["eta"], sample_guidance_scale=spec["guidance_scale"],
         sample_batch_size=b, sample_num_batches_per_epoch=1,
         train_batch_size=b, train_use_8bit_adam=False, train_learning_rate=spec["lr"],
@@ -322,10 +323,14 @@ def trl_worker(spec_file: str) -> None:
         per_prompt_stat_tracking_min_count=spec["min_count"], async_reward_computation=False,
         accelerator_kwargs={"cpu": device.type == "cpu"},
     )  # fmt: skip
+    # TRL 0.23.1's pipeline warns through accelerate's logger, which (accelerate >= 1.x) refuses to log before an
+    # accelerate state exists: the DDPOTrainer's own Accelerator is created only later, so create the state first.
+    PartialState(cpu=device.type == "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         pipeline = DefaultDDPOStableDiffusionPipeline(spec["pipeline"], use_lora=True)
         trainer = DDPOTrainer(config, reward_fn, lambda: (rng.choice(prompts), {}), pipeline)
+    pipeline.set_progress_bar_config(disable=True)  # display, not sampling (the project's rollout has no bar)
     now = clock(device)
     print(PEER_TAG + json.dumps({"trl": trl.__version__, "threads": torch.get_num_threads()}), flush=True)
     global_step = 0
