@@ -470,8 +470,9 @@ def ddpo_item(world, pipeline_dir: Path, clip_dir: Path, b: int, t: int, repeats
     return {
         **out,
         "project_transitions": transitions[-1],
-        "peer_transitions": b * t,
+        "peer_transitions": b * t,  # TRL: every timestep of every trajectory (train_timestep_fraction = 1)
         "peer": f"trl=={worker.info['trl']}",
+        "peer_threads": worker.info["threads"],
     }
 
 
