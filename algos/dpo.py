@@ -232,6 +232,7 @@ class DPO(AlgorithmDefaults):
 
     name = "dpo"
     config_class = DPOConfig
+    world_size_invariant = True  # pairs and (t, ε) are slices of global draws: resumable on any number of processes
 
     def setup(self, ctx: AlgoContext) -> None:
         super().setup(ctx)
@@ -252,8 +253,9 @@ class DPO(AlgorithmDefaults):
         """Shared (t, ε) draw → policy and reference outputs on winners and losers (rows [:B] winners), ω(λ_t)."""
         ctx, cfg = self.ctx, self.config
         cond = ctx.world.encoder(prompts)
-        t = sample_timesteps(len(prompts), cfg.t_min, self.t_max, ctx.generator, ctx.device)
-        noise = torch.randn(x_w.shape, generator=ctx.generator).to(ctx.device)
+        g, n, rows = ctx.global_rows(len(prompts))  # (t, ε) of the global batch, this rank's rows
+        t = sample_timesteps(n, cfg.t_min, self.t_max, g, ctx.device)[rows]
+        noise = torch.randn((n, *x_w.shape[1:]), generator=g)[rows].to(ctx.device)
         model_pred, ref_pred, target = paired_predictions(ctx.policy, self.reference.policy, x_w, x_l, cond, t, noise)
         weight = parameterised_weight(ctx.policy, t, snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting))
         return {"model": model_pred, "ref": ref_pred, "target": target, "weight": weight, "t": t}

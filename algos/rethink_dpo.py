@@ -233,6 +233,7 @@ class RethinkDPO(DPO):
 
     name = "rethink_dpo"
     config_class = RethinkDPOConfig
+    world_size_invariant = False  # its timesteps are drawn per rank (P3)
 
     def setup(self, ctx: AlgoContext) -> None:
         super().setup(ctx)

@@ -8,8 +8,9 @@ resume, and hold a resumed run to its own config.
   multirun folders too, of the requested world/algo whose newest checkpoint was written last, by the time recorded
   in it); the checkpoint is the newest one whose checksums verify (a corrupt one is named and skipped).
 * `resume_config`: a resumed run is its ``config.yaml``. A command-line value that differs from it is refused with
-  one line listing the differences, except the budget (``train.steps``, ``budget.amount``) named in
-  ``resume_override=[...]``, which is recorded in the run's ``resumes.jsonl`` and in its ``config.yaml``.
+  one line listing the differences, except the budget (``train.steps``, ``budget.amount``) and the layout over
+  processes (``train.batch_size``, ``train.parallel``) named in ``resume_override=[...]``, which is recorded in
+  the run's ``resumes.jsonl`` and in its ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ WORLD_REWARDS = {
     "sdxl": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
 }
 BUDGET_KEYS = ("train.steps", "budget.amount", "budget.kind")  # what resume_override=[...] may extend
+# ... and how the same run is laid out over processes: the per-process batch (to keep the global batch on another
+# number of processes) and the sharding (DDP ↔ FSDP compute the same steps); `rlkit_diffusion.train` checks the rest
+LAYOUT_KEYS = ("train.batch_size", "train.parallel")
 NOT_IDENTITY = ("resume", "resume_override", "out_dir", "report", "device")  # may differ on resume
 BUDGET_KINDS = ("steps", "nfe", "reward_queries", "wall_s")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -236,8 +240,10 @@ def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -
     saved = OmegaConf.load(run_dir / "config.yaml")
     allowed = list(cfg.get("resume_override") or [])
     for key in allowed:
-        if key not in BUDGET_KEYS:
-            raise ConfigError(f"resume_override: {key!r} cannot be overridden; only {', '.join(BUDGET_KEYS)}")
+        if key not in BUDGET_KEYS + LAYOUT_KEYS:
+            raise ConfigError(
+                f"resume_override: {key!r} cannot be overridden; only {', '.join(BUDGET_KEYS + LAYOUT_KEYS)}"
+            )
     diffs = config_differences(saved, cfg, overrides)
     extend = {k: v for k, v in diffs.items() if k in allowed}
     refused = {k: v for k, v in diffs.items() if k not in allowed}

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +48,10 @@ from benchmarks.wiring import (
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
-from rlkit_diffusion.checkpoint import atomic_write_text
+from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, read_state
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
-from rlkit_diffusion.train import BudgetConfig, TrainConfig, train
+from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, check_resume_layout, train
 
 
 @dataclass
@@ -186,6 +188,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     ``overrides`` are the command-line overrides (Hydra's): on ``resume=`` only those are compared with the run's
     config; None compares every key of ``cfg``."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     t_start = time.perf_counter()
     phases = Phases()
@@ -204,18 +207,24 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    init_restarted_process_group(timedelta(seconds=s.train.collective_timeout_s), cpu)
     accelerator = Accelerator(
         cpu=cpu,
         gradient_accumulation_steps=s.train.grad_accum,
         log_with=tracker_names(cfg.get("logger")) or None,  # logger=tensorboard|wandb|trackio|mlflow|none (a list)
         project_dir=cfg.out_dir,
+        # several processes: a rank that stops answering fails the collectives after this, instead of a hang
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=s.train.collective_timeout_s))],
     )
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
     run_dir = prepare_run_dir(cfg, run_dir, main)
-    if resume_from is not None and main:
-        record_resume(run_dir, cfg, resume_from, extend)
     algo = build_algo(cfg.algo.name, s.algo)
+    if resume_from is not None:  # another number of processes: refused before anything is recorded
+        state = read_state(resume_from)
+        check_resume_layout(state, resume_from.name, algo, s.train.batch_size, accelerator.num_processes)
+        if main:
+            record_resume(run_dir, cfg, resume_from, extend)
     logger = make_logger(
         run_dir,
         accelerator,
@@ -401,7 +410,7 @@ def main(cfg: DictConfig) -> float:
             rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
             return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
         result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
-    except ConfigError as err:
+    except (ConfigError, ResumeError) as err:
         logging.getLogger("benchmarks.run").debug("user error", exc_info=True)
         sys.exit(f"benchmarks.run: {err}")
     if result.get("interrupted"):
@@ -417,6 +426,7 @@ def preflight(argv: list[str]) -> list[str]:
     from hydra.core.global_hydra import GlobalHydra
 
     check_overrides(argv)
+    argv = elastic_resume(argv)
     for o in argv:  # an explicit hydra.run.dir naming a run: refuse before Hydra writes .hydra/ into it
         if o.lstrip("+").startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in argv):
             refuse_existing_run(Path(o.partition("=")[2]))
@@ -436,6 +446,46 @@ def preflight(argv: list[str]) -> list[str]:
     validate(resume_config(cfg, run_dir, overrides)[0])  # refuses a changed config before anything is written
     rest = [a for a in argv if not a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=", "resume="))]
     return [*rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def init_restarted_process_group(timeout: timedelta, cpu: bool) -> None:
+    """A job restarted by torchrun (``TORCHELASTIC_RESTART_COUNT`` > 0) joins its process group under a key prefix of
+    its own attempt. Without it the ranks would meet in the elastic agent's store, which still holds the first
+    attempt's addresses: gloo's rank 0 then connects to the killed rank's old port ("Connection refused"). The
+    first attempt (and every other launcher) lets accelerate create the group as usual."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or torch.distributed.is_initialized():
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent serves MASTER_ADDR:PORT
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_store,
+        timeout=timeout,
+    )
+    backend = "gloo" if cpu or not torch.cuda.is_available() else "cpu:gloo,cuda:nccl"
+    torch.distributed.init_process_group(
+        backend,
+        store=torch.distributed.PrefixStore(f"restart_{attempt}/", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+    )
+
+
+def elastic_resume(argv: list[str]) -> list[str]:
+    """Under torchrun's elastic agent (``--max-restarts``), a restarted job (``TORCHELASTIC_RESTART_COUNT`` > 0) gets
+    the first attempt's command line again: if it names its run (``hydra.run.dir=``) and that run has a complete
+    checkpoint, continue it (``resume=<run>``) instead of refusing to overwrite it. Anything else is unchanged."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0 or any(a.startswith("resume=") for a in argv):
+        return argv
+    dirs = [o.partition("=")[2] for o in argv if o.lstrip("+").startswith("hydra.run.dir=")]
+    if dirs and latest_checkpoint(Path(dirs[-1]) / "checkpoints") is not None:
+        print(f"elastic restart: continuing {dirs[-1]} from its last checkpoint", file=sys.stderr, flush=True)
+        return [*argv, f"resume={dirs[-1]}"]
+    return argv
 
 
 if __name__ == "__main__":

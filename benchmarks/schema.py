@@ -49,8 +49,9 @@ class RunConfig:
     resume: str | None = None
     """A run directory (or ``latest``) to resume from its last checkpoint."""
     resume_override: list[str] = field(default_factory=list)
-    """With ``resume=``: the budget keys the resume may change (``train.steps``, ``budget.amount``, ``budget.kind``);
-    any other difference from the run's config.yaml is refused (a run is its config)."""
+    """With ``resume=``: the budget keys the resume may change (``train.steps``, ``budget.amount``, ``budget.kind``)
+    and the layout over processes (``train.batch_size``, to keep the global batch on another number of processes;
+    ``train.parallel``); any other difference from the run's config.yaml is refused (a run is its config)."""
     report: bool = True
     """Write ``report.md``/``report.html`` of the run into its directory at the end."""
     init_from: str | None = None

@@ -116,8 +116,11 @@ def build_reference(cfg: DictConfig, world: World) -> Reference:
 
 
 def build_context(world, policy, base, *, reward: str, batch_size: int, seed: int, accelerator=None) -> AlgoContext:
-    """The algorithm's view of the run; the generator is per rank (``seed·1000 + rank``)."""
+    """The algorithm's view of the run; the generator is per rank (``seed·1000 + rank``); with several processes the
+    shared generator (world-size-invariant draws, `AlgoContext.global_rows`) is seeded ``seed·1000`` on every rank —
+    with one process it is the generator itself."""
     rank = accelerator.process_index if accelerator is not None else 0
+    processes = accelerator.num_processes if accelerator is not None else 1
     return AlgoContext(
         world=world,
         policy=policy,
@@ -127,6 +130,7 @@ def build_context(world, policy, base, *, reward: str, batch_size: int, seed: in
         generator=torch.Generator().manual_seed(seed * 1000 + rank),
         counters=Counters(),
         accelerator=accelerator,
+        shared_generator=torch.Generator().manual_seed(seed * 1000) if processes > 1 else None,
     )
 
 

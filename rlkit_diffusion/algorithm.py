@@ -49,10 +49,21 @@ class AlgoContext:
     generator: torch.Generator  # per-rank seeded source of all training randomness
     counters: Counters = field(default_factory=Counters)
     accelerator: Any = None  # accelerate.Accelerator (None in unit tests: single process)
+    shared_generator: torch.Generator | None = None  # identical on every rank (None: ``generator``, one process)
 
     @property
     def device(self) -> torch.device:
         return self.world.device
+
+    def global_rows(self, b: int) -> tuple[torch.Generator, int, slice]:
+        """World-size-invariant randomness: ``(generator, n, rows)`` — draw ``n = b × num_processes`` rows (the
+        global batch) from ``generator``, which is the same stream on every rank, and keep ``rows``, this rank's
+        slice ``[rank·b, (rank+1)·b)``. The union over ranks is exactly what one process with the global batch draws,
+        whatever the number of processes, so a run resumes on another number of processes and continues as an
+        uninterrupted run there would (with one process: the context's generator, all ``b`` rows)."""
+        acc = self.accelerator
+        rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+        return self.shared_generator or self.generator, b * world, slice(rank * b, (rank + 1) * b)
 
     def gather(self, x: Tensor) -> Tensor:
         """All-gather a tensor across processes (identity in a single process)."""
@@ -95,7 +106,8 @@ class Algorithm(Protocol):
     """Every member the training loop (`rlkit_diffusion.train.train`), the evaluation and the runner use.
 
     `AlgorithmDefaults` gives the optional ones their defaults: ``trains = True``, ``reference = None``,
-    ``sampler = None``, one minibatch per batch, no state, and the implicit reward at β = 1."""
+    ``sampler = None``, ``world_size_invariant = False``, one minibatch per batch, no state, and the implicit
+    reward at β = 1."""
 
     name: str
     trains: bool
@@ -104,6 +116,9 @@ class Algorithm(Protocol):
     """The reference the algorithm regularises towards, if any; an updated one (hard copy / EMA) is checkpointed."""
     sampler: Sampler | None
     """An inference-time procedure the evaluation uses instead of plain sampling (None = plain sampling)."""
+    world_size_invariant: bool
+    """True when every random draw of training goes through `AlgoContext.global_rows` (and its data through the
+    sharded pairs): a checkpoint then resumes on another number of processes (`rlkit_diffusion.train`)."""
 
     def setup(self, ctx: AlgoContext) -> None: ...
 
@@ -134,6 +149,7 @@ class AlgorithmDefaults:
     trains: bool = True
     reference: Reference | None = None
     sampler: Sampler | None = None
+    world_size_invariant: bool = False
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.config_class()

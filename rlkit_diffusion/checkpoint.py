@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rlkit_diffusion.sharding import local_like
+
 
 def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     """THE atomic file write of the project: ``write(tmp)`` fills a temporary file beside ``path`` (same folder, a
@@ -96,7 +98,7 @@ def load_trainable_state(module: nn.Module, state: dict[str, Tensor]) -> None:
         )
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+            params[n].copy_(local_like(t, params[n]))  # a sharded (FSDP) parameter keeps its own shard
 
 
 def _jsonable(obj: Any) -> Any:
@@ -203,20 +205,28 @@ def save_checkpoint(
     lr_scheduler: Any = None,
     reference_state: dict[str, Tensor] | None = None,
     state: dict[str, Any] | None = None,
+    model_state: dict[str, Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it. Returns its directory."""
+    """Write checkpoint ``step`` atomically and point ``latest`` at it. Returns its directory.
+
+    ``model_state`` / ``optimizer_state``: already gathered states of a sharded run (`rlkit_diffusion.sharding`),
+    written instead of ``model``'s trainable parameters and ``optimizer.state_dict()`` — the same layout."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     _clean_leftovers(root)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    weights = model_state if model_state is not None else trainable_state(model)
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     if reference_state:
         ref = {k: v.detach().cpu().contiguous() for k, v in reference_state.items()}
         save_file(ref, str(tmp / "reference.safetensors"))
     opt = {}
-    if optimizer is not None:
+    if optimizer_state is not None:
+        opt["optimizer"] = optimizer_state
+    elif optimizer is not None:
         opt["optimizer"] = optimizer.state_dict()
     if lr_scheduler is not None:
         opt["lr_scheduler"] = lr_scheduler.state_dict()
@@ -297,6 +307,12 @@ def latest_checkpoint(ckpt_root: Path | str) -> Path | None:
     return done[-1] if done else None
 
 
+def read_state(path: Path | str) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` alone (counters, RNG and data state, layout), without its weights."""
+    with open(Path(path) / "state.json") as f:
+        return _unjson(json.load(f))
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint directory: ``{"model", "reference", "optimizer", "state"}`` (no pickle anywhere)."""
     path = Path(path)
@@ -307,6 +323,5 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     out["reference"] = load_file(str(ref)) if ref.exists() else {}
     opt = path / "optimizer.pt"
     out["optimizer"] = torch.load(opt, weights_only=True, map_location="cpu") if opt.exists() else {}
-    with open(path / "state.json") as f:
-        out["state"] = _unjson(json.load(f))
+    out["state"] = read_state(path)
     return out

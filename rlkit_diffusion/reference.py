@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from rlkit_diffusion.policy import DiffusionPolicy
+from rlkit_diffusion.sharding import full
 
 ReferenceKind = Literal["frozen", "lora", "hard", "ema", "none"]
 
@@ -178,10 +179,10 @@ class Reference:
             if step % self.tau != 0:
                 return False
             for name, p in dst.items():
-                p.copy_(src[name])
+                p.copy_(full(src[name]))  # FSDP: the gathered parameter (collective; every rank updates)
         else:
             for name, p in dst.items():
-                p.lerp_(src[name].detach(), 1.0 - self.ema_decay)
+                p.lerp_(full(src[name]).detach(), 1.0 - self.ema_decay)
         self.updates += 1
         return True
 
@@ -190,7 +191,7 @@ class Reference:
         other = dict(unwrap(module).named_parameters())
         total = torch.zeros(())
         for name, p in self.network.named_parameters():
-            total = total + (p.float() - other[name].float().to(p.device)).pow(2).sum().cpu()
+            total = total + (p.float() - full(other[name]).float().to(p.device)).pow(2).sum().cpu()
         return total
 
     def state_dict(self) -> dict[str, Tensor]:

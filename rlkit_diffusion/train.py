@@ -19,6 +19,11 @@
 
 The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``reward_queries`` or wall seconds
 ``wall_s`` — so algorithms whose steps cost orders of magnitude apart can be compared at equal cost.
+
+Several processes: DDP through accelerate, or FSDP2 with ``train.parallel=fsdp`` (`rlkit_diffusion.sharding`: the
+network is sharded before the optimizer is built; checkpoints gather it to the one-process format; the final
+evaluation runs on gathered weights). A checkpoint records its number of processes and global batch; it resumes on
+another number of processes only for world-size-invariant algorithms at the same global batch (`check_resume_layout`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,17 @@ from rlkit_diffusion.checkpoint import load_checkpoint, load_trainable_state, sa
 from rlkit_diffusion.logging import MetricLogger, to_float
 from rlkit_diffusion.policy import PRECISIONS
 from rlkit_diffusion.reference import unwrap
+from rlkit_diffusion.sharding import (
+    FSDP_BLOCKS,
+    full,
+    gathered_optimizer_state,
+    gathered_trainable_state,
+    shard_model,
+    sharded_optimizer_state,
+    unshard_for_evaluation,
+)
+
+PARALLEL = ("auto", "fsdp")
 
 
 @dataclass
@@ -99,14 +115,31 @@ class TrainConfig:
     maths, log-probabilities, losses and path KL stay fp32 (`DiffusionPolicy.set_precision`, docs/perf.md)."""
     compile: bool = False
     """``torch.compile`` the ε-model (training and evaluation sampling)."""
+    parallel: str = "auto"
+    """With several processes: ``auto`` = what the launcher set up (DDP; or accelerate's own FSDP/DeepSpeed config
+    on GPUs); ``fsdp`` = shard the policy network with FSDP2 ``fully_shard`` (`rlkit_diffusion.sharding`; CPU
+    processes included, where accelerate's ``--use_fsdp`` silently gives DDP). One process: ignored."""
+    fsdp_blocks: list[str] = field(default_factory=lambda: list(FSDP_BLOCKS))
+    """With parallel=fsdp: class names of the modules that become their own FSDP units (then the root)."""
+    collective_timeout_s: float = 1800.0
+    """Several processes: a collective (gradient all-reduce, gather, checkpoint) that waits longer than this for a
+    rank fails the run with a message naming this setting instead of hanging (the process group's timeout)."""
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not a valid choice; available: fp32, bf16, fp16")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"train.parallel={self.parallel!r} is not a valid choice; available: auto, fsdp")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
 
 class DivergenceError(RuntimeError):
     """A non-finite loss or gradient stopped training."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue in this layout (number of processes, global batch): one line says why."""
 
 
 class Budget:
@@ -150,7 +183,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def _grads_finite(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """Every gradient finite (of a sharded gradient: this rank's shard; `_Loop.agree` combines the ranks)."""
+    return all(p.grad is None or bool(torch.isfinite(_local(p.grad)).all()) for p in params)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 NO_TRAINING = {
@@ -243,6 +281,8 @@ def train(
         with interrupt:
             _train_batches(loop, algo, ctx, cfg, bar, interrupt)
     except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
+        if loop.multi:
+            _explain_timeout(err, cfg.collective_timeout_s)
         _name_the_step(err, loop.step_no)
         if loop.ckpt_root is not None and loop.main and not isinstance(err, DivergenceError):
             (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
@@ -294,15 +334,24 @@ class _Loop:
         self.acc = acc = ctx.accelerator
         self.main = acc is None or acc.is_main_process
         policy = ctx.policy
+        self.multi = acc is not None and acc.num_processes > 1
+        # train.parallel=fsdp: the network is sharded (fully_shard) BEFORE the optimizer is built, so that AdamW
+        # holds the sharded parameters and its moments are sharded too; accelerate then prepares the optimizer only.
+        shard_here = self.multi and cfg.parallel == "fsdp" and acc.distributed_type != "FSDP"
+        if shard_here:
+            shard_model(policy.eps_model, cfg.fsdp_blocks, acc.device, acc.num_processes)
         self.opt, self.sched = make_optimizer(policy.eps_model, cfg)
         if acc is not None:
             # The lr scheduler is deliberately NOT prepared: accelerate's wrapper steps it num_processes times per
             # optimizer step (for schedules counted in per-process batches), which would end a warm-up
             # num_processes times too early. It is stepped once per optimizer step, for any number of processes.
-            policy.eps_model, self.opt = acc.prepare(policy.eps_model, self.opt)
+            if shard_here:
+                self.opt = acc.prepare(self.opt)
+            else:
+                policy.eps_model, self.opt = acc.prepare(policy.eps_model, self.opt)
         self.model = policy.eps_model
+        self.sharded = any(hasattr(p, "to_local") for p in self.model.parameters())  # FSDP: DTensor parameters
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.multi = acc is not None and acc.num_processes > 1
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.budget = Budget(budget, cfg, ctx, start_nfe=policy.nfe)
@@ -320,11 +369,12 @@ class _Loop:
         """Continue from a checkpoint: weights, optimizer and scheduler, counters, algorithm, data and RNG state."""
         ctx, algo, policy, budget = self.ctx, self.algo, self.ctx.policy, self.budget
         ck = load_checkpoint(path)
-        load_trainable_state(unwrap(self.model), ck["model"])
-        if ck["optimizer"]:
-            self.opt.load_state_dict(ck["optimizer"]["optimizer"])
-            self.sched.load_state_dict(ck["optimizer"]["lr_scheduler"])
         st = ck["state"]
+        self.check_world_size(path, st)
+        load_trainable_state(unwrap(self.model), ck["model"])  # a sharded parameter keeps its own shard
+        if ck["optimizer"]:
+            self.opt.load_state_dict(sharded_optimizer_state(ck["optimizer"]["optimizer"], self.opt))
+            self.sched.load_state_dict(ck["optimizer"]["lr_scheduler"])
         ctx.counters.updates = int(st["counters"]["updates"])
         ctx.counters.reward_queries = int(st["counters"]["reward_queries"])
         ctx.counters.samples = int(st["counters"]["samples"])
@@ -336,8 +386,23 @@ class _Loop:
             algo.reference.load_state_dict(ck["reference"])
         if ctx.world.pairs is not None and "pairs" in st:
             ctx.world.pairs.load_state_dict(st["pairs"])
-        ctx.generator.set_state(_rank_generator_state(st, self.acc).to(torch.uint8))
+        # The shared stream (world-size-invariant draws) continues whatever the number of processes; the per-rank
+        # streams continue when it is unchanged (check_world_size refuses a change for algorithms that use them).
+        shared = st.get("shared_generator", st["generator"]).to(torch.uint8)
+        if ctx.shared_generator is not None:
+            ctx.shared_generator.set_state(shared)
+        if len(st.get("generators") or [st["generator"]]) == self.world_size:
+            ctx.generator.set_state(_rank_generator_state(st, self.acc).to(torch.uint8))
+        elif ctx.shared_generator is None:  # one process: its generator IS the shared stream
+            ctx.generator.set_state(shared)
         set_rng_state(st["rng"])
+
+    @property
+    def world_size(self) -> int:
+        return self.acc.num_processes if self.acc is not None else 1
+
+    def check_world_size(self, path: Path | str, st: dict[str, Any]) -> None:
+        check_resume_layout(st, Path(path).name, self.algo, self.ctx.batch_size, self.world_size)
 
     def schedule_evaluations(self) -> None:
         """The next learning-curve point: the first budget fraction k/eval_points still ahead (after a resume too)."""
@@ -358,6 +423,8 @@ class _Loop:
         ctx, algo = self.ctx, self.algo
         self.last_ckpt_t = time.perf_counter()
         generators = _gather_generator_states(self.acc, ctx.generator)  # every rank takes part in the gather
+        model_state = gathered_trainable_state(self.model)  # FSDP: the full parameters (collective), else None
+        optimizer_state = gathered_optimizer_state(self.opt, self.sharded) if self.sharded else None
         if self.ckpt_root is None or not self.main:
             return None
         state = {
@@ -368,7 +435,11 @@ class _Loop:
             "algo": algo.state_dict(),
             "generator": ctx.generator.get_state(),
             "generators": generators,  # one per rank: ranks draw different (t, ε) and must resume their own
+            "num_processes": self.world_size,
+            "global_batch": ctx.batch_size * self.world_size,
         }
+        if ctx.shared_generator is not None:  # several processes: the world-size-invariant stream (same on all)
+            state["shared_generator"] = ctx.shared_generator.get_state()
         if ctx.world.pairs is not None:
             state["pairs"] = ctx.world.pairs.state_dict()
         return save_checkpoint(
@@ -379,6 +450,8 @@ class _Loop:
             lr_scheduler=self.sched,
             reference_state=algo.reference.state_dict() if algo.reference is not None else None,
             state=state,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
 
     def optimizer_step(self, mb: Any) -> bool:
@@ -392,6 +465,8 @@ class _Loop:
             if not bad or self.multi:  # multi-process: never skip the gradient all-reduce on one rank only (hang);
                 (acc.backward(total) if acc is not None else total.backward())  # NaN grads reach every rank
                 bad = bad or not _grads_finite(params)
+                if self.sharded:  # each rank checked its own shard of the gradients: agree, all skip or none
+                    bad = self.agree(bad, False)[0]
             if bad:
                 opt.zero_grad(set_to_none=True)
                 self._diverged()
@@ -403,7 +478,7 @@ class _Loop:
                 else:
                     gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if gn is not None:  # None under DeepSpeed, which clips inside its engine (gradient_clipping)
-                    losses["grad_norm"] = gn
+                    losses["grad_norm"] = full(gn)  # FSDP: the norm is a DTensor
             opt.step()
             if synced:
                 self.sched.step()
@@ -472,6 +547,8 @@ class _Loop:
         if acc is not None:
             acc.wait_for_everyone()
             ctx.policy.eps_model = acc.unwrap_model(self.model)
+            if self.sharded:  # gathered for good: rank 0 evaluates alone, with plain full parameters
+                unshard_for_evaluation(ctx.policy.eps_model)
         final_ckpt = self.checkpoint()
         return self.summary(t_start, final_ckpt)
 
@@ -493,6 +570,41 @@ def _name_the_step(err: BaseException, step: int) -> None:
     """Append "(at optimizer step N)" to a one-argument error message (same exception type and traceback)."""
     if len(err.args) == 1 and isinstance(err.args[0], str) and "optimizer step" not in err.args[0]:
         err.args = (f"{err.args[0]} (at optimizer step {step})",)
+
+
+def check_resume_layout(state: dict[str, Any], name: str, algo: Any, batch_size: int, num_processes: int) -> None:
+    """A checkpoint written by another number of processes resumes only when the algorithm's randomness is
+    world-size-invariant (`AlgoContext.global_rows`) and the global batch is unchanged; else a one-line
+    `ResumeError` says why and what to pass. ``state``: the checkpoint's state.json; ``name``: its directory name."""
+    written = int(state.get("num_processes", len(state.get("generators") or [state.get("generator")])))
+    if written == num_processes:
+        return
+    if not getattr(algo, "world_size_invariant", False):
+        raise ResumeError(
+            f"resume: {name} was written by {written} process(es) and algo {algo.name!r} draws per-rank random "
+            f"streams (rollouts, timesteps), which cannot continue on {num_processes}; resume it on {written}"
+        )
+    global_then = int(state.get("global_batch", batch_size * written))
+    if global_then != batch_size * num_processes:
+        fix = (
+            f"train.batch_size={global_then // num_processes} resume_override=[train.batch_size]"
+            if global_then % num_processes == 0
+            else f"a number of processes that divides {global_then}"
+        )
+        raise ResumeError(
+            f"resume: {name} was written with a global batch of {global_then} ({written} process(es)); "
+            f"train.batch_size={batch_size} on {num_processes} gives {batch_size * num_processes}: use {fix}"
+        )
+
+
+def _explain_timeout(err: BaseException, timeout_s: float) -> None:
+    """A collective that timed out: say that a rank stopped answering and name the setting (same exception)."""
+    text = str(err)
+    if len(err.args) == 1 and isinstance(err.args[0], str) and "timed out" in text.lower():
+        err.args = (
+            f"a collective timed out after train.collective_timeout_s={timeout_s:g} s: another rank stopped answering "
+            f"(killed, hung or far slower) — {text.splitlines()[0] if text else ''}",
+        )
 
 
 def _gather_generator_states(acc: Any, generator: torch.Generator) -> list[torch.Tensor]:
@@ -524,4 +636,4 @@ def _budget_row(ctx: AlgoContext, budget: Budget, sched=None, skipped: int = 0) 
     return row
 
 
-__all__ = ["BudgetConfig", "DivergenceError", "TrainConfig", "train"]
+__all__ = ["BudgetConfig", "DivergenceError", "ResumeError", "TrainConfig", "check_resume_layout", "train"]

@@ -5,51 +5,44 @@ Passed on the command line of a launcher (``accelerate launch`` / ``torchrun``) 
     +hydra.callbacks.probe._target_=tests.mp_probe.MultiProcessProbe +hydra.callbacks.probe.out=<dir> ...
 
 On job start it installs the requested patches; on job end every rank writes ``<out>/rank<r>.json`` with the world
-size it ran in, how many checkpoints it wrote and the shapes it all-gathered.
+size it ran in, how many checkpoints it wrote (and how many of them gathered a sharded optimizer: FSDP), and the
+shapes it all-gathered.
 
-* ``shared_noise``: DPO's (t, ε) are drawn for the GLOBAL batch from a generator seeded identically on every rank,
-  and each rank keeps its slice — together with the runner's sharded pairs, the union over ranks of everything a
-  step consumes is then exactly what one process with the global batch consumes (the DDP-equivalence test).
 * ``crash_rank`` / ``crash_step``: that rank raises inside the loss at that optimizer step.
+* ``kill_rank`` / ``kill_step`` / ``marker``: that rank SIGKILLs itself inside the loss at that optimizer step, once:
+  it first writes the file ``marker``, and a restarted job (torchrun ``--max-restarts``) that finds it goes on.
+* ``stall_rank`` / ``stall_step``: that rank stops answering (sleeps) inside the loss at that optimizer step.
+
+DPO needs no patch for the equivalence tests: its (t, ε) are slices of one global draw (`AlgoContext.global_rows`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 
-RECORD: dict[str, Any] = {"checkpoint_writes": 0, "gathers": []}
+RECORD: dict[str, Any] = {"checkpoint_writes": 0, "sharded_writes": 0, "gathers": []}
 
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def shared_noise_predictions(self, prompts: list[str], x_w, x_l) -> dict[str, Any]:
-    """`algos.dpo.DPO.predictions` with (t, ε) drawn for the global batch and sliced per rank."""
-    from algos import dpo
-
-    ctx, cfg = self.ctx, self.config
-    acc = ctx.accelerator
-    world, r = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
-    if not hasattr(self, "_shared_generator"):
-        self._shared_generator = torch.Generator().manual_seed(12345)
-    b = len(prompts)
-    rows = slice(r * b, (r + 1) * b)
-    t = dpo.sample_timesteps(b * world, cfg.t_min, self.t_max, self._shared_generator, ctx.device)[rows]
-    noise = torch.randn((b * world, *x_w.shape[1:]), generator=self._shared_generator)[rows].to(ctx.device)
-    cond = ctx.world.encoder(prompts)
-    model, ref, target = dpo.paired_predictions(ctx.policy, self.reference.policy, x_w, x_l, cond, t, noise)
-    weight = dpo.snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting)
-    return {"model": model, "ref": ref, "target": target, "weight": weight, "t": t}
-
-
-def install(shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 0) -> list[tuple[Any, str, Any]]:
+def install(
+    crash_rank: int = -1,
+    crash_step: int = 0,
+    kill_rank: int = -1,
+    kill_step: int = 0,
+    marker: str = "",
+    stall_rank: int = -1,
+    stall_step: int = 0,
+) -> list[tuple[Any, str, Any]]:
     """Apply the patches; returns ``(owner, name, original)`` triples for `uninstall`."""
     import rlkit_diffusion.algorithm
     import rlkit_diffusion.train
@@ -65,6 +58,7 @@ def install(shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 
 
     def counting_save(*args, **kwargs):
         RECORD["checkpoint_writes"] += 1
+        RECORD["sharded_writes"] += kwargs.get("optimizer_state") is not None
         return save(*args, **kwargs)
 
     patch(rlkit_diffusion.train, "save_checkpoint", counting_save)
@@ -76,17 +70,22 @@ def install(shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 
         return out
 
     patch(rlkit_diffusion.algorithm.AlgoContext, "gather", recording_gather)
-    if shared_noise:
-        patch(dpo.DPO, "predictions", shared_noise_predictions)
-    if crash_rank >= 0:
+    if crash_rank >= 0 or kill_rank >= 0 or stall_rank >= 0:
         loss = dpo.DPO.loss
 
-        def crashing_loss(self, batch):
-            if rank() == crash_rank and self.ctx.counters.updates + 1 >= crash_step:
+        def failing_loss(self, batch):
+            step = self.ctx.counters.updates + 1
+            if rank() == crash_rank and step >= crash_step:
                 raise RuntimeError(f"injected failure on rank {crash_rank}")
+            if rank() == kill_rank and step == kill_step and not Path(marker).exists():
+                Path(marker).write_text(f"rank {kill_rank} killed itself at step {step}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+            if rank() == stall_rank and step == stall_step:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, but the launcher's SIGTERM still ends it
+                time.sleep(3600)
             return loss(self, batch)
 
-        patch(dpo.DPO, "loss", crashing_loss)
+        patch(dpo.DPO, "loss", failing_loss)
     return undo
 
 
@@ -96,9 +95,9 @@ def uninstall(undo: list[tuple[Any, str, Any]]) -> None:
 
 
 class MultiProcessProbe(Callback):
-    def __init__(self, out: str, shared_noise: bool = False, crash_rank: int = -1, crash_step: int = 0) -> None:
+    def __init__(self, out: str, **options: Any) -> None:
         self.out = Path(out)
-        self.options = {"shared_noise": shared_noise, "crash_rank": crash_rank, "crash_step": crash_step}
+        self.options = options
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         install(**self.options)

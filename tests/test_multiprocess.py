@@ -5,10 +5,10 @@
   trains Diffusion-DPO on toy2d; both ranks report world size 2; only rank 0 writes checkpoints and eval.json; and
   the final parameters equal those of ONE process with twice the per-process batch, run in this test's process.
   Equivalence holds because every rank draws the global batch of pairs and keeps its slice (the runner's sharded
-  pairs) and the probe makes DPO's (t, ε) the same slices of one global draw; DDP averages the per-rank gradients
-  of per-rank means, which is the gradient of the global mean. Tolerance: atol 1e-5 (float32 all-reduce order;
-  measured max |Δθ| ≈ 1e-7); a warm-up is included to cover the lr-scheduler fix (accelerate's prepared scheduler
-  would step twice per optimizer step with 2 processes).
+  pairs) and DPO's (t, ε) are the same slices of one global draw (`AlgoContext.global_rows`); DDP averages the
+  per-rank gradients of per-rank means, which is the gradient of the global mean. Tolerance: atol 1e-5 (float32
+  all-reduce order; measured max |Δθ| ≈ 1e-7); a warm-up is included to cover the lr-scheduler fix (accelerate's
+  prepared scheduler would step twice per optimizer step with 2 processes).
 * `test_ddpo_gathers_rewards_across_ranks`: ``torchrun --standalone --nproc_per_node 2 -m benchmarks.run algo=ddpo``;
   rewards are all-gathered (2B rows from B per rank) before the advantages are normalised.
 * `test_crash_on_one_rank_fails_the_job_quickly`: rank 1 raises at step 2; the job exits non-zero within a bounded
@@ -99,11 +99,10 @@ def moved_from_base(params: dict[str, torch.Tensor]) -> float:
 
 def test_two_processes_equal_one_with_the_global_batch(tmp_path):
     from benchmarks.run import run
-    from tests import mp_probe
 
     two = tmp_path / "two"
     flags = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
-    overrides = [*TOY_DPO, "train.batch_size=8", f"hydra.run.dir={two}", *probe(tmp_path / "probe", shared_noise=True)]
+    overrides = [*TOY_DPO, "train.batch_size=8", f"hydra.run.dir={two}", *probe(tmp_path / "probe")]
     proc = launch(accelerate_cmd(*flags) + overrides, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = ranks(tmp_path / "probe")
@@ -113,12 +112,8 @@ def test_two_processes_equal_one_with_the_global_batch(tmp_path):
     assert result["environment"]["num_processes"] == 2 and result["updates"] == 6
     assert proc.stdout.count("run directory:") == 1  # one summary, from rank 0
 
-    undo = mp_probe.install(shared_noise=True)  # the same (t, ε) rule, in this single process
-    try:
-        one = tmp_path / "one"
-        run(compose_cfg([*TOY_DPO, "train.batch_size=16", f"out_dir={tmp_path}"]), run_dir=one)
-    finally:
-        mp_probe.uninstall(undo)
+    one = tmp_path / "one"
+    run(compose_cfg([*TOY_DPO, "train.batch_size=16", f"out_dir={tmp_path}"]), run_dir=one)
     p2, p1 = final_params(two), final_params(one)
     assert p2.keys() == p1.keys()
     max_diff = max(float((p2[k] - p1[k]).abs().max()) for k in p1)
