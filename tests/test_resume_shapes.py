@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from rlkit_diffusion.checkpoint import load_checkpoint
+from tests.helpers import TINY_SHAPES
 from tests.test_reliability import (
     NOT_REPRODUCIBLE,
     assert_same,
@@ -32,22 +33,12 @@ from tests.test_reliability import (
 
 STEPS, EVERY = 4, 2
 SHAPES = [
-    "world=shapes",
-    "world.num_inference_steps=4",
-    "world.n_train_prompts=8",
-    "world.n_heldout_prompts=4",
+    *TINY_SHAPES,
     f"train.steps={STEPS}",
     f"train.checkpoint_every={EVERY}",
     "train.warmup_steps=3",
     "train.batch_size=4",
     "train.log_every=1",
-    "eval.implicit_pairs=8",
-    "eval.implicit_draws=1",
-    "eval.samples_per_prompt=1",
-    "eval.max_prompts=4",
-    "eval.heldout=false",
-    "eval.bootstrap=10",
-    "device=cpu",
     "seed=7",
 ]
 # Per-algorithm settings that the tiny batch needs (a group/pair structure that divides 4 trajectories).

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
+from tests.helpers import TINY_SHAPES, compose_cfg
 from tests.test_multiprocess import BIN, PARAM_ATOL, final_params, launch, moved_from_base, probe, ranks
 
 torch.set_num_threads(1)
@@ -122,25 +122,8 @@ def test_fsdp_dpo_on_shapes_equals_one_process(tmp_path):
     """The tiny shapes UNet (diffusers' UNet2DConditionModel): its ResnetBlock2D / Transformer2DModel /
     BasicTransformerBlock modules are nested FSDP units under the default ``train.fsdp_blocks``. 46 s here (110 s
     under a heavier load)."""
-    shapes = [
-        "algo=dpo",
-        "world=shapes",
-        "world.num_inference_steps=4",
-        "world.n_train_prompts=8",
-        "world.n_heldout_prompts=4",
-        "train.steps=2",
-        "train.lr=1e-3",
-        "train.parallel=fsdp",
-        "eval.implicit_pairs=8",
-        "eval.implicit_draws=1",
-        "eval.samples_per_prompt=1",
-        "eval.max_prompts=4",
-        "eval.heldout=false",
-        "eval.bootstrap=10",
-        "device=cpu",
-        "report=false",
-        "logger=none",
-    ]
+    shapes = ["algo=dpo", *TINY_SHAPES, "train.steps=2", "train.lr=1e-3", "train.parallel=fsdp", "report=false"]
+    shapes.append("logger=none")
     from benchmarks.run import run
 
     run(compose_cfg([*shapes, "train.batch_size=4", f"out_dir={tmp_path}"]), run_dir=tmp_path / "one")
