@@ -91,12 +91,11 @@ class BestOfN(AlgorithmDefaults):
     config_class = BestOfNConfig
     trains = False
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        if self.config.n < 1:
-            raise ValueError(f"best_of_n: n must be >= 1, got {self.config.n}")
-        reward = ctx.env.reward_model if self.config.reward is None else ctx.world.reward(self.config.reward)
-        self.sampler = BestOfNSampler(ctx.world, reward, self.config.n)
+    def configure(self, ctx: AlgoContext, cfg: BestOfNConfig) -> None:
+        if cfg.n < 1:
+            raise ValueError(f"best_of_n: n must be >= 1, got {cfg.n}")
+        reward = ctx.env.reward_model if cfg.reward is None else ctx.world.reward(cfg.reward)
+        self.sampler = BestOfNSampler(ctx.world, reward, cfg.n)
 
     def collect(self) -> None:
         raise RuntimeError("best_of_n does not train (trains = False): the training loop never calls collect()")

@@ -40,17 +40,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from algos.ddpo import DDPO, Trajectories, Transitions
+from algos.ddpo import DDPO, Trajectories, TrajectoryTraining, Transitions
+from algos.dpo import bradley_terry_loss
 from algos.grpo import grouped_prompts, setup_trajectories, shared_group_noise
-from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
-from rlkit_diffusion.preference import preference_accuracy
+from rlkit_diffusion.algorithm import AlgoContext
 
 
 @dataclass
-class D3POConfig:
+class D3POConfig(TrajectoryTraining):
     """D3PO hyper-parameters."""
 
     beta: float = 0.1
@@ -64,20 +63,6 @@ class D3POConfig:
     """Both samples of a pair start from the same x_T."""
     sampling_steps: int | None = None
     """Steps of the training chain (None = the world's, the evaluation's)."""
-    timestep_fraction: float = 1.0
-    """Fraction of each pair's trainable steps trained per inner epoch, at random."""
-    num_inner_epochs: int = 1
-    """Passes over each collected batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per inner epoch ((pair, step) transitions are shuffled and split evenly)."""
-    log_prob_reduction: str = "mean"
-    """``mean`` over dims (D3PO's code) or ``sum`` (`DiffusionPolicy.log_prob`)."""
-    min_std: float = 0.0
-    """Train only the steps with σ_t > min_std (DDPO detail 2)."""
-    check_ratio: bool = True
-    """Assert π_θ = π_θold on the first minibatch of every fresh batch (DDPO detail 4)."""
-    ratio_check_atol: float = 1e-4
-    """Tolerance of that check on |log_prob − old_log_prob| (after the reduction)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,12 +98,9 @@ def d3po_loss(
     ratio_w = log_ratio_w.exp().clamp(1.0 - ratio_clip, 1.0 + ratio_clip)
     ratio_l = log_ratio_l.exp().clamp(1.0 - ratio_clip, 1.0 + ratio_clip)
     inside = beta * ratio_w.log() - beta * ratio_l.log()  # (M,)
-    loss = -F.logsigmoid(inside).mean()
     both = torch.cat([log_ratio_w, log_ratio_l]).detach()
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),
         "clipfrac": ((both.exp() - 1.0).abs() > ratio_clip).float().mean(),
         "log_ratio_w": log_ratio_w.detach().mean(),
         "log_ratio_l": log_ratio_l.detach().mean(),
@@ -158,9 +140,7 @@ class D3PO(DDPO):
     name = "d3po"
     config_class = D3POConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        AlgorithmDefaults.setup(self, ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: D3POConfig) -> None:
         if ctx.batch_size % 2:
             raise ValueError(f"{self.name}: train.batch_size must be even (pairs), got {ctx.batch_size}")
         if cfg.reference not in ("sampler", "base"):

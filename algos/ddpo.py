@@ -67,7 +67,38 @@ from rlkit_diffusion.policy import DiffusionPolicy, cond_map
 
 
 @dataclass
-class DDPOConfig:
+class TrajectoryTraining:
+    """How the trajectory algorithms (DDPO, DPOK, GRPO, MixGRPO, D3PO) train on a collected batch: minibatches of
+    (sample, step) transitions (detail 3), the log-prob convention, the steps trained and the fresh-batch check."""
+
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's trainable steps trained per inner epoch, at random (DanceGRPO: 0.6)."""
+    num_inner_epochs: int = 1
+    """Passes over each collected batch."""
+    num_minibatches: int = 1
+    """Optimizer steps per inner epoch (transitions are shuffled and split evenly)."""
+    log_prob_reduction: str = "mean"
+    """``mean`` over dims (ddpo-pytorch, and the Flow-GRPO, DanceGRPO and D3PO code built on it) or ``sum`` (this
+    repo's `DiffusionPolicy.log_prob`): mean = sum / D."""
+    min_std: float = 0.0
+    """Train only the steps with σ_t > min_std (0 = every stochastic step, as ddpo-pytorch; detail 2)."""
+    check_ratio: bool = True
+    """Assert π_θ = π_θold (ratio == 1, clipfrac == 0) on the first minibatch of every fresh batch (detail 4)."""
+    ratio_check_atol: float = 1e-4
+    """Tolerance of that check on |log_prob − old_log_prob| (after the reduction; bit-identical recomputation, as
+    on toy2d, gives 0; a UNet re-run in batches of another size differs by float noise)."""
+
+
+def check_trajectory_training(name: str, cfg: TrajectoryTraining) -> None:
+    """Fail at once on a `TrajectoryTraining` value outside its range (the message names the algorithm)."""
+    if cfg.log_prob_reduction not in ("sum", "mean"):
+        raise ValueError(f"{name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
+    if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
+        raise ValueError(f"{name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1")
+
+
+@dataclass
+class DDPOConfig(TrajectoryTraining):
     """DDPO hyper-parameters (defaults follow ddpo-pytorch where they do not depend on the log-prob convention)."""
 
     mode: str = "is"
@@ -88,21 +119,6 @@ class DDPOConfig:
     """Per-prompt tracker: rewards remembered per prompt."""
     min_count: int = 16
     """Per-prompt tracker: below this many rewards for a prompt, use the batch statistics instead."""
-    num_inner_epochs: int = 1
-    """Passes over each collected batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per inner epoch (transitions are shuffled and split evenly)."""
-    timestep_fraction: float = 1.0
-    """Fraction of each trajectory's stochastic steps trained per inner epoch."""
-    log_prob_reduction: str = "mean"
-    """``mean`` over dims (ddpo-pytorch) or ``sum`` (this repo's `DiffusionPolicy.log_prob`): mean = sum / D."""
-    min_std: float = 0.0
-    """Train only the steps with σ_t > min_std (0 = every stochastic step, as ddpo-pytorch; detail 2)."""
-    check_ratio: bool = True
-    """Assert ratio == 1 and clipfrac == 0 on the first minibatch of every fresh batch (detail 4)."""
-    ratio_check_atol: float = 1e-4
-    """Tolerance of that check on |log_prob − old_log_prob| (after the reduction; bit-identical recomputation, as
-    on toy2d, gives 0; a UNet re-run in batches of another size differs by float noise)."""
 
 
 @dataclass
@@ -160,23 +176,16 @@ def ddpo_loss(
 
 
 def dpok_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    advantages: Tensor,
-    kl: Tensor,
-    *,
-    kl_coef: float,
-    clip_range: float,
-    adv_clip_max: float,
-    mode: str = "is",
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, *, kl_coef: float, **surrogate: Any
 ) -> dict[str, Tensor]:
     """DPOK: the DDPO surrogate plus the per-step KL to the reference at the visited states.
 
     ``L = L_DDPO + β E_t KL(π_θ(·|x_t, c) ‖ π_ref(·|x_t, c))`` with KL = ‖μ_θ − μ_ref‖²/2σ_t² (closed form, both
     Gaussians share σ_t). Its gradient is that of −(1/N)(E[r] − β Σ_t KL_t): the mean over transitions scales
-    both terms by 1/N, so β keeps the meaning of eq. 10's KL weight. ``kl``: (M,), gradient through μ_θ.
+    both terms by 1/N, so β keeps the meaning of eq. 10's KL weight. ``kl``: (M,), gradient through μ_θ;
+    ``kl_coef``: β; ``surrogate``: `ddpo_loss`'s ``clip_range``, ``adv_clip_max`` and ``mode``.
     """
-    out = ddpo_loss(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip_max=adv_clip_max, mode=mode)
+    out = ddpo_loss(log_prob, old_log_prob, advantages, **surrogate)
     out["loss_kl"] = kl_coef * kl.mean()
     out["kl"] = kl.detach().mean()
     return out
@@ -272,19 +281,12 @@ class DDPO(AlgorithmDefaults):
     config_class = DDPOConfig
     world_size_invariant = True  # detail 6: resumable on any number of processes
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: DDPOConfig) -> None:
         if cfg.mode not in ("is", "sf"):
             raise ValueError(f"{self.name}: mode must be 'is' or 'sf', got {cfg.mode!r}")
         if cfg.advantage_norm not in ("per_prompt", "global", "none"):
             raise ValueError(f"{self.name}: advantage_norm must be per_prompt|global|none, got {cfg.advantage_norm!r}")
-        if cfg.log_prob_reduction not in ("sum", "mean"):
-            raise ValueError(f"{self.name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
-        if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
-            raise ValueError(
-                f"{self.name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1"
-            )
+        check_trajectory_training(self.name, cfg)
         policy = ctx.policy
         if not policy.stochastic:
             raise ValueError(
@@ -469,16 +471,27 @@ class DPOK(DDPO):
     name = "dpok"
     config_class = DPOKConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
+    def configure(self, ctx: AlgoContext, cfg: DPOKConfig) -> None:
+        super().configure(ctx, cfg)
         self.reference = ctx.base
 
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions) -> dict[str, Tensor]:
+        return self.objective_with_kl(dpok_loss, log_prob, old, adv, out_step, mb, mode=self.config.mode)
+
+    def objective_with_kl(
+        self, loss_fn, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions, **coefs: Any
+    ) -> dict[str, Tensor]:
+        """``loss_fn`` (`dpok_loss`, or GRPO's) with β = ``kl_coef`` on the closed-form per-step KL to
+        ``self.reference`` at the minibatch's states (DPOK's term); zero KL, without a reference forward, when there
+        is no reference. ``coefs``: the loss's other keywords (DPOK's ``mode``)."""
         cfg = self.config
-        with torch.no_grad():
-            ref_step = self.step_outputs(self.reference.policy, mb)
-        kl = self.reduce(DiffusionPolicy.gaussian_kl(out_step.mean, ref_step.mean, out_step.std))  # (M,)
-        return dpok_loss(
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_step = self.step_outputs(self.reference.policy, mb)
+            kl = self.reduce(DiffusionPolicy.gaussian_kl(out_step.mean, ref_step.mean, out_step.std))  # (M,)
+        else:
+            kl = torch.zeros_like(log_prob)
+        return loss_fn(
             log_prob,
             old,
             adv,
@@ -486,5 +499,5 @@ class DPOK(DDPO):
             kl_coef=cfg.kl_coef,
             clip_range=cfg.clip_range,
             adv_clip_max=mb.batch.stats.get("adv_clip", cfg.adv_clip_max),
-            mode=cfg.mode,
+            **coefs,
         )

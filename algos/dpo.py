@@ -30,6 +30,7 @@ Conventions (peers disagree; each is reproducible with ``beta_convention``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ from torch import Tensor
 
 from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.preference import (
-    beta_scale,
+    beta_scale,  # noqa: F401  (re-exported: docs/exercises/ex03 imports it from algos.dpo)
     implicit_margin,
+    implicit_scale,
     paired_predictions,
     parameterised_weight,
     per_sample_error,
@@ -74,7 +76,7 @@ class DPOL2Config(DPOConfig):
     sft_weight: float = 1.0
     """The diffusion loss on the winners, on by default: θ = θ_ref (where every run starts, LoRA or full fine-tune)
     is a stationary point of the pure S2 loss, so with 0 the gradient is exactly zero and the run returns the base
-    model; `DPOL2.setup` refuses 0."""
+    model; `DPOL2.configure` refuses 0."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,6 +92,16 @@ def snr_weight(alpha_bar: Tensor, weighting: str) -> Tensor:
     if weighting == "min_snr":
         return snr.clamp(max=5.0) / snr
     raise ValueError(f"weighting must be constant|snr|min_snr, got {weighting!r}")
+
+
+def bradley_terry_loss(inside: Tensor) -> dict[str, Tensor]:
+    """``L = −E log σ(inside)``: the Bradley–Terry likelihood of eq. 3/8 on implicit reward margins ``inside`` (B,),
+    with the logs ``implicit_acc`` (inside > 0, ties count ½) and ``reward_margin`` (mean inside)."""
+    return {
+        "loss": -F.logsigmoid(inside).mean(),
+        "implicit_acc": preference_accuracy(inside.detach()),
+        "reward_margin": inside.detach().mean(),
+    }
 
 
 def dpo_loss(
@@ -125,11 +137,8 @@ def dpo_loss(
     inside = implicit_margin(
         model_err_w, model_err_l, ref_err_w, ref_err_l, beta, convention=convention, weight=weight
     )  # (B,)
-    loss = -F.logsigmoid(inside).mean()  # eq. 14
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),  # eq. 14
         "model_mse_w": model_err_w.detach().mean(),
         "model_mse_l": model_err_l.detach().mean(),
         "ref_mse_w": ref_err_w.detach().mean(),
@@ -163,13 +172,9 @@ def dpo_l2_loss(
         dist_w, dist_l: (B,) ‖ε_θ − ε_ref‖² on winners and losers, reduced over pixels (mean, or sum for ``paper``).
         beta, convention, weight: as in `dpo_loss`.
     """
-    w = torch.ones_like(dist_w) if weight is None else weight
-    inside = -beta_scale(convention) * beta * w * (dist_w - dist_l)  # (B,)
-    loss = -F.logsigmoid(inside).mean()
+    inside = -implicit_scale(beta, convention, weight, dist_w) * (dist_w - dist_l)  # (B,)
     return {
-        "loss": loss,
-        "implicit_acc": preference_accuracy(inside.detach()),
-        "reward_margin": inside.detach().mean(),
+        **bradley_terry_loss(inside),
         "dist_w": dist_w.detach().mean(),
         "dist_l": dist_l.detach().mean(),
     }
@@ -227,23 +232,30 @@ def collect_pairs(ctx: AlgoContext, labels: str) -> tuple[tuple[list[str], Tenso
 # --------------------------------------------------------------------------------------------------------------
 # The algorithms
 # --------------------------------------------------------------------------------------------------------------
-class DPO(AlgorithmDefaults):
+class PairAlgorithm(AlgorithmDefaults):
+    """An algorithm on the world's pair stream: its config's ``labels``, ``t_min`` and ``t_max`` are checked by
+    `setup_pairs`; a batch is `collect_pairs`' ``(prompts, x_w, x_l)``, and ``label_flips`` the fraction of its pairs
+    that AI feedback relabelled."""
+
+    def configure(self, ctx: AlgoContext, cfg: Any) -> None:  # DPOConfig, SFTConfig, ...: labels, t_min, t_max
+        self.t_max = setup_pairs(ctx, self.name, cfg.labels, cfg.t_min, cfg.t_max)
+        self.label_flips = 0.0
+
+    def collect(self) -> tuple[list[str], Tensor, Tensor]:
+        batch, self.label_flips = collect_pairs(self.ctx, self.config.labels)
+        return batch
+
+
+class DPO(PairAlgorithm):
     """Diffusion-DPO on the world's preference pairs (``world.pairs``)."""
 
     name = "dpo"
     config_class = DPOConfig
     world_size_invariant = True  # pairs and (t, ε) are slices of global draws: resumable on any number of processes
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
-        self.t_max = setup_pairs(ctx, self.name, cfg.labels, cfg.t_min, cfg.t_max)
+    def configure(self, ctx: AlgoContext, cfg: DPOConfig) -> None:
+        super().configure(ctx, cfg)
         self.reference = ctx.base
-        self.label_flips = 0.0
-
-    def collect(self) -> tuple[list[str], Tensor, Tensor]:
-        batch, self.label_flips = collect_pairs(self.ctx, self.config.labels)
-        return batch
 
     def implicit_reward_scale(self) -> tuple[float, str]:
         """The implicit reward r̂ = β log π_θ/π_ref in this run's own β and convention."""
@@ -304,14 +316,14 @@ class DPOL2(DPO):
     name = "dpo_l2"
     config_class = DPOL2Config
 
-    def setup(self, ctx: AlgoContext) -> None:
-        if self.config.sft_weight <= 0:
+    def configure(self, ctx: AlgoContext, cfg: DPOL2Config) -> None:
+        if cfg.sft_weight <= 0:
             raise ValueError(
                 "dpo_l2: sft_weight must be > 0 — θ = θ_ref (the start of every run, LoRA or full fine-tune) is a "
                 "stationary point of the pure S2 loss (`dpo_l2_loss`), so with sft_weight = 0 the gradient is exactly "
                 "zero and training returns the base model; use algo.sft_weight=1.0 (the default) or another value > 0"
             )
-        super().setup(ctx)
+        super().configure(ctx, cfg)
 
     def loss(self, batch) -> dict[str, Tensor]:
         prompts = batch[0]

@@ -121,8 +121,7 @@ class DRaFT(AlgorithmDefaults):
     name = "draft"
     config_class = DRaFTConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
+    def configure(self, ctx: AlgoContext, cfg: DRaFTConfig) -> None:
         reward = ctx.env.reward_model
         if not getattr(reward, "differentiable", False):
             raise ValueError(
@@ -138,13 +137,13 @@ class DRaFT(AlgorithmDefaults):
                 raise ValueError(f"{self.name}: K must be in [1, {n}] for a {n}-step schedule, got {k}")
         tail = identity_tail(ctx.policy, ctx.env.schedule)
         k_lo, k_hi = self.k_range()
-        if k_lo <= tail and not self.config.allow_gradient_free:
+        if k_lo <= tail and not cfg.allow_gradient_free:
             raise ValueError(
                 f"{self.name}: the last {tail} step(s) of this {n}-step schedule are the identity (t = "
                 f"{int(ctx.env.schedule.timesteps[-1])} → ᾱ_prev = ᾱ_t), so K = {k_lo} carries no gradient to the "
                 f"network; use K ≥ {tail + 1} (algo.k, or algo.k_min for randomised truncation)"
             )
-        if self.config.kl_weight > 0:
+        if cfg.kl_weight > 0:
             self.reference = ctx.base
 
     def k_range(self) -> tuple[int, int]:
@@ -230,11 +229,11 @@ class AlignProp(DRaFT):
     name = "alignprop"
     config_class = AlignPropConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        if self.config.truncation not in ("fixed", "uniform", "gaussian"):
-            raise ValueError(f"alignprop: truncation must be fixed|uniform|gaussian, got {self.config.truncation!r}")
+    def configure(self, ctx: AlgoContext, cfg: AlignPropConfig) -> None:
+        if cfg.truncation not in ("fixed", "uniform", "gaussian"):
+            raise ValueError(f"alignprop: truncation must be fixed|uniform|gaussian, got {cfg.truncation!r}")
         self._n = len(ctx.env.schedule)
-        super().setup(ctx)
+        super().configure(ctx, cfg)
 
     def k_range(self) -> tuple[int, int]:
         cfg = self.config

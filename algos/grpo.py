@@ -63,14 +63,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from algos.ddpo import DDPO, Trajectories, Transitions, dpok_loss
-from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
+from algos.ddpo import DPOK, Trajectories, TrajectoryTraining, Transitions, check_trajectory_training, dpok_loss
+from rlkit_diffusion.algorithm import AlgoContext
 from rlkit_diffusion.mdp import DenoisingCore
-from rlkit_diffusion.policy import DiffusionPolicy
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(TrajectoryTraining):
     """GRPO hyper-parameters (Flow-GRPO / DanceGRPO on the ε-prediction DDIM policy)."""
 
     group_size: int = 8
@@ -91,20 +90,6 @@ class GRPOConfig:
     """Denoising reduction: steps of the training chain (Flow-GRPO: 10); None = the world's (the evaluation's)."""
     train_timesteps: list[int] | None = None
     """Schedule positions (0 = the step from x_T) that may be trained; None = every stochastic one."""
-    timestep_fraction: float = 1.0
-    """Fraction of the trainable steps of each trajectory trained per inner epoch (DanceGRPO: 0.6), at random."""
-    num_inner_epochs: int = 1
-    """Passes over each collected batch."""
-    num_minibatches: int = 1
-    """Optimizer steps per inner epoch (transitions are shuffled and split evenly)."""
-    log_prob_reduction: str = "mean"
-    """``mean`` over dims (Flow-GRPO / DanceGRPO code) or ``sum`` (`DiffusionPolicy.log_prob`)."""
-    min_std: float = 0.0
-    """Train only the steps with σ_t > min_std (DDPO detail 2)."""
-    check_ratio: bool = True
-    """Assert ratio == 1 and clipfrac == 0 on the first minibatch of every fresh batch (DDPO detail 4)."""
-    ratio_check_atol: float = 1e-4
-    """Tolerance of that check on |log_prob − old_log_prob| (after the reduction)."""
 
 
 @dataclass
@@ -139,14 +124,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, use_std: bool = True, 
 
 
 def grpo_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    advantages: Tensor,
-    kl: Tensor,
-    *,
-    kl_coef: float,
-    clip_range: float,
-    adv_clip_max: float,
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, **coefs: float
 ) -> dict[str, Tensor]:
     """The GRPO objective on the denoising MDP (Flow-GRPO's J_Flow-GRPO, DanceGRPO's objective), as a loss.
 
@@ -166,17 +144,9 @@ def grpo_loss(
     Args:
         log_prob: (M,) with gradient. old_log_prob: (M,) recorded at collection. advantages: (M,) group advantages.
         kl: (M,) per-step KL to the reference, gradient through μ_θ (zeros when kl_coef = 0).
+        coefs: ``kl_coef`` (β), ``clip_range`` (ε) and ``adv_clip_max``, as in `algos.ddpo.dpok_loss`.
     """
-    return dpok_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        kl,
-        kl_coef=kl_coef,
-        clip_range=clip_range,
-        adv_clip_max=adv_clip_max,
-        mode="is",
-    )
+    return dpok_loss(log_prob, old_log_prob, advantages, kl, **coefs, mode="is")
 
 
 def grouped_prompts(env: DenoisingCore, n_groups: int, group_size: int, generator: torch.Generator) -> list[str]:
@@ -207,10 +177,7 @@ def setup_trajectories(name: str, ctx: AlgoContext, cfg: Any) -> tuple[int, Deno
     """Checks shared by the trajectory algorithms of this family (GRPO, MixGRPO, D3PO): the log-prob reduction, the
     minibatching, a stochastic policy. Returns (dim = values per sample, the MDP collected from: the run's env, or
     one with ``cfg.sampling_steps`` steps — denoising reduction)."""
-    if cfg.log_prob_reduction not in ("sum", "mean"):
-        raise ValueError(f"{name}: log_prob_reduction must be sum|mean, got {cfg.log_prob_reduction!r}")
-    if not 0.0 < cfg.timestep_fraction <= 1.0 or cfg.num_minibatches < 1 or cfg.num_inner_epochs < 1:
-        raise ValueError(f"{name}: need 0 < timestep_fraction <= 1, num_minibatches >= 1, num_inner_epochs >= 1")
+    check_trajectory_training(name, cfg)
     if ctx.policy.sampler not in ("ddim", "sde") or not ctx.policy.stochastic:
         raise ValueError(
             f"{name} needs a stochastic DDIM policy (eta > 0) or a flow policy with sampler=sde; "
@@ -222,15 +189,14 @@ def setup_trajectories(name: str, ctx: AlgoContext, cfg: Any) -> tuple[int, Deno
     return math.prod(ctx.world.sample_shape), env
 
 
-class GRPO(DDPO):
-    """Flow-GRPO / DanceGRPO on the denoising MDP (`grpo_loss`); DDPO's collection, minibatches and re-scoring."""
+class GRPO(DPOK):
+    """Flow-GRPO / DanceGRPO on the denoising MDP (`grpo_loss`); DDPO's collection, minibatches and re-scoring, and
+    DPOK's KL term. Its own set-up (`setup_trajectories`): DDPO's advantage and mode checks do not apply."""
 
     name = "grpo"
     config_class = GRPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        AlgorithmDefaults.setup(self, ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: GRPOConfig) -> None:
         if cfg.group_size < 2:
             raise ValueError(f"{self.name}: group_size must be >= 2 (a group of one has no baseline)")
         if ctx.batch_size % cfg.group_size:
@@ -285,22 +251,7 @@ class GRPO(DDPO):
 
     # Loss -----------------------------------------------------------------------------------------------------
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor, out_step, mb: Transitions) -> dict[str, Tensor]:
-        cfg = self.config
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_step = self.step_outputs(self.reference.policy, mb)
-            kl = self.reduce(DiffusionPolicy.gaussian_kl(out_step.mean, ref_step.mean, out_step.std))  # (M,)
-        else:
-            kl = torch.zeros_like(log_prob)
-        out = grpo_loss(
-            log_prob,
-            old,
-            adv,
-            kl,
-            kl_coef=cfg.kl_coef,
-            clip_range=cfg.clip_range,
-            adv_clip_max=cfg.adv_clip_max,
-        )
+        out = self.objective_with_kl(grpo_loss, log_prob, old, adv, out_step, mb)  # clips at adv_clip_max
         out["transitions"] = torch.tensor(float(len(mb.sample)))
         return out
 
@@ -317,11 +268,10 @@ class MixGRPO(GRPO):
     name = "mix_grpo"
     config_class = MixGRPOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: MixGRPOConfig) -> None:
         if cfg.train_timesteps is not None:
             raise ValueError(f"{self.name}: the window decides the trained steps; leave train_timesteps unset")
-        super().setup(ctx)
+        super().configure(ctx, cfg)
         if not 1 <= cfg.window_size <= self.env.horizon or cfg.window_stride < 0 or cfg.window_shift_every < 1:
             raise ValueError(
                 f"{self.name}: need 1 <= window_size <= {self.env.horizon} (the training chain), window_stride >= 0 "

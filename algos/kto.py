@@ -45,7 +45,7 @@ from torch import Tensor
 
 from algos.dpo import collect_pairs, setup_pairs, snr_weight
 from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
-from rlkit_diffusion.preference import beta_scale, per_sample_error, sample_timesteps
+from rlkit_diffusion.preference import beta_scale, implicit_scale, per_sample_error, sample_timesteps
 
 
 @dataclass
@@ -107,8 +107,7 @@ def kto_loss(
         ``loss`` plus logs ``kl`` (Q_ref), ``implicit_acc``, ``reward_desirable``/``reward_undesirable`` (mean g of
         each group, NaN if empty) and ``desirable_frac``.
     """
-    w = torch.ones_like(model_err) if weight is None else weight
-    g = beta_scale(convention) * beta * w * (ref_err - model_err)  # (B,) implicit reward
+    g = implicit_scale(beta, convention, weight, model_err) * (ref_err - model_err)  # (B,) implicit reward
     q_ref = g.detach().mean().clamp(min=0) if reference_point is None else reference_point.detach()
     y = desirable.float() * 2 - 1  # (B,) ±1
     utility = torch.sigmoid(y * (g - q_ref))  # (B,)
@@ -134,9 +133,7 @@ class KTO(AlgorithmDefaults):
     name = "kto"
     config_class = KTOConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: KTOConfig) -> None:
         if cfg.labels != "pairs" and cfg.labels not in ctx.world.rewards:
             raise ValueError(
                 f"kto: labels={cfg.labels!r} is neither 'pairs' nor a reward of world {ctx.world.name!r} "
@@ -177,7 +174,7 @@ class KTO(AlgorithmDefaults):
         reduction = "sum" if cfg.beta_convention == "paper" else "mean"
         m_err, r_err = per_sample_error(pred, target, reduction), per_sample_error(ref_pred, target, reduction)
         weight = snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting)
-        g = beta_scale(cfg.beta_convention) * cfg.beta * weight * (r_err - m_err)
+        g = implicit_scale(cfg.beta, cfg.beta_convention, weight, m_err) * (r_err - m_err)
         q_ref = ctx.gather(g.detach().mean()[None]).mean().clamp(min=0)  # detail 2, averaged over processes
         return kto_loss(
             m_err,

@@ -194,9 +194,7 @@ class NFT(AlgorithmDefaults):
     name = "nft"
     config_class = NFTConfig
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: NFTConfig) -> None:
         residual_scale(torch.ones(1), cfg.weighting)  # fails at once on a typo
         if cfg.beta <= 0 or cfg.adv_clip <= 0 or cfg.num_minibatches < 1:
             raise ValueError("nft: need beta > 0, adv_clip > 0 and num_minibatches >= 1")

@@ -235,9 +235,8 @@ class RethinkDPO(DPO):
     config_class = RethinkDPOConfig
     world_size_invariant = False  # its timesteps are drawn per rank (P3)
 
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
+    def configure(self, ctx: AlgoContext, cfg: RethinkDPOConfig) -> None:
+        super().configure(ctx, cfg)
         if cfg.variant == "paper":
             self._setup_paper(ctx)
         elif cfg.variant == "project":

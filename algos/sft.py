@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from algos.dpo import collect_pairs, setup_pairs, snr_weight
-from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
+from algos.dpo import PairAlgorithm, snr_weight
 from rlkit_diffusion.preference import per_sample_error, sample_timesteps
 
 
@@ -43,21 +42,11 @@ def sft_loss(model_err_w: Tensor, weight: Tensor | None = None) -> dict[str, Ten
     return {"loss": (w * model_err_w).mean(), "model_mse_w": model_err_w.detach().mean()}
 
 
-class SFT(AlgorithmDefaults):
+class SFT(PairAlgorithm):
     """Fine-tuning on the winners of the world's pairs (`sft_loss`); the losers and the reference are not used."""
 
     name = "sft"
     config_class = SFTConfig
-
-    def setup(self, ctx: AlgoContext) -> None:
-        super().setup(ctx)
-        cfg = self.config
-        self.t_max = setup_pairs(ctx, self.name, cfg.labels, cfg.t_min, cfg.t_max)
-        self.label_flips = 0.0
-
-    def collect(self) -> tuple[list[str], Tensor, Tensor]:
-        batch, self.label_flips = collect_pairs(self.ctx, self.config.labels)
-        return batch
 
     def loss(self, batch) -> dict[str, Tensor]:
         ctx, cfg = self.ctx, self.config

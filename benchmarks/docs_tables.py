@@ -32,28 +32,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from algos import ALGOS as ALGO_REGISTRY
 from benchmarks.report import load_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
-ALGOS = [
-    "dpo",
-    "dpo_l2",
-    "sft",
-    "rethink_dpo",
-    "kto",
-    "dspo",
-    "nft",
-    "ddpo",
-    "dpok",
-    "grpo",
-    "mix_grpo",
-    "d3po",
-    "draft",
-    "draft_lv",
-    "alignprop",
-    "best_of_n",
-]
+ALGOS = list(ALGO_REGISTRY)  # every registered algorithm, in the registry's order
 HEAD_TO_HEAD = REPO_ROOT / "benchmarks" / "conf" / "experiment" / "head_to_head.yaml"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BLOCK = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)

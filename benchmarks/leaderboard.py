@@ -139,6 +139,15 @@ def _cell(values: list[float], fmt: str = "{:.3f}") -> tuple[str, dict[str, floa
     return protocol.fmt_ci(d, fmt), d
 
 
+def write_page(path: Path, docs_out: str | None, title: str, lines: list[str], record: Any) -> None:
+    """A section's Markdown page ``# title`` + ``lines`` and its record (``.json`` next to it), at ``path`` and, if
+    given, at ``docs_out`` too."""
+    for page in [path, *([Path(docs_out)] if docs_out else [])]:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+        page.with_suffix(".json").write_text(json.dumps(record, indent=2, default=float))
+
+
 def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
     budgets = sorted(float(b) for b in params.get("budgets", [19200]))
     levels = tuple(float(k) for k in params.get("kl_levels", protocol.KL_LEVELS))
@@ -236,11 +245,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         "pairs a pair-based run consumed (`benchmarks.leaderboard.data_cost`); on-policy runs pay inside their "
         "training NFEs / reward queries.",
     ]
-    docs_out = params.get("docs_out")
-    for path in [out / "leaderboard.md", *([Path(docs_out)] if docs_out else [])]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# Leaderboard\n\n" + "\n".join(lines) + "\n")
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2, default=float))
+    write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record)
     return lines
 
 
@@ -420,9 +425,5 @@ def section_paper_claims(runs: list[dict], params: dict[str, Any], out: Path) ->
         "",
         *rules,
     ]
-    docs_out = params.get("docs_out")
-    for path in [out / "paper_claims.md", *([Path(docs_out)] if docs_out else [])]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# The paper's claims, measured\n\n" + "\n".join(lines) + "\n")
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2, default=float))
+    write_page(out / "paper_claims.md", params.get("docs_out"), "The paper's claims, measured", lines, record)
     return lines

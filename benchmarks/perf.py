@@ -101,16 +101,19 @@ MB = 2**20
 # ----------------------------------------------------------------------------------------------------------------
 # Worlds
 # ----------------------------------------------------------------------------------------------------------------
-def build_sd_tiny(device: torch.device, steps: int):
-    """The ``sd15`` world on tiny random components (``rlkit_diffusion/tiny.py``) saved to a temporary directory and
-    loaded back through ``from_pretrained``: 4×16×16 latents, a 2-level UNet, a 2-layer CLIP text encoder, a tiny
-    PickScore (CLIPModel) as the differentiable reward and a Pick-a-Pic-format parquet of pairs."""
+def build_sd_tiny(device: torch.device, steps: int, root: Path | None = None):
+    """The ``sd15`` world on tiny random components (``rlkit_diffusion/tiny.py``) saved to ``root`` (default: a
+    temporary directory) and loaded back through ``from_pretrained``: 4×16×16 latents, a 2-level UNet, a 2-layer CLIP
+    text encoder, a tiny PickScore (CLIPModel) as the differentiable reward and a Pick-a-Pic-format parquet of pairs.
+    ``root/sd15`` is the StableDiffusionPipeline directory and ``root/clip`` the reward's (``benchmarks.peers`` loads
+    them into the peers)."""
     from rlkit_diffusion.tiny import save_tiny_clip, save_tiny_sd15, write_pickapic
     from rlkit_diffusion.worlds import build_world
 
-    tmp = tempfile.TemporaryDirectory(prefix="perf_sd_tiny_")
-    atexit.register(tmp.cleanup)
-    root = Path(tmp.name)
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="perf_sd_tiny_")
+        atexit.register(tmp.cleanup)
+        root = Path(tmp.name)
     clip = str(save_tiny_clip(root / "clip"))
     return build_world(
         "sd15",

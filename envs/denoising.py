@@ -36,6 +36,21 @@ def _single_spaces(core: DenoisingCore) -> tuple[spaces.Dict, spaces.Box]:
     return obs, spaces.Box(-np.inf, np.inf, shape=core.sample_shape, dtype=np.float32)
 
 
+def checked_action(action: Any, expected: tuple[int, ...]) -> np.ndarray:
+    """``action`` as an array, refused (ValueError) unless it has shape ``expected`` and is finite in float32."""
+    arr = np.asarray(action)
+    if arr.shape != expected:
+        raise ValueError(f"action has shape {arr.shape}, expected {expected}")
+    with np.errstate(over="ignore"):
+        in_range = np.all(np.isfinite(arr.astype(np.float32)))
+    if not in_range:
+        big = float(np.nanmax(np.abs(arr.astype(np.float64)))) if not np.isnan(arr).all() else float("nan")
+        raise ValueError(
+            f"action of shape {expected} contains NaN, inf or values outside the float32 range (max |a| = {big:.3g})"
+        )
+    return arr
+
+
 class DenoisingVectorEnv(VectorEnv):
     """``num_envs`` denoising episodes stepped in lock-step (every sub-env is at the same t).
 
@@ -84,18 +99,7 @@ class DenoisingVectorEnv(VectorEnv):
             obs, info = self.reset()
             zeros = np.zeros(self.num_envs, dtype=bool)
             return obs, np.zeros(self.num_envs), zeros, zeros, info
-        expected = (self.num_envs, *self.core.sample_shape)
-        arr = np.asarray(actions)
-        if arr.shape != expected:
-            raise ValueError(f"action has shape {arr.shape}, expected {expected}")
-        with np.errstate(over="ignore"):
-            in_range = np.all(np.isfinite(arr.astype(np.float32)))
-        if not in_range:
-            big = float(np.nanmax(np.abs(arr.astype(np.float64)))) if not np.isnan(arr).all() else float("nan")
-            raise ValueError(
-                f"action of shape {expected} contains NaN, inf or values outside the float32 range "
-                f"(max |a| = {big:.3g})"
-            )
+        arr = checked_action(actions, (self.num_envs, *self.core.sample_shape))
         action = torch.as_tensor(arr, dtype=torch.float32, device=self.core.world.device)
         with torch.no_grad():
             self._state = self.core.transition(self._state, action)
@@ -145,17 +149,7 @@ class DenoisingEnv(gym.Env):
         return self._unbatch(obs), {"prompt": info["prompts"][0]}
 
     def step(self, action):
-        arr = np.asarray(action)
-        if arr.shape != self.core.sample_shape:
-            raise ValueError(f"action has shape {arr.shape}, expected {self.core.sample_shape}")
-        with np.errstate(over="ignore"):
-            in_range = np.all(np.isfinite(arr.astype(np.float32)))
-        if not in_range:
-            big = float(np.nanmax(np.abs(arr.astype(np.float64)))) if not np.isnan(arr).all() else float("nan")
-            raise ValueError(
-                f"action of shape {self.core.sample_shape} contains NaN, inf or values outside the float32 range "
-                f"(max |a| = {big:.3g})"
-            )
+        arr = checked_action(action, self.core.sample_shape)
         if self._vec._needs_reset:
             raise RuntimeError("the episode is over: call reset()")
         obs, reward, terminated, truncated, info = self._vec.step(arr[None])

@@ -141,10 +141,12 @@ class Algorithm(Protocol):
 
 
 class AlgorithmDefaults:
-    """Defaults for the protocol's optional members (see `Algorithm`), and the constructor ``Algo(config=None)``:
-    the algorithm's ``config_class()`` when no config is given."""
+    """Defaults for the protocol's optional members (see `Algorithm`), the constructor ``Algo(config=None)`` (the
+    algorithm's ``config_class()`` when no config is given) and ``setup``: it keeps the context as ``self.ctx`` and
+    hands the context and the config to ``configure``, where an algorithm checks its config and derives its state."""
 
     config_class: type
+    config: Any = None  # the algorithm's hyper-parameters (an instance of config_class; None: it has none)
     ctx: AlgoContext
     trains: bool = True
     reference: Reference | None = None
@@ -156,6 +158,12 @@ class AlgorithmDefaults:
 
     def setup(self, ctx: AlgoContext) -> None:
         self.ctx = ctx
+        self.configure(ctx, self.config)
+
+    def configure(self, ctx: AlgoContext, cfg: Any) -> None:
+        """The algorithm's own set-up (called by ``setup`` with ``self.ctx`` set): check ``cfg`` against the
+        context, fail early on a typo, derive state (``t_max``, ``reference``, ...). Default: nothing."""
+        return None
 
     def minibatches(self, batch: Any) -> Iterable[Any]:
         yield batch

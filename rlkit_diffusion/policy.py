@@ -201,15 +201,9 @@ class DiffusionPolicy(nn.Module):
         variance_type = cfg.get("variance_type", "fixed_small")
         if sampler == "ddpm" and variance_type not in ("fixed_small", None):
             raise ValueError(f"DDPM sampling supports variance_type='fixed_small' only, got {variance_type!r}")
-        self.eps_model = eps_model
-        self.scheduler = copy.deepcopy(scheduler)  # only used for its timestep spacing (set_timesteps)
-        self.sampler = sampler
-        self.eta = float(eta)
-        self.num_inference_steps = int(num_inference_steps)
-        self.guidance_scale = float(guidance_scale)
+        self._init_policy(eps_model, scheduler, sampler, eta, num_inference_steps, guidance_scale)
         self.clip_sample = bool(cfg.get("clip_sample", False))
         self.clip_sample_range = float(cfg.get("clip_sample_range", 1.0))
-        self.num_train_timesteps = int(cfg["num_train_timesteps"])
         alphas_cumprod = scheduler.alphas_cumprod.detach().clone().double()
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         # What ᾱ_{t_prev} is when t_prev < 0: DDIM uses `final_alpha_cumprod` (1 if set_alpha_to_one else ᾱ_0),
@@ -219,6 +213,25 @@ class DiffusionPolicy(nn.Module):
         else:
             final = 1.0
         self.final_alpha_cumprod = final
+
+    def _init_policy(
+        self,
+        network: nn.Module,
+        scheduler: Any,
+        sampler: str,
+        eta: float,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> None:
+        """The attributes of every policy (this class and `FlowMatchingPolicy`): the network, the sampling defaults,
+        T, the NFE counter and the precision."""
+        self.eps_model = network
+        self.scheduler = copy.deepcopy(scheduler)  # only used for its schedule (set_timesteps)
+        self.sampler = sampler
+        self.eta = float(eta)
+        self.num_inference_steps = int(num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.num_train_timesteps = int(scheduler.config["num_train_timesteps"])
         # UNet function evaluations, one per sample per forward (CFG counts two; checkpoint recomputation counts).
         # Shared with every `with_eps_model` view so that reference forwards are counted too.
         self.counter = {"nfe": 0}
@@ -639,14 +652,9 @@ class FlowMatchingPolicy(DiffusionPolicy):
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
         self.prediction_type = "flow"
-        self.eps_model = velocity_model
-        self.scheduler = copy.deepcopy(scheduler)  # only used for its σ schedule (set_timesteps)
-        self.sampler = sampler
-        self.eta = float(noise_level) if sampler == "sde" else 0.0  # a of (F2); 0 = deterministic
-        self.num_inference_steps = int(num_inference_steps)
-        self.guidance_scale = float(guidance_scale)
+        eta = noise_level if sampler == "sde" else 0.0  # a of (F2); 0 = deterministic
+        self._init_policy(velocity_model, scheduler, sampler, eta, num_inference_steps, guidance_scale)
         self.clip_sample = False
-        self.num_train_timesteps = int(cfg["num_train_timesteps"])
         shift = float(cfg.get("shift", 1.0))
         s = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
         sigmas = shift * s / (1 + (shift - 1) * s)  # (T,) ascending: the training grid of diffusers, reversed
@@ -654,10 +662,6 @@ class FlowMatchingPolicy(DiffusionPolicy):
         snr_like = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
         self.register_buffer("alphas_cumprod", snr_like, persistent=False)
         self.final_alpha_cumprod = 1.0
-        self.counter = {"nfe": 0}
-        self.precision = "fp32"  # `set_precision`, as for the ε-policy
-        self.compile_network = False
-        self._compiled: dict[int, Any] = {}
 
     @property
     def noise_level(self) -> float:

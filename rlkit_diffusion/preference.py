@@ -51,6 +51,13 @@ def beta_scale(convention: str) -> float:
     return BETA_SCALE[convention]
 
 
+def implicit_scale(beta: float, convention: str, weight: Tensor | None, like: Tensor) -> Tensor:
+    """s β ω(λ_t), the factor of the implicit reward r = s β ω (err_ref − err_θ) of one (t, ε) draw, per sample
+    (shaped as ``like``; ω = 1 when ``weight`` is None)."""
+    w = torch.ones_like(like) if weight is None else weight
+    return beta_scale(convention) * beta * w
+
+
 def implicit_margin(
     model_err_w: Tensor,
     model_err_l: Tensor,
@@ -67,10 +74,9 @@ def implicit_margin(
     reward difference of eq. 48-49 (written there with the opposite sign; the sign here is the one of eq. 46/14,
     under which a lower error than the reference means a higher reward).
     """
-    w = torch.ones_like(model_err_w) if weight is None else weight
     model_diff = model_err_w - model_err_l  # Δ_θ
     ref_diff = ref_err_w - ref_err_l  # Δ_ref
-    return -beta_scale(convention) * beta * w * (model_diff - ref_diff)
+    return -implicit_scale(beta, convention, weight, model_err_w) * (model_diff - ref_diff)
 
 
 def parameterised_weight(policy: DiffusionPolicy, t: Tensor, weight: Tensor | None = None) -> Tensor | None:

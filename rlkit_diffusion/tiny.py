@@ -78,7 +78,19 @@ def tiny_scheduler():
     )
 
 
-def tiny_unet(cross_attention_dim: int, sdxl: bool = False, projection_dim: int = 32):
+def tiny_unet(
+    cross_attention_dim: int,
+    sdxl: bool = False,
+    projection_dim: int = 32,
+    *,
+    sample_size: int = 16,
+    channels: int = 4,
+    block_out_channels: tuple[int, int] = (32, 64),
+    attention_head_dim: int = 8,
+    norm_num_groups: int = 32,
+):
+    """A random 2-level UNet2DConditionModel (cross-attention down, plain down; mirrored up); the defaults are the
+    tiny SD components' (4-channel 16×16 latents), ``sdxl`` adds SDXL's text-time embedding."""
     from diffusers import UNet2DConditionModel
 
     xl = (
@@ -91,16 +103,16 @@ def tiny_unet(cross_attention_dim: int, sdxl: bool = False, projection_dim: int 
         else {}
     )
     return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
         **xl,
     )
 

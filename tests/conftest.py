@@ -29,19 +29,15 @@ def shapes_world_small():
 
 
 def tiny_unet(cross_attention_dim: int = 8, sample_size: int = 8, seed: int = 0):
-    """A tiny random UNet2DConditionModel (block_out_channels (8, 16))."""
-    from diffusers import UNet2DConditionModel
+    """A tiny random 3-channel UNet2DConditionModel (`rlkit_diffusion.tiny.tiny_unet`, block_out_channels (8, 16))."""
+    from rlkit_diffusion import tiny
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    return tiny.tiny_unet(
+        cross_attention_dim,
         sample_size=sample_size,
-        in_channels=3,
-        out_channels=3,
+        channels=3,
         block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=4,
     ).eval()

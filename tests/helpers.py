@@ -8,6 +8,22 @@ from hydra import compose, initialize_config_module
 
 import benchmarks.schema  # noqa: F401
 
+# The shapes world at a tiny size: 4 denoising steps, 8 training captions, a one-draw evaluation on 4 captions and
+# Table 2 on 8 pairs (the whole-run tests of reliability, resume and scale add their own train.* settings).
+TINY_SHAPES = [
+    "world=shapes",
+    "world.num_inference_steps=4",
+    "world.n_train_prompts=8",
+    "world.n_heldout_prompts=4",
+    "eval.implicit_pairs=8",
+    "eval.implicit_draws=1",
+    "eval.samples_per_prompt=1",
+    "eval.max_prompts=4",
+    "eval.heldout=false",
+    "eval.bootstrap=10",
+    "device=cpu",
+]
+
 
 def compose_cfg(overrides: list[str]):
     with initialize_config_module("benchmarks.conf", version_base="1.3"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from algos.d3po import D3PO, D3POConfig, d3po_loss, pair_labels
-from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
+from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, sgd_steps, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,17 +47,10 @@ def test_pairs_share_caption_and_noise_and_train_together(toy_world):
     assert batch.prompts[0::2] == batch.prompts[1::2]
     assert torch.equal(batch.latents[0::2, 0], batch.latents[1::2, 0])  # same x_T, different chains
     assert not torch.equal(batch.latents[0::2, -1], batch.latents[1::2, -1])
-    opt = torch.optim.SGD(ctx.policy.eps_model.parameters(), lr=1e-2)
-    outs = []
-    for mb in algo.minibatches(batch):
-        pairs = mb.batch
-        r = batch.rewards
-        assert (r[pairs.winner] >= r[pairs.loser]).all() and ((pairs.winner - pairs.loser).abs() == 1).all()
-        out = algo.loss(mb)
-        outs.append(out)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    outs = sgd_steps(ctx, algo, batch)
+    pairs = next(iter(algo.minibatches(batch))).batch  # every minibatch of a batch holds the same pairs
+    r = batch.rewards
+    assert (r[pairs.winner] >= r[pairs.loser]).all() and ((pairs.winner - pairs.loser).abs() == 1).all()
     first = outs[0]  # reference = sampler: ratio exactly 1 on a fresh batch, so the loss is log 2
     assert first["fresh_ratio_max_dev"].item() == 0.0
     assert first["loss"].item() == pytest.approx(math.log(2), abs=1e-7) and first["reward_margin"].item() == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from algos.ddpo import DDPO, DPOK, DDPOConfig, DPOKConfig, PerPromptStatTracker, ddpo_loss, dpok_loss
-from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
+from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, sgd_steps, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,14 +55,7 @@ def test_fresh_batch_has_ratio_one_and_no_clipping(toy_world):
     algo.setup(ctx)
     batch = algo.collect()
     assert batch.advantages.shape == (16,) and ctx.counters.reward_queries == 16
-    opt = torch.optim.SGD(ctx.policy.eps_model.parameters(), lr=1e-2)
-    outs = []
-    for mb in algo.minibatches(batch):
-        out = algo.loss(mb)
-        outs.append(out)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    outs = sgd_steps(ctx, algo, batch)
     first = outs[0]
     assert first["fresh_ratio_max_dev"].item() == 0.0  # θ = θ_old bit for bit
     assert first["ratio_mean"].item() == 1.0 and first["clipfrac"].item() == 0.0 and first["approx_kl"].item() == 0

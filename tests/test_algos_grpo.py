@@ -10,7 +10,7 @@ import torch
 
 from algos.ddpo import Transitions
 from algos.grpo import GRPO, GRPOConfig, MixGRPO, MixGRPOConfig, group_advantages, grpo_loss, mix_window
-from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
+from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, sgd_steps, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,14 +54,7 @@ def test_groups_denoising_reduction_and_on_policy_ratio_of_one(toy_world):
     assert torch.equal(batch.latents[0::4, 0], batch.latents[1::4, 0])  # shared x_T within a group
     assert not torch.equal(batch.latents[0::4, 1], batch.latents[1::4, 1])  # per-step noise differs
     assert batch.advantages.reshape(4, 4).sum(1).abs().max() < 1e-5  # zero-mean within each group
-    opt = torch.optim.SGD(ctx.policy.eps_model.parameters(), lr=1e-2)
-    outs = []
-    for mb in algo.minibatches(batch):
-        out = algo.loss(mb)
-        outs.append(out)
-        opt.zero_grad()
-        (out["loss"] + out["loss_kl"]).backward()
-        opt.step()
+    outs = sgd_steps(ctx, algo, batch)  # steps loss + loss_kl
     first = outs[0]  # on-policy: θ = θ_old bit for bit, so the ratio is exactly 1 and nothing is clipped
     assert first["fresh_ratio_max_dev"].item() == 0.0 and first["ratio_mean"].item() == 1.0
     assert first["clipfrac"].item() == 0.0 and first["kl"].item() == 0.0  # the policy is still the reference

@@ -16,7 +16,7 @@ from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.policy import FlowMatchingPolicy
 from rlkit_diffusion.preference import parameterised_weight
 from tests.helpers import compose_cfg
-from tests.zoo_helpers import FAST_EVAL, flip_objective, one_thread  # noqa: F401
+from tests.zoo_helpers import FAST_EVAL, did_not_learn, flip_objective, one_thread  # noqa: F401
 
 
 class TinyVelocity(torch.nn.Module):
@@ -178,18 +178,6 @@ def _learn(tmp_path: Path, algo: str, *overrides: str, name: str = "run") -> dic
     return run(cfg, run_dir=run_dir)
 
 
-def _did_not_learn(tmp_path: Path, algo: str, *overrides: str, name: str) -> bool:
-    from rlkit_diffusion.train import DivergenceError
-
-    try:
-        res = _learn(tmp_path, algo, *overrides, name=name)
-    except (DivergenceError, ValueError) as e:
-        if isinstance(e, ValueError) and "NaN or inf" not in str(e):
-            raise
-        return True
-    return res["gold_reward_trained"] < res["gold_reward_base"]
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("algo", ["dpo", "ddpo", "grpo", "draft"])
 def test_learns_on_toy2d_flow_and_flipped_does_not(tmp_path, monkeypatch, algo):
@@ -201,7 +189,7 @@ def test_learns_on_toy2d_flow_and_flipped_does_not(tmp_path, monkeypatch, algo):
         assert res["distance_to_optimum_trained"] < 0.5 * res["distance_to_optimum_base"], res
     flip_objective(monkeypatch)
     steps = {"dpo": 60, "ddpo": 20, "grpo": 20, "draft": 20}[algo]
-    assert _did_not_learn(tmp_path, algo, f"train.steps={steps}", name=f"{algo}-flipped")
+    assert did_not_learn(tmp_path, algo, f"train.steps={steps}", name=f"{algo}-flipped", train_fn=_learn)
 
 
 def test_algorithms_needing_a_gaussian_step_refuse_the_ode_sampler(flow_world):

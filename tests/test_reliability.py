@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit_diffusion.checkpoint import latest_checkpoint, load_checkpoint
+from tests.helpers import TINY_SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -381,22 +382,7 @@ def test_a_write_failing_at_any_point_keeps_the_previous_checkpoint(tmp_path, mo
 # ---------------------------------------------------------------------------------------------------------------
 DETERMINISM = {
     "toy2d": ["algo=ddpo", *TOY, "train.steps=4", "eval.samples_per_prompt=4", "eval.max_prompts=4"],
-    "shapes": [
-        "algo=dpo",
-        "world=shapes",
-        "world.num_inference_steps=4",
-        "world.n_train_prompts=8",
-        "world.n_heldout_prompts=4",
-        "train.steps=2",
-        "train.batch_size=4",
-        "eval.implicit_pairs=8",
-        "eval.implicit_draws=1",
-        "eval.samples_per_prompt=1",
-        "eval.max_prompts=4",
-        "eval.heldout=false",
-        "eval.bootstrap=10",
-        "device=cpu",
-    ],
+    "shapes": ["algo=dpo", *TINY_SHAPES, "train.steps=2", "train.batch_size=4"],
 }
 NOT_REPRODUCIBLE = ("wall", "time", "mem", "checkpoint", "environment", "phases")  # clocks, memory, paths, argv
 

@@ -19,7 +19,7 @@ DPOK 1.9e-7, GRPO 6.8e-7, D3PO 2.8e-6); shapes: ``SHAPES_ATOL``. A resume across
 stream and the pairs' position, so it ends where an uninterrupted run at the new size ends (measured max |Δθ| 6e-8);
 the elastic restart ends at the uninterrupted run's parameters exactly (measured Δθ = 0).
 
-Times here (2 shared cores): the file ≈ 9 min; each test 20–50 s, mostly launch start-up; none is marked slow.
+Times here (2 shared cores): the file ≈ 5 min (311 s); each test 20–50 s, mostly launch start-up; none is marked slow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
+from tests.helpers import TINY_SHAPES, compose_cfg
 from tests.test_multiprocess import BIN, PARAM_ATOL, final_params, launch, moved_from_base, probe, ranks
 
 torch.set_num_threads(1)
@@ -127,25 +127,8 @@ def test_fsdp_on_shapes_equals_one_process(algo, tmp_path):
     """The tiny shapes UNet (diffusers' UNet2DConditionModel): its ResnetBlock2D / Transformer2DModel /
     BasicTransformerBlock modules are nested FSDP units under the default ``train.fsdp_blocks``. DPO 46 s here
     (110 s under a heavier load), DDPO (the shapes tuning: per-dim-mean log-probs, clip 1e-4, σ_t > 0.05) 42 s."""
-    shapes = [
-        f"algo={algo}",
-        "world=shapes",
-        "world.num_inference_steps=4",
-        "world.n_train_prompts=8",
-        "world.n_heldout_prompts=4",
-        "train.steps=2",
-        "train.lr=1e-3",
-        "train.parallel=fsdp",
-        "eval.implicit_pairs=8",
-        "eval.implicit_draws=1",
-        "eval.samples_per_prompt=1",
-        "eval.max_prompts=4",
-        "eval.heldout=false",
-        "eval.bootstrap=10",
-        "device=cpu",
-        "report=false",
-        "logger=none",
-    ]
+    shapes = [f"algo={algo}", *TINY_SHAPES, "train.steps=2", "train.lr=1e-3", "train.parallel=fsdp", "report=false"]
+    shapes.append("logger=none")
     from benchmarks.run import run
 
     run(compose_cfg([*shapes, "train.batch_size=4", f"out_dir={tmp_path}"]), run_dir=tmp_path / "one")

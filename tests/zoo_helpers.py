@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit_diffusion.algorithm import AlgoContext
+from rlkit_diffusion.algorithm import AlgoContext, sum_losses
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.reference import Reference
 from tests.helpers import run_toy
@@ -36,13 +36,14 @@ def learn(tmp_path: Path, algo: str, *overrides: str, name: str = "run") -> dict
     return run_toy(tmp_path, [f"algo={algo}", *FAST_EVAL, *overrides], name)[0]
 
 
-def did_not_learn(tmp_path: Path, algo: str, *overrides: str, name: str = "flipped") -> bool:
-    """Train like `learn`; True if the gold reward ended below the base's, or training blew up (a flipped objective
-    may send the samples to infinity: the reward check or the divergence guard stops the run)."""
+def did_not_learn(tmp_path: Path, algo: str, *overrides: str, name: str = "flipped", train_fn=learn) -> bool:
+    """Train with ``train_fn`` (default `learn`: toy2d); True if the gold reward ended below the base's, or training
+    blew up (a flipped objective may send the samples to infinity: the reward check or the divergence guard stops
+    the run)."""
     from rlkit_diffusion.train import DivergenceError
 
     try:
-        res = learn(tmp_path, algo, *overrides, name=name)
+        res = train_fn(tmp_path, algo, *overrides, name=name)
     except (DivergenceError, ValueError) as e:
         if isinstance(e, ValueError) and "NaN or inf" not in str(e):
             raise
@@ -57,6 +58,20 @@ def flip_objective(monkeypatch) -> None:
 
     original = train_module.sum_losses
     monkeypatch.setattr(train_module, "sum_losses", lambda losses: -original(losses))
+
+
+def sgd_steps(ctx: AlgoContext, algo, batch, lr: float = 1e-2) -> list[dict[str, torch.Tensor]]:
+    """One plain SGD step (lr ``lr``) per minibatch of ``batch`` on the stepped objective (`sum_losses`, as the
+    training loop); returns each minibatch's loss dict."""
+    opt = torch.optim.SGD(ctx.policy.eps_model.parameters(), lr=lr)
+    outs = []
+    for mb in algo.minibatches(batch):
+        out = algo.loss(mb)
+        outs.append(out)
+        opt.zero_grad()
+        sum_losses(out).backward()
+        opt.step()
+    return outs
 
 
 def toy_context(world, batch_size: int = 32, seed: int = 0, reward: str = "proxy") -> AlgoContext:

@@ -33,11 +33,12 @@ from __future__ import annotations
 import glob
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlkit_diffusion.data.pickapic import IMAGE_COLUMNS, REQUIRED_COLUMNS, BadRowError, _check_label, resolve_paths
-from rlkit_diffusion.data.pickapic_stream import RawPair, StreamingPairs
+from rlkit_diffusion.data.pickapic import IMAGE_COLUMNS, REQUIRED_COLUMNS, resolve_paths
+from rlkit_diffusion.data.pickapic_stream import PairStream, RawPair, StreamingPairs
 
 DATASETS_PREFIX = "datasets:"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?")
@@ -68,7 +69,7 @@ def _image_bytes(value: Any) -> bytes | None:
     return value
 
 
-class DatasetsPairs:
+class DatasetsPairs(PairStream):
     """Pick-a-Pic pairs streamed by ``datasets`` (module docstring).
 
     Args:
@@ -94,6 +95,7 @@ class DatasetsPairs:
     ) -> None:
         import datasets
 
+        self.label = "Pick-a-Pic via datasets"
         if buffer_size < 0:
             raise ValueError(f"DatasetsPairs: buffer_size must be >= 0, got {buffer_size}")
         self.source = str(source)
@@ -121,21 +123,11 @@ class DatasetsPairs:
         self._iter = None
 
     def _check_row(self, ex: dict[str, Any], where: str) -> RawPair | None:
-        """The project's Pick-a-Pic row checks (as `StreamingPairs`): None for a tie or a filtered row."""
-        if not ex.get("caption"):
-            raise BadRowError("missing caption")
-        label_0 = _check_label(ex["label_0"], "label_0")
-        label_1 = _check_label(ex["label_1"], "label_1")
-        if label_0 + label_1 != 1.0:
-            raise BadRowError(f"labels do not sum to 1 (label_0={label_0}, label_1={label_1})")
-        if label_0 == 0.5:
-            self.n_ties += 1
-            return None
-        if self.filter is not None and not self.filter({c: ex.get(c) for c in self.scalar_columns}):
-            self.n_filtered += 1
+        """The project's Pick-a-Pic row checks (`PairStream._winner_first`): None for a tie or a filtered row."""
+        winner_first = self._winner_first(ex.get)
+        if winner_first is None:
             return None
         jpg_0, jpg_1 = _image_bytes(ex["jpg_0"]), _image_bytes(ex["jpg_1"])
-        winner_first = label_0 == 1.0
         image_w, image_l = (jpg_0, jpg_1) if winner_first else (jpg_1, jpg_0)
         return RawPair(ex["caption"], 0, self.emitted, winner_first, image_w, image_l, where=where, fetched=True)
 
@@ -155,24 +147,9 @@ class DatasetsPairs:
                 self.epoch, self._pairs_this_epoch, self._iter = self.epoch + 1, 0, None
                 continue
             where = f"{self.source}: epoch {self.epoch} example after pair {self.emitted}"
-            try:
-                pair = self._check_row(ex, where)
-            except BadRowError as err:
-                if not self.skip_bad_rows:
-                    raise BadRowError(f"Pick-a-Pic via datasets: {where}: {err}") from None
-                self.n_bad_rows += 1
-                continue
+            pair = self._checked_row(partial(self._check_row, ex, where), where)
             if pair is not None:
-                self.emitted += 1
-                self._pairs_this_epoch += 1
-                return pair
-
-    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
-        """The next ``n · num_shards`` pairs, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
-        if n <= 0:
-            raise ValueError(f"DatasetsPairs.take: n must be positive, got {n}")
-        pairs = [self._next() for _ in range(n * num_shards)]
-        return pairs[rank * n : (rank + 1) * n]
+                return self._emit(pair)
 
     def state_dict(self) -> dict[str, Any]:
         return {

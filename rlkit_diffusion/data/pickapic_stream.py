@@ -27,6 +27,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -64,7 +65,65 @@ class RawPair:
     fetched: bool = False  # image columns read
 
 
-class StreamingPairs:
+class PairStream:
+    """What the pair streams share: the project's row checks (`_checked_row`, `_winner_first`), ``take`` (this
+    rank's slice of the next pairs) and ``_emit``, which counts a pair out (``emitted``, and the pairs of this
+    epoch, by which an empty epoch is detected). A stream defines ``_next()``, the next pair, and sets the
+    attributes below."""
+
+    label: str  # the stream in messages
+    filter: Callable[[dict[str, Any]], bool] | None
+    scalar_columns: list[str]
+    skip_bad_rows: bool
+    n_bad_rows: int
+    n_ties: int
+    n_filtered: int
+    emitted: int
+    _pairs_this_epoch: int
+
+    def _winner_first(self, column: Callable[[str], Any]) -> bool | None:
+        """The row checks on a row read by ``column(name)``: True if image 0 wins (label_0 = 1); None for a tie
+        (counted in ``n_ties``) or a row ``filter`` drops (``n_filtered``). Raises BadRowError on a missing caption
+        or bad labels."""
+        if not column("caption"):
+            raise BadRowError("missing caption")
+        label_0 = _check_label(column("label_0"), "label_0")
+        label_1 = _check_label(column("label_1"), "label_1")
+        if label_0 + label_1 != 1.0:
+            raise BadRowError(f"labels do not sum to 1 (label_0={label_0}, label_1={label_1})")
+        if label_0 == 0.5:
+            self.n_ties += 1
+            return None
+        if self.filter is not None and not self.filter({c: column(c) for c in self.scalar_columns}):
+            self.n_filtered += 1
+            return None
+        return label_0 == 1.0
+
+    def _checked_row(self, check: Callable[[], RawPair | None], where: str) -> RawPair | None:
+        """``check()``, the pair of one row or None; a bad row raises, naming ``where`` (or, with ``skip_bad_rows``,
+        is counted in ``n_bad_rows`` and gives None)."""
+        try:
+            return check()
+        except BadRowError as err:
+            if not self.skip_bad_rows:
+                raise BadRowError(f"{self.label}: {where}: {err}") from None
+            self.n_bad_rows += 1
+            return None
+
+    def _emit(self, pair: RawPair) -> RawPair:
+        self.emitted += 1
+        self._pairs_this_epoch += 1
+        return pair
+
+    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
+        """The next ``n · num_shards`` pairs of the stream, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
+        if n <= 0:
+            raise ValueError(f"{type(self).__name__}.take: n must be positive, got {n}")
+        pairs = [self._next() for _ in range(n * num_shards)]
+        return pairs[rank * n : (rank + 1) * n]
+
+
+class StreamingPairs(PairStream):
     """Shuffled stream of Pick-a-Pic pairs over parquet shards (module docstring).
 
     Args:
@@ -91,6 +150,7 @@ class StreamingPairs:
         filter_columns: Sequence[str] = (),
         skip_bad_rows: bool = False,
     ) -> None:
+        self.label = "Pick-a-Pic stream"
         if buffer_size < 0:
             raise ValueError(f"StreamingPairs: buffer_size must be >= 0, got {buffer_size}")
         self.files = resolve_paths(paths)
@@ -138,32 +198,16 @@ class StreamingPairs:
         out = []
         for row in range(table.num_rows):
             where = f"{file}: row group {group} row {row}"
-            try:
-                pair = self._check_row(data, row, unit, where, with_images)
-            except BadRowError as err:
-                if not self.skip_bad_rows:
-                    raise BadRowError(f"Pick-a-Pic stream: {where}: {err}") from None
-                self.n_bad_rows += 1
-                continue
+            pair = self._checked_row(partial(self._check_row, data, row, unit, where, with_images), where)
             if pair is not None:
                 out.append(pair)
         return out
 
     def _check_row(self, data: dict[str, list], row: int, unit: int, where: str, with_images: bool) -> RawPair | None:
-        caption = data["caption"][row]
-        if not caption:
-            raise BadRowError("missing caption")
-        label_0 = _check_label(data["label_0"][row], "label_0")
-        label_1 = _check_label(data["label_1"][row], "label_1")
-        if label_0 + label_1 != 1.0:
-            raise BadRowError(f"labels do not sum to 1 (label_0={label_0}, label_1={label_1})")
-        if label_0 == 0.5:
-            self.n_ties += 1
+        winner_first = self._winner_first(lambda column: data[column][row])
+        if winner_first is None:
             return None
-        if self.filter is not None and not self.filter({c: data[c][row] for c in self.scalar_columns}):
-            self.n_filtered += 1
-            return None
-        pair = RawPair(caption, unit, row, winner_first=label_0 == 1.0, where=where)
+        pair = RawPair(data["caption"][row], unit, row, winner_first=winner_first, where=where)
         if with_images:
             self._attach_images(pair, data["jpg_0"][row], data["jpg_1"][row])
         return pair
@@ -200,18 +244,6 @@ class StreamingPairs:
                     f"({self.n_ties} ties dropped, {self.n_filtered} filtered out, {self.n_bad_rows} bad rows skipped)"
                 )
             self._start_epoch(self.epoch + 1)
-
-    def _emit(self, pair: RawPair) -> RawPair:
-        self.emitted += 1
-        self._pairs_this_epoch += 1
-        return pair
-
-    def take(self, n: int, *, rank: int = 0, num_shards: int = 1) -> list[RawPair]:
-        """The next ``n · num_shards`` pairs of the stream, of which this rank's slice ``[rank·n, (rank+1)·n)``."""
-        if n <= 0:
-            raise ValueError(f"StreamingPairs.take: n must be positive, got {n}")
-        pairs = [self._next() for _ in range(n * num_shards)]
-        return pairs[rank * n : (rank + 1) * n]
 
     # ------------------------------------------------------------------------------------------------------------
     # Resume

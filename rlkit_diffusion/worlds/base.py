@@ -12,9 +12,23 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
 from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput
+
+
+def ddim_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDIMScheduler:
+    """The DDIM scheduler of the worlds trained here (toy2d, shapes): ε-prediction, ``beta_schedule`` over
+    ``num_train_timesteps``, no clipping, ᾱ_final = ᾱ_0 (as Stable Diffusion: every step stays stochastic),
+    leading timestep spacing."""
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        timestep_spacing="leading",
+    )
 
 
 class PromptEncoder(Protocol):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlkit_diffusion.checkpoint import atomic_write
 from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy
-from rlkit_diffusion.worlds.base import World
+from rlkit_diffusion.worlds.base import World, ddim_scheduler
 
 TRAIN_ANGLES = [0, 60, 120, 180, 240, 300]
 HELDOUT_ANGLES = [30, 90, 150, 210, 270, 330]
@@ -116,13 +116,7 @@ class EpsMLP(nn.Module):
 
 def make_scheduler() -> DDIMScheduler:
     """Linear-β DDIM scheduler, no clipping, ᾱ_final = ᾱ_0 (as Stable Diffusion: every step stays stochastic)."""
-    return DDIMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing="leading",
-    )
+    return ddim_scheduler(NUM_TRAIN_TIMESTEPS, "linear")
 
 
 def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:

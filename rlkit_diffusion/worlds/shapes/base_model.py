@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from rlkit_diffusion.policy import DiffusionPolicy, UNetEpsModel
+from rlkit_diffusion.worlds.base import ddim_scheduler
 from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
 from rlkit_diffusion.worlds.shapes.render import render
 from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
@@ -49,15 +50,8 @@ UNET_CONFIG = dict(
 
 
 def make_scheduler() -> DDIMScheduler:
-    """Cosine schedule (suits 16×16 pixels), no clipping, ᾱ_final = ᾱ_0 as Stable Diffusion."""
-    return DDIMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="squaredcos_cap_v2",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    """Cosine schedule (suits 16×16 pixels), ε-prediction, no clipping, ᾱ_final = ᾱ_0 as Stable Diffusion."""
+    return ddim_scheduler(NUM_TRAIN_TIMESTEPS, "squaredcos_cap_v2")
 
 
 def make_unet(seed: int = 0) -> UNet2DConditionModel:
