@@ -19,7 +19,9 @@ DPOK 1.9e-7, GRPO 6.8e-7, D3PO 2.8e-6); shapes: ``SHAPES_ATOL``. A resume across
 stream and the pairs' position, so it ends where an uninterrupted run at the new size ends (measured max |Δθ| 6e-8);
 the elastic restart ends at the uninterrupted run's parameters exactly (measured Δθ = 0).
 
-Times here (2 shared cores): the file ≈ 5 min (311 s); each test 20–50 s, mostly launch start-up; none is marked slow.
+Times here (2 shared cores): the whole file ≈ 5 min (311 s); each test 20–50 s, mostly launch start-up. The default
+suite runs one test per property (FSDP DPO and FSDP DDPO = one process, a 2 → 1 resume, the elastic restart, the
+one-line refusal); the LoRA, shapes, DPOK/GRPO/D3PO, DDPO 2 → 1, 1 → 2 and stalled-rank tests are opt-in (-m slow).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def test_fsdp_dpo_equals_one_process_with_the_global_batch(uninterrupted):
         assert float((s1[i]["exp_avg"] - s2[i]["exp_avg"]).abs().max()) <= PARAM_ATOL
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 def test_fsdp_lora_dpo_equals_one_process(tmp_path):
     """LoRA under FSDP: the adapters train sharded, and the reference is the same sharded network, adapters off."""
     lora = [*TOY, "reference.lora_rank=4", "train.steps=4"]
@@ -122,6 +125,7 @@ process instead of 4, so the trained states and rewards carry that float noise t
 share moves the weights by O(lr) = 1e-3)."""
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 @pytest.mark.parametrize("algo", ["dpo", "ddpo"])
 def test_fsdp_on_shapes_equals_one_process(algo, tmp_path):
     """The tiny shapes UNet (diffusers' UNet2DConditionModel): its ResnetBlock2D / Transformer2DModel /
@@ -168,6 +172,7 @@ def test_fsdp_ddpo_equals_one_process_with_the_global_batch(ddpo_uninterrupted):
     assert e2["environment"]["num_processes"] == 2 and e1["updates"] == e2["updates"] == 8
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 @pytest.mark.parametrize("algo", ["dpok", "grpo", "d3po"])
 def test_fsdp_trajectory_algorithms_equal_one_process(algo, tmp_path):
     """DPOK (the KL to the reference), GRPO (group advantages, denoising reduction, 8 samples per caption: one group
@@ -182,6 +187,7 @@ def test_fsdp_trajectory_algorithms_equal_one_process(algo, tmp_path):
     assert moved_from_base(p1) > 100 * PARAM_ATOL
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 def test_two_process_ddpo_checkpoint_resumes_on_one(ddpo_uninterrupted, tmp_path):
     from benchmarks.run import run
 
@@ -212,6 +218,7 @@ def test_two_process_checkpoint_resumes_on_one(uninterrupted, tmp_path):
     assert max_diff(final_params(run_dir), final_params(uninterrupted.one)) <= PARAM_ATOL
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 def test_one_process_checkpoint_resumes_on_two(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     one_process(run_dir, ["train.steps=3", "train.batch_size=16"])
@@ -250,6 +257,7 @@ def test_elastic_restart_continues_from_the_last_checkpoint(uninterrupted, tmp_p
     assert max_diff(final_params(run_dir), final_params(uninterrupted.two)) <= PARAM_ATOL
 
 
+@pytest.mark.slow  # opt-in (-m slow): the default suite keeps one test per property
 def test_a_rank_that_stops_answering_fails_the_job(tmp_path):
     run_dir = tmp_path / "run"
     stall = probe(tmp_path / "probe", stall_rank=1, stall_step=2)
