@@ -102,8 +102,16 @@ NOT_CONFIG = ("seed", "out_dir", "resume", "resume_override", "report", "device"
 
 
 def config_items(r: dict) -> tuple:
-    """A run's configuration minus the seed (and where/how it ran), as sorted (dotted key, value) pairs."""
+    """A run's configuration minus the seed (and where/how it ran), as sorted (dotted key, value) pairs.
+
+    ``train.*`` keys that a run's config.yaml lacks (settings added to `TrainConfig` after the run was made) take
+    their current defaults: a setting is added with the default that names the behaviour runs had before it, so an
+    older run and a new one with the same settings stay one configuration."""
+    import dataclasses
+
     from omegaconf import OmegaConf
+
+    from rlkit_diffusion.train import TrainConfig
 
     if r.get("config") is None:
         return ()
@@ -117,7 +125,10 @@ def config_items(r: dict) -> tuple:
                 out.append((f"{prefix}{k}", json.dumps(v, sort_keys=True)))
         return out
 
-    return tuple(sorted(flat(OmegaConf.to_container(r["config"], resolve=True))))
+    cfg = OmegaConf.to_container(r["config"], resolve=True)
+    if isinstance(cfg.get("train"), dict):
+        cfg["train"] = {**dataclasses.asdict(TrainConfig()), **cfg["train"]}
+    return tuple(sorted(flat(cfg)))
 
 
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
