@@ -23,16 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.report import group, load_run
+from benchmarks.report import find_runs, group, load_run
 from rlkit_diffusion.intervals import t_interval
-
-
-def run_dirs(paths: list[str]) -> list[Path]:
-    """Every directory at or below ``paths`` that holds an ``eval.json`` (sorted)."""
-    found = set()
-    for p in map(Path, paths):
-        found.update(e.parent for e in ([p / "eval.json"] if (p / "eval.json").is_file() else p.rglob("eval.json")))
-    return sorted(found)
 
 
 def summarise(run: dict[str, Any], reward: str) -> dict[str, Any]:
@@ -89,7 +81,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     p.add_argument("runs", nargs="+", help="run directories (or folders holding them)")
     p.add_argument("--reward", default="proxy", help="the optimised reward (a key of win_rate_vs_base_by_reward)")
     args = p.parse_args(argv)
-    loaded = [r for r in map(load_run, run_dirs(args.runs)) if r is not None]
+    try:
+        dirs = sorted(set(find_runs([Path(p) for p in args.runs])))
+    except FileNotFoundError as err:
+        sys.exit(f"learning_check: {err}")
+    loaded = [r for r in map(load_run, dirs) if r is not None]
     if not loaded:
         sys.exit(f"learning_check: no readable eval.json under {' '.join(args.runs)}")
     out = {}
