@@ -475,6 +475,15 @@ def init_restarted_process_group(timeout: timedelta, cpu: bool) -> None:
     )
 
 
+def release_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Left to finalisation, gloo's worker threads can still
+    hold finished work whose tensors need the GIL while the interpreter is torn down: the process aborts
+    ("terminate called without an active exception", SIGABRT) and torchrun fails a job that had succeeded — seen on
+    rank 1 exiting while rank 0 evaluated (pytorch/pytorch#190489). Local for gloo: no other rank is waited for."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def elastic_resume(argv: list[str]) -> list[str]:
     """Under torchrun's elastic agent (``--max-restarts``), a restarted job (``TORCHELASTIC_RESTART_COUNT`` > 0) gets
     the first attempt's command line again: if it names its run (``hydra.run.dir=``) and that run has a complete
@@ -493,4 +502,7 @@ if __name__ == "__main__":
         sys.argv[1:] = preflight(sys.argv[1:])
     except (ValueError, FileExistsError) as err:
         sys.exit(f"benchmarks.run: {err}")
-    main()
+    try:
+        main()
+    finally:
+        release_process_group()
