@@ -1,4 +1,4 @@
-"""``python -m benchmarks.prepare world=<toy2d|toy2d_flow|shapes> [stage=<...>] [quick=true] [out=<dir>]``
+"""``python -m benchmarks.prepare world=<toy2d|toy2d_flow|shapes|shapes_flow> [stage=<...>] [quick=true] [out=<dir>]``
 
 Builds what a world needs, with the project's own code and a fixed seed:
 
@@ -8,6 +8,9 @@ Builds what a world needs, with the project's own code and a fixed seed:
 * ``world=shapes``: ``stage=base`` pretrains the UNet (→ ``assets/shapes_base``), ``stage=pairs`` writes the
   preference pairs (→ cache dir), ``stage=proxy`` trains the proxy reward (→ ``assets/shapes_proxy``),
   ``stage=grid`` draws base-model samples with gold and proxy scores; ``stage=all`` runs the missing ones in order.
+* ``world=shapes_flow``: ``stage=base`` pretrains the same UNet with the same recipe and draws as a flow-matching
+  velocity model (→ ``assets/shapes_flow_base``), ``stage=grid`` its samples (SDE sampler); pairs and proxy reward
+  are shapes'.
 
 ``quick=true`` runs every stage at a tiny size into a temporary ``out`` dir (what the test suite does).
 """
@@ -46,7 +49,7 @@ def prepare_toy2d(opts: dict[str, str], flow: bool = False) -> None:
     print(f"{name} base weights -> {path}")
 
 
-def prepare_shapes(opts: dict[str, str]) -> None:
+def prepare_shapes(opts: dict[str, str], flow: bool = False) -> None:
     from rlkit_diffusion.worlds.shapes import prepare
 
     prepare.main(
@@ -54,6 +57,7 @@ def prepare_shapes(opts: dict[str, str]) -> None:
         quick=opts.get("quick", "false").lower() == "true",
         out=Path(opts["out"]) if "out" in opts else None,
         seed=int(opts.get("seed", 0)),
+        flow=flow,
     )
 
 
@@ -66,11 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     world = opts.get("world", "shapes")
     if world in ("toy2d", "toy2d_flow"):
         prepare_toy2d(opts, flow=world == "toy2d_flow")
-    elif world == "shapes":
-        prepare_shapes(opts)
+    elif world in ("shapes", "shapes_flow"):
+        prepare_shapes(opts, flow=world == "shapes_flow")
     else:
         raise SystemExit(
-            f"prepare: world must be toy2d, toy2d_flow or shapes (sd15/sdxl load pretrained weights), got {world!r}"
+            "prepare: world must be toy2d, toy2d_flow, shapes or shapes_flow (sd15/sdxl load pretrained weights), "
+            f"got {world!r}"
         )
 
 

@@ -8,10 +8,11 @@
 * `proxy`: the learned rewards (PickScore-like proxy, CLIP score, aesthetic) and their loading;
 * `proxy_train`: their training;
 * `base_model`: the base UNet (architecture, scheduler, pretraining);
-* `world`: `build_shapes` and the base-model sampler;
-* `prepare`: the stages of ``python -m benchmarks.prepare world=shapes``.
+* `world`: `build_shapes`, `build_shapes_flow` (the flow-matching base, same everything else) and the base-model
+  sampler;
+* `prepare`: the stages of ``python -m benchmarks.prepare world=shapes`` (and ``world=shapes_flow``).
 """
 
-from rlkit_diffusion.worlds.shapes.world import base_sampler, build_shapes
+from rlkit_diffusion.worlds.shapes.world import base_sampler, build_shapes, build_shapes_flow
 
-__all__ = ["base_sampler", "build_shapes"]
+__all__ = ["base_sampler", "build_shapes", "build_shapes_flow"]

@@ -9,6 +9,11 @@ Recipe (``python -m benchmarks.prepare world=shapes``; the shipped weights were 
 * pixel space: x_0 = 2·image − 1 ∈ [−1, 1]^{3×16×16}; the world decodes with (x + 1)/2 clamped to [0, 1].
 * objective: eq. 2 with ω = 1 (ε-prediction), cosine noise schedule, 10% unconditional dropout (for guidance).
 * optimiser: AdamW, linear warm-up then cosine decay; an EMA of the weights is what is saved.
+
+The ``shapes_flow`` base (``python -m benchmarks.prepare world=shapes_flow`` → ``assets/shapes_flow_base``) is the
+same UNet, data, draws and recipe with the flow-matching objective (``pretrain(..., flow=True)``): the network, called
+at σ·T, regresses the velocity ε − x_0 on the rectified path x_σ = (1 − σ) x_0 + σ ε (`FlowMatchingPolicy`,
+``make_flow_scheduler``), ‖(ε − x_0) − v_θ(x_σ, σ, c)‖² in place of ‖ε − ε_θ(x_t, t, c)‖².
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from rlkit_diffusion.policy import DiffusionPolicy, UNetEpsModel
+from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy, UNetEpsModel
 from rlkit_diffusion.worlds.base import ddim_scheduler
 from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
 from rlkit_diffusion.worlds.shapes.render import render
 from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
 
 BASE_DIR = Path(__file__).parents[1] / "assets" / "shapes_base"
+FLOW_BASE_DIR = Path(__file__).parents[1] / "assets" / "shapes_flow_base"
 NUM_TRAIN_TIMESTEPS = 1000
 
 UNET_CONFIG = dict(
@@ -52,6 +58,11 @@ UNET_CONFIG = dict(
 def make_scheduler() -> DDIMScheduler:
     """Cosine schedule (suits 16×16 pixels), ε-prediction, no clipping, ᾱ_final = ᾱ_0 as Stable Diffusion."""
     return ddim_scheduler(NUM_TRAIN_TIMESTEPS, "squaredcos_cap_v2")
+
+
+def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The rectified-flow schedule of shapes_flow: σ linear in the step (shift 1), T = 1000 training grid points."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
 
 
 def make_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -104,8 +115,15 @@ def _mix_cond(cond: dict, uncond: dict, drop: torch.Tensor) -> dict:
     return out
 
 
-def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, *, encoder=None) -> Path:
-    """Train the base UNet and save it with ``save_pretrained`` (config.json + safetensors) into ``out_dir``.
+def pretrain(
+    out_dir: Path | str | None = None, cfg: PretrainConfig | None = None, *, encoder=None, flow: bool = False
+) -> Path:
+    """Train the base UNet and save it with ``save_pretrained`` (config.json + safetensors) into ``out_dir``
+    (default: the shipped ``BASE_DIR``, or ``FLOW_BASE_DIR`` when ``flow``).
+
+    ``flow``: the shapes_flow base — the same network, draws and recipe, trained as a velocity model on the
+    rectified-flow path (`FlowMatchingPolicy.add_noise` / ``training_target``: x_σ = (1 − σ) x_0 + σ ε, v = ε − x_0;
+    the integer t of a draw indexes σ_t = (t + 1)/T). Otherwise ε-prediction (eq. 2, ω = 1).
 
     Resumable: an interrupted run continues from ``out_dir/.pretrain_state`` (safetensors + json, no pickle).
     """
@@ -113,12 +131,15 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
 
     cfg = cfg or PretrainConfig()
     torch.set_num_threads(max(1, int(os.environ.get("RLKIT_PRETRAIN_THREADS", "1"))))  # tiny tensors: 1 is fastest
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir or (FLOW_BASE_DIR if flow else BASE_DIR))
     state_dir = out_dir / ".pretrain_state"
     state_dir.mkdir(parents=True, exist_ok=True)
     encoder = encoder or SentenceEncoder()
     unet = make_unet(cfg.seed)
-    policy = DiffusionPolicy(UNetEpsModel(unet), make_scheduler())
+    if flow:
+        policy = FlowMatchingPolicy(UNetEpsModel(unet), make_flow_scheduler())
+    else:
+        policy = DiffusionPolicy(UNetEpsModel(unet), make_scheduler())
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -131,7 +152,7 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
     start = 0
     if (state_dir / "state.json").exists():
         meta = json.loads((state_dir / "state.json").read_text())
-        if meta["config"] == asdict(cfg):
+        if meta["config"] == asdict(cfg) and meta.get("flow", False) == flow:
             unet.load_state_dict(load_file(str(state_dir / "unet.safetensors")))
             ema.load_state_dict(load_file(str(state_dir / "ema.safetensors")))
             opt_state = torch.load(state_dir / "optimizer.pt", weights_only=True)
@@ -142,7 +163,8 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
     g = torch.Generator().manual_seed(cfg.seed * 104729 + start)
     uncond = encoder.uncond(cfg.batch_size)
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="pretrain shapes UNet", initial=start, total=cfg.steps)
+    name = "shapes_flow" if flow else "shapes"
+    bar = tqdm(range(start, cfg.steps), desc=f"pretrain {name} UNet", initial=start, total=cfg.steps)
     for step in bar:
         captions = [c.text for c in sample_captions(cfg.batch_size, rng, "train")]
         render_for = list(captions)
@@ -154,8 +176,8 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
         cond = _mix_cond(encoder(captions), uncond, torch.rand(cfg.batch_size, generator=g) < cfg.uncond_prob)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (cfg.batch_size,), generator=g)
-        pred = policy.model_output(policy.add_noise(x0, noise, t), t, cond)
-        loss = (pred - noise).pow(2).mean()  # eq. 2, ω = 1
+        pred = policy.model_output(policy.add_noise(x0, noise, t), t, cond)  # ε̂, or v̂ at σ_t·T (flow)
+        loss = (pred - policy.training_target(x0, noise, t)).pow(2).mean()  # eq. 2, ω = 1: target ε, or ε − x_0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -171,12 +193,13 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
             save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(state_dir / "unet.safetensors"))
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(state_dir / "ema.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_dir / "optimizer.pt")
-            (state_dir / "state.json").write_text(json.dumps({"step": done, "config": asdict(cfg)}))
+            (state_dir / "state.json").write_text(json.dumps({"step": done, "config": asdict(cfg), "flow": flow}))
     # Stored in fp16 (half the bytes; loaded back as fp32 by `load_unet`).
     ema.to(torch.float16).save_pretrained(str(out_dir), safe_serialization=True)
     recipe = {
-        "command": "python -m benchmarks.prepare world=shapes",
+        "command": f"python -m benchmarks.prepare world={name}",
         "config": asdict(cfg),
+        "objective": "flow matching: v = noise - x0 on x_sigma = (1 - sigma) x0 + sigma noise" if flow else "epsilon",
         "params": sum(p.numel() for p in ema.parameters()),
         "pretrain_seconds_this_session": round(time.time() - t0, 1),
     }
@@ -184,18 +207,18 @@ def pretrain(out_dir: Path | str = BASE_DIR, cfg: PretrainConfig | None = None, 
     return out_dir
 
 
-def load_unet(path: Path | str = BASE_DIR) -> UNet2DConditionModel:
+def load_unet(path: Path | str = BASE_DIR, world: str = "shapes") -> UNet2DConditionModel:
     """``UNet2DConditionModel.from_pretrained`` with one-line errors for a missing or wrong checkpoint."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"shapes base model not found at {path} (expected config.json + diffusion_pytorch_model.safetensors); "
-            "run `python -m benchmarks.prepare world=shapes`"
+            f"{world} base model not found at {path} (expected config.json + diffusion_pytorch_model.safetensors); "
+            f"run `python -m benchmarks.prepare world={world}`"
         )
     unet = UNet2DConditionModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
     if unet.config.sample_size != 16 or unet.config.in_channels != 3:
         raise ValueError(
-            f"{path} is not a shapes UNet (expected 3×16×16 input, got {unet.config.in_channels}×"
+            f"{path} is not a {world} UNet (expected 3×16×16 input, got {unet.config.in_channels}×"
             f"{unet.config.sample_size}×{unet.config.sample_size})"
         )
     return unet.eval()

@@ -2,6 +2,10 @@
 
 Every stage is deterministic in ``seed``; ``stage=all`` runs the stages whose outputs are missing, in order.
 ``quick=True`` runs each at a tiny size into a temporary directory (the test suite's smoke test).
+
+``world=shapes_flow`` (``flow=True``) has the stages base (the flow-matching UNet, `base_model.pretrain` with
+``flow=True`` → ``assets/shapes_flow_base``) and grid (its samples through the world's SDE sampler); its pairs and
+proxy reward are shapes' own.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, PretrainConfig, pretrain
+from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, FLOW_BASE_DIR, PretrainConfig, pretrain
 from rlkit_diffusion.worlds.shapes.captions import caption_targets
 from rlkit_diffusion.worlds.shapes.gold import measure
 from rlkit_diffusion.worlds.shapes.pairs import calibration_temperature, make_shapes_pairs
 from rlkit_diffusion.worlds.shapes.proxy_train import train_proxy
-from rlkit_diffusion.worlds.shapes.world import PAIRS_DIR, PROXY_DIR, base_sampler, build_shapes
+from rlkit_diffusion.worlds.shapes.world import PAIRS_DIR, PROXY_DIR, base_sampler, build_shapes, build_shapes_flow
 
 STAGES = ("base", "pairs", "proxy", "grid")
+FLOW_STAGES = ("base", "grid")  # shapes_flow shares shapes' pairs and proxy reward
 GRID_CAPTIONS = [
     "a red circle",
     "a small blue square at the top on a white background",
@@ -33,16 +38,19 @@ GRID_CAPTIONS = [
 ]
 
 
-def _paths(out: Path | None) -> dict[str, Path]:
+def _paths(out: Path | None, flow: bool = False) -> dict[str, Path]:
+    name = "shapes_flow" if flow else "shapes"
     if out is None:
         return {
-            "base": BASE_DIR,
+            "name": Path(name),
+            "base": FLOW_BASE_DIR if flow else BASE_DIR,
             "pairs": PAIRS_DIR,
             "proxy": PROXY_DIR,
             "grid": Path(__file__).resolve().parents[3] / "docs" / "images",
         }
     return {
-        "base": out / "shapes_base",
+        "name": Path(name),
+        "base": out / f"{name}_base",
         "pairs": out / "shapes_pairs",
         "proxy": out / "shapes_proxy",
         "grid": out / "images",
@@ -54,7 +62,7 @@ def _done(stage: str, p: dict[str, Path]) -> bool:
         "base": (p["base"] / "config.json").exists(),
         "pairs": (p["pairs"] / "train.parquet").exists(),
         "proxy": (p["proxy"] / "config.json").exists(),
-        "grid": (p["grid"] / "shapes_base_grid.png").exists(),
+        "grid": (p["grid"] / f"{p['name']}_base_grid.png").exists(),
     }[stage]
 
 
@@ -90,8 +98,10 @@ def stage_grid(p: dict[str, Path], quick: bool, seed: int) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    name = str(p["name"])
     proxy = str(p["proxy"]) if (p["proxy"] / "config.json").exists() else None
-    world = build_shapes(weights=str(p["base"]), proxy_weights=proxy, num_inference_steps=4 if quick else 20)
+    build = build_shapes_flow if name == "shapes_flow" else build_shapes
+    world = build(weights=str(p["base"]), proxy_weights=proxy, num_inference_steps=4 if quick else 20)
     sample = base_sampler(world, seed=seed)
     n_cols = 6
     caps = [c for c in GRID_CAPTIONS for _ in range(n_cols)]
@@ -109,10 +119,10 @@ def stage_grid(p: dict[str, Path], quick: bool, seed: int) -> dict:
         ax.set_yticks([])
         if i % n_cols == 0:
             ax.set_title(caps[i], fontsize=6, loc="left")
-    fig.suptitle("shapes base model (g = gold reward, p = proxy reward)", fontsize=8)
+    fig.suptitle(f"{name} base model (g = gold reward, p = proxy reward)", fontsize=8)
     fig.tight_layout()
     p["grid"].mkdir(parents=True, exist_ok=True)
-    fig.savefig(p["grid"] / "shapes_base_grid.png", dpi=110)
+    fig.savefig(p["grid"] / f"{name}_base_grid.png", dpi=110)
     plt.close(fig)
 
     # The base model's figures on the evaluation captions (4 samples each).
@@ -126,20 +136,22 @@ def stage_grid(p: dict[str, Path], quick: bool, seed: int) -> dict:
         "gold_reward_mean": float(world.rewards["gold"](images, caps).mean()),
         "match_colour_and_shape": float((colour_ok & shape_ok).float().mean()),
         "match_shape": float(shape_ok.float().mean()),
-        "sampling_images_per_s_20_ddim_steps": per_s,
+        f"sampling_images_per_s_20_{world.policy.sampler}_steps": per_s,
         "params": sum(x.numel() for x in world.policy.eps_model.parameters()),
     }
-    (p["grid"] / "shapes_base_figures.json").write_text(json.dumps(figures, indent=2))
+    (p["grid"] / f"{name}_base_figures.json").write_text(json.dumps(figures, indent=2))
     return figures
 
 
-def main(stage: str = "all", quick: bool = False, out: Path | None = None, seed: int = 0) -> None:
-    if stage != "all" and stage not in STAGES:
-        raise SystemExit(f"prepare: stage must be one of {('all', *STAGES)}, got {stage!r}")
+def main(stage: str = "all", quick: bool = False, out: Path | None = None, seed: int = 0, flow: bool = False) -> None:
+    """Run ``stage`` (or every missing stage) of world shapes, or of shapes_flow when ``flow``."""
+    stages = FLOW_STAGES if flow else STAGES
+    if stage != "all" and stage not in stages:
+        raise SystemExit(f"prepare: stage must be one of {('all', *stages)}, got {stage!r}")
     if quick and out is None:
-        out = Path(tempfile.mkdtemp(prefix="shapes_quick_"))
-    p = _paths(out)
-    for name in STAGES if stage == "all" else (stage,):
+        out = Path(tempfile.mkdtemp(prefix="shapes_flow_quick_" if flow else "shapes_quick_"))
+    p = _paths(out, flow)
+    for name in stages if stage == "all" else (stage,):
         if stage == "all" and _done(name, p):
             print(f"[prepare] {name}: already done ({p[name]})", flush=True)
             continue
@@ -148,7 +160,7 @@ def main(stage: str = "all", quick: bool = False, out: Path | None = None, seed:
             cfg = PretrainConfig(seed=seed)
             if quick:
                 cfg = PretrainConfig(steps=4, batch_size=8, warmup=2, checkpoint_every=2, seed=seed)
-            pretrain(p["base"], cfg)
+            pretrain(p["base"], cfg, flow=flow)
             result: dict = {"dir": str(p["base"])}
         elif name == "pairs":
             result = stage_pairs(p, quick, seed)

@@ -33,10 +33,18 @@ import torch
 from torch import Tensor
 
 from rlkit_diffusion.data.pickapic import PreferencePairDataset
-from rlkit_diffusion.policy import DiffusionPolicy, UNetEpsModel
+from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy, UNetEpsModel
 from rlkit_diffusion.rewards.jpeg import JpegReward
 from rlkit_diffusion.worlds.base import World
-from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, load_unet, make_scheduler, to_images, to_model_space
+from rlkit_diffusion.worlds.shapes.base_model import (
+    BASE_DIR,
+    FLOW_BASE_DIR,
+    load_unet,
+    make_flow_scheduler,
+    make_scheduler,
+    to_images,
+    to_model_space,
+)
 from rlkit_diffusion.worlds.shapes.captions import (
     caption_targets,
     is_paraphrase,
@@ -188,8 +196,7 @@ def build_shapes(
         n_train_prompts / n_heldout_prompts: sizes of the fixed prompt sets (online training + evaluation).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device(device)
-    unet = load_unet(weights or BASE_DIR).to(device)
+    unet = load_unet(weights or BASE_DIR)
     policy = DiffusionPolicy(
         UNetEpsModel(unet),
         make_scheduler(),
@@ -197,7 +204,73 @@ def build_shapes(
         eta=eta,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
-    ).to(device)
+    )
+    return _shapes_world(
+        "shapes", policy, device, proxy_weights, pairs_dir, guidance_scale, n_train_prompts, n_heldout_prompts, seed
+    )
+
+
+def build_shapes_flow(
+    *,
+    device: str | torch.device = "cpu",
+    weights: str | None = None,
+    proxy_weights: str | None = None,
+    pairs_dir: str | None = None,
+    num_inference_steps: int = 20,
+    sampler: str = "sde",
+    noise_level: float = 0.7,
+    guidance_scale: float = 2.0,
+    n_train_prompts: int = 64,
+    n_heldout_prompts: int = 64,
+    seed: int = 0,
+) -> World:
+    """shapes with a flow-matching base: the same UNet architecture and size, pretrained by the same recipe as a
+    rectified-flow velocity model (``python -m benchmarks.prepare world=shapes_flow`` → ``assets/shapes_flow_base``),
+    sampled by `FlowMatchingPolicy`; the captions, text encoder, gold and proxy rewards, preference pairs, prompts
+    and evaluation are shapes' own, so ε-UNet and flow compare on one task.
+
+    Args:
+        weights: directory of the flow base UNet; default the shipped ``assets/shapes_flow_base``.
+        sampler: ``sde`` (the Gaussian policy of Flow-GRPO, noise level a = ``noise_level``) or ``ode`` (Euler).
+        the rest: as `build_shapes`.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    unet = load_unet(weights or FLOW_BASE_DIR, world="shapes_flow")
+    policy = FlowMatchingPolicy(
+        UNetEpsModel(unet),
+        make_flow_scheduler(),
+        sampler=sampler,
+        noise_level=noise_level,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    )
+    return _shapes_world(
+        "shapes_flow",
+        policy,
+        device,
+        proxy_weights,
+        pairs_dir,
+        guidance_scale,
+        n_train_prompts,
+        n_heldout_prompts,
+        seed,
+    )
+
+
+def _shapes_world(
+    name: str,
+    policy: DiffusionPolicy,
+    device: str | torch.device,
+    proxy_weights: str | None,
+    pairs_dir: str | None,
+    guidance_scale: float,
+    n_train_prompts: int,
+    n_heldout_prompts: int,
+    seed: int,
+) -> World:
+    """Everything of a shapes world but its base policy: encoder, rewards, prompts, pairs and extras."""
+    device = torch.device(device)
+    policy = policy.to(device)
     encoder = SentenceEncoder(device=device)
     rewards: dict[str, Any] = {
         "gold": GoldShapesReward(),
@@ -213,16 +286,16 @@ def build_shapes(
     pdir = Path(pairs_dir) if pairs_dir else PAIRS_DIR
     pairs = val_pairs = None
     if pairs_dir or (pdir / "train.parquet").exists():
-        for name in ("train.parquet", "val.parquet"):
-            if not (pdir / name).exists():
+        for fname in ("train.parquet", "val.parquet"):
+            if not (pdir / fname).exists():
                 raise FileNotFoundError(
-                    f"shapes pairs: {pdir / name} not found (run `python -m benchmarks.prepare "
+                    f"shapes pairs: {pdir / fname} not found (run `python -m benchmarks.prepare "
                     "world=shapes stage=pairs`)"
                 )
         pairs = PairsInModelSpace(PreferencePairDataset.from_parquet(pdir / "train.parquet").batcher(seed), device)
         val_pairs = PairsInModelSpace(PreferencePairDataset.from_parquet(pdir / "val.parquet").batcher(seed), device)
     return World(
-        name="shapes",
+        name=name,
         policy=policy,
         encoder=encoder,
         sample_shape=(3, 16, 16),
