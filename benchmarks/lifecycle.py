@@ -32,7 +32,9 @@ from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, lat
 # and sdxl hold a reward only when its weights are configured, ``proxy``/``gold`` are aliases of one of them).
 WORLD_REWARDS = {
     "toy2d": ("gold", "proxy"),
+    "toy2d_flow": ("gold", "proxy"),
     "shapes": ("gold", "proxy", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
+    "shapes_flow": ("gold", "proxy", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
     "sd15": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
     "sdxl": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
 }

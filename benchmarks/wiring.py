@@ -34,6 +34,7 @@ DEFAULT_LORA_TARGETS = {
     "toy2d": ["net.0", "net.2", "net.4"],
     "toy2d_flow": ["net.0", "net.2", "net.4"],
     "shapes": ["to_q", "to_k", "to_v", "to_out.0"],
+    "shapes_flow": ["to_q", "to_k", "to_v", "to_out.0"],
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
     "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
 }

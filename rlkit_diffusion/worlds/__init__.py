@@ -12,6 +12,7 @@ WORLDS: dict[str, str] = {
     "toy2d": "rlkit_diffusion.worlds.toy2d:build_toy2d",
     "toy2d_flow": "rlkit_diffusion.worlds.toy2d:build_toy2d_flow",
     "shapes": "rlkit_diffusion.worlds.shapes:build_shapes",
+    "shapes_flow": "rlkit_diffusion.worlds.shapes:build_shapes_flow",
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:build_sd15",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:build_sdxl",
 }
@@ -34,7 +35,8 @@ def world_config_class(name: str) -> type | None:
 
 
 def build_world(name: str, **kwargs: Any) -> World:
-    """Build a world by name (``toy2d``, ``toy2d_flow``, ``shapes``, ``sd15``, ``sdxl``); ``kwargs``: its settings
+    """Build a world by name (``toy2d``, ``toy2d_flow``, ``shapes``, ``shapes_flow``, ``sd15``,
+    ``sdxl``); ``kwargs``: its settings
     and ``device``."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; available: {sorted(WORLDS)}")
