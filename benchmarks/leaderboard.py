@@ -81,8 +81,9 @@ def pairs_cost_per_pair(world: str, num_inference_steps: int = 20) -> tuple[floa
     shapes (``assets/shapes_pairs/pairs_stats.json``): a fraction ``generator_mix.base_model`` of the images was
     sampled by the base model (``num_inference_steps`` NFEs each), the rest rendered (no UNet); both images of every
     drawn pair were scored by the gold reward to draw its label (ties redrawn: ``train_ties_dropped`` extra pairs).
-    toy2d: pairs are data draws (no UNet) labelled by the reward (2 queries a pair)."""
-    if world != "shapes":
+    shapes_flow trains on the same pair set. toy2d: pairs are data draws (no UNet) labelled by the reward (2 queries a
+    pair)."""
+    if world not in ("shapes", "shapes_flow"):
         return 0.0, 2.0
     import rlkit_diffusion.worlds
 
