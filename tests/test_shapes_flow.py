@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.prepare import main as prepare_main
 from rlkit_diffusion.policy import FlowMatchingPolicy
-from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, UNET_CONFIG
+from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, FLOW_BASE_DIR, UNET_CONFIG, PretrainConfig
 from tests.helpers import compose_cfg
 
 TINY_FLOW = [
@@ -79,6 +79,21 @@ def test_world_builds_from_the_quick_base_with_shapes_everything_else(quick_base
     ro = world.denoise(policy, torch.randn(2, 3, 16, 16, generator=g), world.encoder(prompts[:2]), generator=g)
     gold = world.rewards["gold"](world.decode(ro.x0), prompts[:2])
     assert ro.x0.shape == (2, 3, 16, 16) and torch.isfinite(gold).all()
+
+
+def test_the_shipped_flow_base_was_made_by_shapes_recipe():
+    """assets/shapes_flow_base: written by `prepare world=shapes_flow` with shapes' pretraining config, same size."""
+    from dataclasses import asdict
+
+    flow, eps = (json.loads((d / "recipe.json").read_text()) for d in (FLOW_BASE_DIR, BASE_DIR))
+    assert flow["command"] == "python -m benchmarks.prepare world=shapes_flow"
+    assert flow["config"] == eps["config"] == asdict(PretrainConfig()) and flow["params"] == eps["params"]
+    assert flow["objective"].startswith("flow matching") and flow["pretrain_seconds_this_session"] > 0
+    flow_arch, eps_arch = (
+        {k: v for k, v in UNet2DConditionModel.load_config(str(d)).items() if not k.startswith("_")}
+        for d in (FLOW_BASE_DIR, BASE_DIR)
+    )
+    assert flow_arch == eps_arch  # the architecture (config.json less its bookkeeping keys)
 
 
 def test_missing_flow_weights_name_the_prepare_command(tmp_path):
