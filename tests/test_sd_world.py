@@ -506,7 +506,13 @@ def run_overrides(assets: dict[str, Path], world: str, algo: str, out: Path) -> 
             "dpo": [],
             "ddpo": ["algo.num_minibatches=1"],  # the sd15 tuning's 400 minibatches are for 32 × 50 transitions
             "draft": ["algo.k=1"],
-            "grpo": ["algo.group_size=2", "algo.num_minibatches=1", "algo.sampling_steps=2"],
+            # sd3's tuning (Flow-GRPO's 24 × 10-step groups, 9 trained steps) at a tiny size
+            "grpo": [
+                "algo.group_size=2",
+                "algo.num_minibatches=1",
+                "algo.sampling_steps=2",
+                "algo.train_timesteps=[0,1]",
+            ],
         }[algo],
     ]
 
