@@ -183,9 +183,7 @@ def _learn(tmp_path: Path, algo: str, *overrides: str, name: str = "run") -> dic
 @pytest.mark.parametrize("algo", ["dpo", "ddpo", "grpo", "draft", "nft"])
 def test_learns_on_toy2d_flow_and_flipped_does_not(tmp_path, monkeypatch, algo):
     res = _learn(tmp_path, algo, name=algo)
-    # GRPO at toy2d's settings (kl_coef 0.4, 60 steps) gains less on the flow base: -2.010 → -1.842 measured.
-    margin = 0.1 if algo == "grpo" else 0.3
-    assert res["gold_reward_trained"] > res["gold_reward_base"] + margin, res
+    assert res["gold_reward_trained"] > res["gold_reward_base"] + 0.3, res
     if algo == "dpo":  # the KL-regularised objective moves towards p*; DDPO/DRaFT maximise the reward alone
         assert res["distance_to_optimum_trained"] < 0.5 * res["distance_to_optimum_base"], res
     flip_objective(monkeypatch)
