@@ -49,7 +49,9 @@ def text_config(hidden: int = 32, projection_dim: int | None = None):
     )
 
 
-def tiny_vae():
+def tiny_vae(latent_channels: int = 4, **config):
+    """A random 2-level AutoencoderKL (2× downsampling); ``config``: further AutoencoderKL settings (SD3's
+    ``shift_factor``, ...)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -58,10 +60,11 @@ def tiny_vae():
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64),
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=32,
+        **config,
     )
 
 
@@ -173,7 +176,6 @@ def save_tiny_sd3(path: Path, *, t5: bool = True, clip_projection_dim: int = 16,
     ``clip_projection_dim`` makes a mismatched checkpoint), a 1-layer T5 encoder (d_model 64) and a VAE with SD3's
     latent_channels = 16 and shift_factor; the scheduler is SD3.5's (FlowMatchEulerDiscrete, shift 3)."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -194,21 +196,7 @@ def save_tiny_sd3(path: Path, *, t5: bool = True, clip_projection_dim: int = 16,
         pooled_projection_dim=32,
         pos_embed_max_size=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=16,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
     t5_tokenizer = tiny_t5_tokenizer()
     t5_config = T5Config(
         vocab_size=len(t5_tokenizer),

@@ -18,18 +18,12 @@ torch.set_num_threads(1)
 RESOLUTION = 32
 
 
-@pytest.fixture(scope="module")
-def sd_runs(tmp_path_factory) -> dict[str, Path]:
-    """Two 2-step runs on a tiny SD1.5 pipeline: DPO with LoRA adapters and DRaFT fine-tuning the whole UNet."""
-    from benchmarks.run import run
-
-    d = tmp_path_factory.mktemp("export")
-    pretrained, clip = save_tiny_sd15(d / "sd15"), save_tiny_clip(d / "clip")
-    pairs = write_pickapic(d / "pickapic" / "train-00000.parquet", n=12).parent
-    common = [
-        "world=sd15",
+def tiny_sd_run(world: str, pretrained: Path, clip: Path, pairs: Path, out: Path) -> list[str]:
+    """Overrides of a 2-step run on a tiny pipeline of ``world`` (the export tests' runs)."""
+    return [
+        f"world={world}",
         "device=cpu",
-        f"out_dir={d}",
+        f"out_dir={out}",
         "report=false",
         "train.steps=2",
         "train.batch_size=2",
@@ -44,11 +38,22 @@ def sd_runs(tmp_path_factory) -> dict[str, Path]:
         f"world.pretrained={pretrained}",
         f"world.resolution={RESOLUTION}",
         "world.num_inference_steps=2",
-        "world.eta=0.0",  # deterministic DDIM: the pipeline reproduces a sample from its initial noise alone
         f"world.pickscore_model={clip}",
         f"world.pickscore_processor={clip}",
         f"world.pairs={pairs}",
     ]
+
+
+@pytest.fixture(scope="module")
+def sd_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two 2-step runs on a tiny SD1.5 pipeline: DPO with LoRA adapters and DRaFT fine-tuning the whole UNet."""
+    from benchmarks.run import run
+
+    d = tmp_path_factory.mktemp("export")
+    pretrained, clip = save_tiny_sd15(d / "sd15"), save_tiny_clip(d / "clip")
+    pairs = write_pickapic(d / "pickapic" / "train-00000.parquet", n=12).parent
+    common = tiny_sd_run("sd15", pretrained, clip, pairs, d)
+    common.append("world.eta=0.0")  # deterministic DDIM: the pipeline reproduces a sample from its initial noise alone
     runs = {"pretrained": pretrained}
     for name, extra in {
         "lora": ["algo=dpo", "reference.lora_rank=4", "reference.lora_alpha=8", "eval.implicit_pairs=0"],
@@ -140,33 +145,9 @@ def test_sd3_lora_export_loads_into_the_sd3_pipeline_and_samples_the_run(tmp_pat
 
     pretrained, clip = save_tiny_sd3(tmp_path / "sd3"), save_tiny_clip(tmp_path / "clip")
     pairs = write_pickapic(tmp_path / "pickapic" / "train-00000.parquet", n=12).parent
-    overrides = [
-        "world=sd3",
-        "algo=dpo",
-        "reference.lora_rank=4",
-        "device=cpu",
-        f"out_dir={tmp_path}",
-        "report=false",
-        "train.steps=2",
-        "train.batch_size=2",
-        "train.grad_accum=1",
-        "train.warmup_steps=0",
-        "train.checkpoint_every=0",
-        "train.lr=1e-2",
-        "eval.samples_per_prompt=1",
-        "eval.max_prompts=2",
-        "eval.bootstrap=20",
-        "eval.heldout=false",
-        "eval.implicit_pairs=0",
-        f"world.pretrained={pretrained}",
-        f"world.resolution={RESOLUTION}",
-        "world.num_inference_steps=2",
-        "world.sampler=ode",
-        "world.max_sequence_length=24",
-        f"world.pickscore_model={clip}",
-        f"world.pickscore_processor={clip}",
-        f"world.pairs={pairs}",
-    ]
+    overrides = tiny_sd_run("sd3", pretrained, clip, pairs, tmp_path)
+    overrides += ["algo=dpo", "reference.lora_rank=4", "eval.implicit_pairs=0"]
+    overrides += ["world.sampler=ode", "world.max_sequence_length=24"]  # ODE: the pipeline's sampler
     run_dir = tmp_path / "run"
     run(compose_cfg(overrides), run_dir=run_dir)
     out = export(run_dir, tmp_path / "export")

@@ -325,6 +325,14 @@ def _build(cfg: PipelineWorldConfig, *, kind: str, device: str | torch.device, t
 # ----------------------------------------------------------------------------------------------------------------
 # The builders (`rlkit_diffusion.worlds.build_world` makes their config from the world's keyword arguments)
 # ----------------------------------------------------------------------------------------------------------------
+def _config_of(config: Any, cls: type, builder: str) -> Any:
+    """``config`` (None: ``cls()``), refused unless it is a ``cls``: each builder takes its own world's settings."""
+    config = config if config is not None else cls()
+    if not isinstance(config, cls):
+        raise TypeError(f"{builder} takes an {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
 def build_sd15(config: SDWorldConfig | None = None, *, device: str | torch.device = "cpu") -> World:
     """The ``sd15`` world: Stable Diffusion 1.x (and 2.x: v-prediction is read from the scheduler config).
 
@@ -343,9 +351,7 @@ def build_sdxl(config: SDXLWorldConfig | None = None, *, device: str | torch.dev
         config: the settings (`SDXLWorldConfig`; None: its defaults).
         device: where the networks live.
     """
-    config = config or SDXLWorldConfig()
-    if not isinstance(config, SDXLWorldConfig):
-        raise TypeError(f"build_sdxl takes an SDXLWorldConfig, got {type(config).__name__}")
+    config = _config_of(config, SDXLWorldConfig, "build_sdxl")
     return _build(config, kind="sdxl", device=device, time_ids=config.time_ids())
 
 
@@ -358,10 +364,7 @@ def build_sd3(config: SD3WorldConfig | None = None, *, device: str | torch.devic
         config: the settings (`SD3WorldConfig`; None: its defaults).
         device: where the networks live.
     """
-    config = config or SD3WorldConfig()
-    if not isinstance(config, SD3WorldConfig):
-        raise TypeError(f"build_sd3 takes an SD3WorldConfig, got {type(config).__name__}")
-    return _build(config, kind="sd3", device=device, time_ids=[])
+    return _build(_config_of(config, SD3WorldConfig, "build_sd3"), kind="sd3", device=device, time_ids=[])
 
 
 __all__ = [
