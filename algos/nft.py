@@ -24,15 +24,21 @@ carry over unchanged (ε⁺ = (1 − β)ε_old + β ε_θ ⇔ v⁺ = (1 − β)v
 error changes: ‖v̂ − v‖² = w(t)‖ε̂ − ε‖² with w(t) = ((α σ' − α' σ)/α)². For rectified flow (α = 1 − t, σ = t) and for
 the variance-preserving schedule here (α = cos φ, σ = sin φ in the angle φ) α σ' − α' σ = 1, so w(t) = 1/α_t² = 1/ᾱ_t.
 
+**On a flow policy** (`FlowMatchingPolicy`, x_σ = (1 − σ) x_0 + σ ε) the network predicts v̂ itself and the loss is
+the paper's velocity form as written: the same lines with ε̂ → v̂ and the target ε → v = ε − x_0
+(``policy.training_target``). The residual factors become x̂_0 − x_0 = −σ (v̂ − v) (``adaptive``: σ), 1
+(``velocity``) and ε̂ − ε = (1 − σ)(v̂ − v) (``eps``: 1 − σ) — `flow_residual_scale`.
+
 Notation (code name → paper symbol):
 
 ================  ==================================================================================================
-``eps_theta``     ε_θ(x_t, t, c), the trained network (v_θ in the paper)
+``eps_theta``     ε_θ(x_t, t, c), the trained network (v_θ in the paper, and on a flow policy)
 ``eps_old``       ε_old(x_t, t, c), the sampling ("old") policy, no gradient (v^old)
-``eps``           ε, the forward-process noise (the target; v in the paper)
+``eps``           ε, the forward-process noise (the target; v = ε − x_0 in the paper, and on a flow policy)
 ``r``             optimality probability r ∈ [0, 1] of each sample (detail 2)
 ``beta``          β, the guidance strength of the implicit policies
-``scale``         per-sample factor of the residual: σ_t/α_t (x_0 error, ``adaptive``), 1/α_t (v error), 1 (ε error)
+``scale``         per-sample factor of the residual: σ_t/α_t (x_0 error, ``adaptive``), 1/α_t (v error), 1 (ε error);
+                  flow: σ, 1, 1 − σ
 ================  ==================================================================================================
 
 Implementation details (numbered):
@@ -49,7 +55,8 @@ Implementation details (numbered):
    first as θ_old ← η_i θ_old + (1 − η_i) θ with η_i = min(``old_decay_ramp`` · i, ``old_decay_max``) (the paper's
    soft update, i = collections so far). It samples the data and gives ε_old for the whole batch.
 5. Each collected batch gives ``num_minibatches`` optimizer steps (samples shuffled and split; each step draws its
-   own t ~ U{t_min, …, t_max − 1} and ε per sample). Only ε-prediction networks are accepted (the conversion above).
+   own t ~ U{t_min, …, t_max − 1} and ε per sample). ε-prediction networks (the conversion above) and flow
+   policies (the velocity form itself) are accepted; v- or x_0-prediction UNets are refused.
 """
 
 from __future__ import annotations
@@ -113,6 +120,18 @@ def residual_scale(alpha_bar: Tensor, weighting: str) -> Tensor:
         return alpha_bar.rsqrt()
     if weighting == "eps":
         return torch.ones_like(alpha_bar)
+    raise ValueError(f"nft: weighting must be one of {'|'.join(WEIGHTINGS)}, got {weighting!r}")
+
+
+def flow_residual_scale(sigma: Tensor, weighting: str) -> Tensor:
+    """Per-sample factor of v̂ − v on a flow policy: σ (x_0 error, ``adaptive``), 1 (``velocity``), 1 − σ (ε error).
+    (B,)"""
+    if weighting == "adaptive":
+        return sigma
+    if weighting == "velocity":
+        return torch.ones_like(sigma)
+    if weighting == "eps":
+        return 1 - sigma
     raise ValueError(f"nft: weighting must be one of {'|'.join(WEIGHTINGS)}, got {weighting!r}")
 
 
@@ -200,8 +219,11 @@ class NFT(AlgorithmDefaults):
             raise ValueError("nft: need beta > 0, adv_clip > 0 and num_minibatches >= 1")
         if not 0.0 <= cfg.old_decay_max < 1.0 or cfg.old_decay_ramp < 0:
             raise ValueError("nft: need 0 <= old_decay_max < 1 and old_decay_ramp >= 0")
-        if ctx.policy.prediction_type != "epsilon":
-            raise ValueError(f"nft works on ε-prediction networks, got prediction_type={ctx.policy.prediction_type!r}")
+        if ctx.policy.prediction_type not in ("epsilon", "flow"):
+            raise ValueError(
+                f"nft works on ε-prediction networks and flow policies, got prediction_type="
+                f"{ctx.policy.prediction_type!r}"
+            )
         T = ctx.policy.num_train_timesteps
         self.t_max = T if cfg.t_max is None else cfg.t_max
         if not 0 <= cfg.t_min < self.t_max <= T:
@@ -243,8 +265,12 @@ class NFT(AlgorithmDefaults):
         with torch.no_grad():
             eps_old = self.reference.policy.model_output(x_t, t, cond)
         eps_theta = ctx.policy.model_output(x_t, t, cond)
-        scale = residual_scale(ctx.policy.alphas_cumprod[t].float(), cfg.weighting)
-        out = nft_loss(eps_theta, eps_old, noise, mb.r, cfg.beta, scale=scale, adaptive=cfg.weighting == "adaptive")
+        target = ctx.policy.training_target(mb.x0, noise, t)  # ε, or v = ε − x_0 on a flow policy
+        if ctx.policy.prediction_type == "flow":
+            scale = flow_residual_scale(ctx.policy.sigma(t).float(), cfg.weighting)
+        else:
+            scale = residual_scale(ctx.policy.alphas_cumprod[t].float(), cfg.weighting)
+        out = nft_loss(eps_theta, eps_old, target, mb.r, cfg.beta, scale=scale, adaptive=cfg.weighting == "adaptive")
         out["reward_mean"] = mb.rewards.float().mean()
         return out
 

@@ -6,6 +6,7 @@
     python -m benchmarks.docs_tables --world shapes --seeds 0 1 2
     python -m benchmarks.docs_tables --algos dpo ddpo --runs runs/docs_tables/20250101-120000   # re-render only
     python -m benchmarks.docs_tables --world shapes --experiment runs/<time>-head_to_head   # from the experiment
+    python -m benchmarks.docs_tables --sections runs/<time>-flow_vs_eps --page flow.md       # one page's block
 
 For each algorithm it runs ``python -m benchmarks.run algo=<name> world=<world> seed=<s>`` (the repository's
 defaults and tuning files; ``--override algo:key=value`` adds a Hydra override for one algorithm and is printed
@@ -230,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         nargs="+",
         default=None,
-        help="experiment directories whose sections (section.md + figures) are pasted into docs/experiments.md",
+        help="experiment directories whose sections (section.md + figures) are pasted into docs/<--page>",
     )
+    p.add_argument("--page", default="experiments.md", help="the docs page --sections rewrites (its results block)")
     p.add_argument("--override", action="append", default=[], help="<algo>:<hydra override>, repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--docs-dir", default=str(DOCS), help="folder holding README.md and algos/<name>.md")
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         + [f"--override {o}" for o in args.override]
     )
     if args.sections:
-        return paste_sections([Path(d) for d in args.sections], docs)
+        return paste_sections([Path(d) for d in args.sections], docs, args.page)
     if args.experiment:
         return render_experiment(Path(args.experiment), args.algos, docs, regen + " --experiment <dir>")
     collected: dict[str, list[dict[str, Any]]] = {}
@@ -282,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def paste_sections(exp_dirs: list[Path], docs: Path) -> int:
-    """Rewrite the results block of ``docs/experiments.md`` with each experiment's ``section.md``; its figures are
-    copied to ``docs/images/experiments/<experiment>_<figure>.png`` and the links rewritten."""
+def paste_sections(exp_dirs: list[Path], docs: Path, page: str = "experiments.md") -> int:
+    """Rewrite the results block of ``docs/<page>`` (``experiments.md``, or e.g. ``flow.md``) with each experiment's
+    ``section.md``; its figures are copied to ``docs/images/experiments/<experiment>_<figure>.png`` and the links
+    rewritten."""
     import shutil
 
     images = docs / "images" / "experiments"
@@ -300,8 +303,8 @@ def paste_sections(exp_dirs: list[Path], docs: Path) -> int:
                 text = text.replace(f"]({png.name})", f"](images/experiments/{target.name})")
         parts.append(re.sub(r"^(#+) ", r"#\1 ", text, flags=re.MULTILINE).strip())  # one heading level down
     block = "\n".join([START, *[p + "\n" for p in parts], END])
-    replace_block(docs / "experiments.md", block)
-    print(f"docs/experiments.md: {len(parts)} sections", flush=True)
+    replace_block(docs / page, block)
+    print(f"docs/{page}: {len(parts)} sections", flush=True)
     return 0
 
 

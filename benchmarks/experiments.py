@@ -13,6 +13,9 @@ fig6            dpo on labels of each reward (AI feedback)           Fig. 6: win
 beta_sweep      dpo at several β                                     S5: gold reward and KL to the base vs β
 best_of_n       dpo with 16 evaluation draws per caption             S8: best-of-N curve of the base vs the DPO model
 sdedit          dpo evaluated in ``eval.mode=sdedit``                §5.3: win rate of edits vs the base's edits
+flow_vs_eps     dpo, grpo, draft, ddpo, nft on toy2d and toy2d_flow  the same algorithm on the ε-policy and the flow
+                                                                     policy side by side: gold, win rate, distance to
+                                                                     the KL-optimal target p*, path KL
 ==============  =================================================  ==================================================
 
 The experiment file (``conf/experiment/<name>.yaml``) lists its runs under ``sweep.runs`` as
@@ -409,6 +412,32 @@ def sdedit_grid(r: dict[str, Any], out: Path) -> Path | None:
     return report.draw_grid(rows, prompts, out / "sdedit_grid.png")
 
 
+def section_flow_vs_eps(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    """Each algorithm on the ε-policy world and on its flow twin (same data, reward, pairs, prompts and p*): the gold
+    reward, the win rate vs the world's own base, and the distance to the KL-optimal target before and after, with
+    t-intervals over seeds."""
+    from rlkit_diffusion.intervals import t_interval
+
+    def interval(r: dict[str, Any], key: str) -> str:
+        m, lo, hi = t_interval([s["eval"][key] for s in r["seed_runs"]])
+        return f"{_num(m)} [{_num(lo)}, {_num(hi)}]"
+
+    lines = [
+        "| algorithm | policy | gold reward: base → trained [95% CI] | win rate vs base | "
+        "distance to p*: base → trained [95% CI] | path KL |",
+        "|---|---|---|---|---|---|",
+    ]
+    kinds = {"toy2d": "ε (DDIM η = 1)", "toy2d_flow": "flow (SDE, a = 0.7)"}
+    for r in sorted(runs, key=lambda r: (r["eval"]["algo"], r["eval"]["world"])):
+        e = r["eval"]
+        lines.append(
+            f"| {e['algo']} | {kinds.get(e['world'], e['world'])} | {_num(e['gold_reward_base'])} → "
+            f"{interval(r, 'gold_reward_trained')} | {_win(e)} | {_num(e['distance_to_optimum_base'])} → "
+            f"{interval(r, 'distance_to_optimum_trained')} | {_num(e['kl_to_ref'], '.2f')} |"
+        )
+    return lines
+
+
 SECTIONS: dict[str, Section] = {
     "table1": section_table1,
     "head_to_head": section_head_to_head,
@@ -417,6 +446,7 @@ SECTIONS: dict[str, Section] = {
     "beta_sweep": section_beta_sweep,
     "best_of_n": section_best_of_n,
     "sdedit": section_sdedit,
+    "flow_vs_eps": section_flow_vs_eps,
     "leaderboard": leaderboard.section_leaderboard,
     "paper_claims": leaderboard.section_paper_claims,
 }

@@ -6,10 +6,11 @@ key names. The export turns it into the layout the rest of the ecosystem reads:
 ======================  ================================================  =============================================
 run                     written to DIR                                    load it with
 ======================  ================================================  =============================================
-sd15/sdxl, LoRA         ``pytorch_lora_weights.safetensors`` (peft keys   ``pipe = DiffusionPipeline.from_pretrained(
-                        ``unet.<module>.lora_A.weight``, LoRA config in   base); pipe.load_lora_weights(DIR)``
-                        the file's metadata)
-sd15/sdxl, full         the whole pipeline (``model_index.json``,         ``DiffusionPipeline.from_pretrained(DIR)``;
+sd15/sdxl/sd3, LoRA     ``pytorch_lora_weights.safetensors`` (peft keys   ``pipe = DiffusionPipeline.from_pretrained(
+                        ``unet.<module>.lora_A.weight``; sd3:             base); pipe.load_lora_weights(DIR)``
+                        ``transformer.<module>...``; LoRA config in the
+                        file's metadata)
+sd15/sdxl/sd3, full     the whole pipeline (``model_index.json``,         ``DiffusionPipeline.from_pretrained(DIR)``;
                         ``unet/`` ``vae/`` ``text_encoder/`` ...)         the UNet alone: ``UNet2DConditionModel
                                                                           .from_pretrained(DIR, subfolder="unet")``
 shapes                  the UNet (``save_pretrained``: ``config.json`` +  ``world=shapes world.weights=DIR``
@@ -42,7 +43,7 @@ from torch import nn
 
 from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_trainable_state
 
-SD_WORLDS = ("sd15", "sdxl")
+SD_WORLDS = ("sd15", "sdxl", "sd3")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -154,12 +155,16 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 def export_sd(run: Run, out: Path) -> str:
-    """sd15/sdxl: LoRA → ``pytorch_lora_weights.safetensors``; full fine-tune → a whole pipeline directory."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """sd15/sdxl/sd3: LoRA → ``pytorch_lora_weights.safetensors``; full fine-tune → a whole pipeline directory. The
+    trained network is the pipeline's ``unet`` (sd15, sdxl) or ``transformer`` (sd3)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe_cls = StableDiffusionXLPipeline if run.world == "sdxl" else StableDiffusionPipeline
+    pipe_cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(
+        run.world, StableDiffusionPipeline
+    )
+    network = "transformer" if run.world == "sd3" else "unet"
     w = run.cfg["world"]
-    state = strip_prefix(run.trained_state(), "unet.")
+    state = strip_prefix(run.trained_state(), f"{network}.")
     if run.lora_rank > 0:
         from peft import LoraConfig
 
@@ -168,8 +173,7 @@ def export_sd(run: Run, out: Path) -> str:
         metadata["target_modules"] = sorted(metadata["target_modules"])  # a set in peft: JSON needs a list
         pipe_cls.save_lora_weights(
             out,
-            unet_lora_layers=peft_to_diffusers_lora(state),
-            unet_lora_adapter_metadata=metadata,
+            **{f"{network}_lora_layers": peft_to_diffusers_lora(state), f"{network}_lora_adapter_metadata": metadata},
             weight_name=LORA_WEIGHT_NAME,
         )
         return "lora"
@@ -179,9 +183,9 @@ def export_sd(run: Run, out: Path) -> str:
 
         kw["vae"] = AutoencoderKL.from_pretrained(w["vae"])
     pipe = pipe_cls.from_pretrained(w["pretrained"], torch_dtype=DTYPES[w.get("dtype", "fp32")], **kw)
-    missing, unexpected = pipe.unet.load_state_dict(state, strict=False)
+    missing, unexpected = getattr(pipe, network).load_state_dict(state, strict=False)
     if unexpected or len(missing) == len(state):
-        raise ValueError(f"{run.checkpoint}: the weights do not match the UNet of {w['pretrained']}")
+        raise ValueError(f"{run.checkpoint}: the weights do not match the {network} of {w['pretrained']}")
     pipe.save_pretrained(out)
     return "pipeline"
 

@@ -37,6 +37,7 @@ WORLD_REWARDS = {
     "shapes_flow": ("gold", "proxy", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
     "sd15": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
     "sdxl": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
+    "sd3": ("gold", "proxy", "pickscore", "hpsv2", "clip", "aesthetic", "jpeg", "jpeg_incompressibility"),
 }
 BUDGET_KEYS = ("train.steps", "budget.amount", "budget.kind")  # what resume_override=[...] may extend
 # ... and how the same run is laid out over processes: the per-process batch (to keep the global batch on another

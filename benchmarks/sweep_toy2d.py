@@ -1,17 +1,18 @@
-"""A small recorded tuning sweep of any algorithm on toy2d: learning rates × values of one knob × seeds.
+"""A small recorded tuning sweep of any algorithm on toy2d (or toy2d_flow, ``--world``): learning rates × values of one
+knob × seeds.
 
 ::
 
     python -m benchmarks.sweep_toy2d --algo grpo --knob algo.kl_coef --values 0.04 0.4 \\
         --lrs 3e-4 1e-3 3e-3 1e-2 --seeds 0 1 --set algo.group_size=8 train.steps=60 train.batch_size=128
 
-Every trial is one ``benchmarks.run`` run (``world=toy2d algo=<algo>``, the ``--set`` overrides, then the lr, the
+Every trial is one ``benchmarks.run`` run (``world=<--world> algo=<algo>``, the ``--set`` overrides, then the lr, the
 knob and the seed), evaluated with the cheap evaluation of ``--eval`` (training prompts, 64 noises per prompt). The
 trials of a (lr, knob) cell are averaged over seeds; the chosen cell is the best by ``--select`` (default: the mean
 win rate vs the base, gold reward; or the gold reward, or the distance to p*), ties broken by the smaller distance
 to p*; a cell in which a seed diverged is never chosen (its row says "diverged"). The script prints a Markdown
-table (paste it into ``docs/tuning/toy2d_<algo>.md``) and the chosen overrides (the tuning file
-``conf/tuning/toy2d_<algo>.yaml``). A ``conf/tuning/toy2d_<algo>.yaml`` that already exists is composed too (the
+table (paste it into ``docs/tuning/<world>_<algo>.md``) and the chosen overrides (the tuning file
+``conf/tuning/<world>_<algo>.yaml``). A ``conf/tuning/<world>_<algo>.yaml`` that already exists is composed too (the
 sweep's overrides come after it), so pass every setting you mean to hold fixed with ``--set``.
 """
 
@@ -37,13 +38,13 @@ SELECT = {"win_rate_vs_base": 1.0, "gold_reward_trained": 1.0, "distance_to_opti
 DEFAULT_EVAL = ["eval.samples_per_prompt=64", "eval.heldout=false", "eval.bootstrap=100", "world.optimum_pool=1024"]
 
 
-def trial(algo: str, overrides: list[str], out_dir: Path, name: str) -> dict | None:
+def trial(algo: str, overrides: list[str], out_dir: Path, name: str, world: str = "toy2d") -> dict | None:
     """One training run; returns its eval.json, or None when training diverged (a non-finite loss, or samples so
     far out that the reward is not finite)."""
     from benchmarks.run import run
     from rlkit_diffusion.train import DivergenceError
 
-    cfg = compose_run([f"algo={algo}", "world=toy2d", f"out_dir={out_dir}", "report=false", *overrides])
+    cfg = compose_run([f"algo={algo}", f"world={world}", f"out_dir={out_dir}", "report=false", *overrides])
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -72,6 +73,7 @@ def table(rows: list[dict], knob: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--algo", required=True)
+    p.add_argument("--world", default="toy2d", choices=["toy2d", "toy2d_flow"])
     p.add_argument("--knob", required=True, help="the second swept key, e.g. algo.kl_coef")
     p.add_argument("--values", nargs="+", required=True)
     p.add_argument("--lrs", nargs="+", default=["3e-4", "1e-3", "3e-3", "1e-2"])
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="runs/sweep_toy2d")
     p.add_argument("--select", default="win_rate_vs_base", choices=list(SELECT), help="the criterion of the choice")
     args = p.parse_args(argv)
-    out = Path(args.out_dir) / args.algo
+    out = Path(args.out_dir) / (args.algo if args.world == "toy2d" else f"{args.world}_{args.algo}")
     rows = []
     for lr, value in itertools.product(args.lrs, args.values):
         results = [
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 [*args.set, *args.eval, f"train.lr={lr}", f"{args.knob}={value}", f"seed={seed}"],
                 out,
                 f"lr{lr}-{args.knob.split('.')[-1]}{value}-s{seed}",
+                args.world,
             )
             for seed in args.seeds
         ]
@@ -102,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     best = max(ok, key=lambda r: (SELECT[args.select] * r[args.select], -r["distance_to_optimum_trained"]))
     best["chosen"] = True
     command = " ".join(
-        ["python -m benchmarks.sweep_toy2d", f"--algo {args.algo}", f"--knob {args.knob}"]
+        ["python -m benchmarks.sweep_toy2d", f"--algo {args.algo}"]
+        + ([f"--world {args.world}"] if args.world != "toy2d" else [])
+        + [f"--knob {args.knob}"]
         + [f"--values {' '.join(args.values)}", f"--lrs {' '.join(args.lrs)}"]
         + [f"--seeds {' '.join(map(str, args.seeds))}", f"--select {args.select}", f"--set {' '.join(args.set)}"]
     )

@@ -37,6 +37,8 @@ DEFAULT_LORA_TARGETS = {
     "shapes_flow": ["to_q", "to_k", "to_v", "to_out.0"],
     "sd15": ["to_q", "to_k", "to_v", "to_out.0"],
     "sdxl": ["to_q", "to_k", "to_v", "to_out.0"],
+    # SD3's joint attention: the image stream's and the text stream's projections (Flow-GRPO's SD3.5 targets)
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
 }
 
 

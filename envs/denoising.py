@@ -24,12 +24,20 @@ from rlkit_diffusion.worlds.base import World
 # ----------------------------------------------------------------------------------------------------------------
 # gymnasium adapters (numpy in, numpy out)
 # ----------------------------------------------------------------------------------------------------------------
+def _t_dtype(core: DenoisingCore) -> type:
+    """The observation's t: the integer timestep of an ε-policy, the float σ ∈ (0, 1] of a flow policy (−1 once
+    terminal in both)."""
+    return np.float32 if core.world.policy.prediction_type == "flow" else np.int64
+
+
 def _single_spaces(core: DenoisingCore) -> tuple[spaces.Dict, spaces.Box]:
     box = spaces.Box(-np.inf, np.inf, shape=core.sample_shape, dtype=np.float32)
+    flow = _t_dtype(core) is np.float32
+    t_high = 1.0 if flow else core.world.policy.num_train_timesteps
     obs = spaces.Dict(
         {
             "x": box,
-            "t": spaces.Box(-1, core.world.policy.num_train_timesteps, shape=(), dtype=np.int64),
+            "t": spaces.Box(-1, t_high, shape=(), dtype=_t_dtype(core)),
             "prompt": spaces.Discrete(len(core.prompts)),
         }
     )
@@ -118,7 +126,7 @@ class DenoisingVectorEnv(VectorEnv):
     def _obs(self) -> dict[str, np.ndarray]:
         s = self._state
         idx = np.array([self.core.prompts.index(p) for p in s.prompts], dtype=np.int64)
-        t = np.full(self.num_envs, self.core.timestep(s.index), dtype=np.int64)
+        t = np.full(self.num_envs, self.core.timestep(s.index), dtype=_t_dtype(self.core))
         return {"x": s.x.detach().cpu().numpy().astype(np.float32), "t": t, "prompt": idx}
 
 
@@ -169,4 +177,4 @@ class DenoisingEnv(gym.Env):
 
     @staticmethod
     def _unbatch(obs: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {"x": obs["x"][0], "t": np.asarray(obs["t"][0], dtype=np.int64), "prompt": int(obs["prompt"][0])}
+        return {"x": obs["x"][0], "t": np.asarray(obs["t"][0]), "prompt": int(obs["prompt"][0])}

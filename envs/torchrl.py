@@ -4,8 +4,9 @@
 in lock-step (every row is at the same t), tensors in and out on the world's device, nothing converted to numpy.
 It passes TorchRL's own ``check_env_specs``. The MDP (Diffusion-DPO supp. S3, eq. 19)::
 
-    observation  s_t = (x_t, t, t_prev, prompt)    x_t (B, *sample_shape); t, t_prev (B, 1) int64 timesteps of
-                                                   this step and of its target; prompt (B,) index into ``prompts``
+    observation  s_t = (x_t, t, t_prev, prompt)    x_t (B, *sample_shape); t, t_prev (B, 1) timesteps of this step
+                                                   and of its target: int64 (ε-policies) or the float32 σ of a
+                                                   flow policy; prompt (B,) index into ``prompts``
     action       a_t = x_{t-1}                     (B, *sample_shape)
     reward       r(c, x_0) at the last step, 0 before (B, 1)
     done         after N = num_inference_steps actions (B, 1), all rows at once
@@ -54,10 +55,11 @@ class DenoisingTorchRLEnv(EnvBase):
         self.core = DenoisingCore(world, **core_kwargs)
         super().__init__(device=world.device, batch_size=torch.Size([int(num_envs)]))
         b, shape = int(num_envs), self.core.sample_shape
+        self._t_dtype = torch.float32 if world.policy.prediction_type == "flow" else torch.int64  # σ or t
         self.observation_spec = Composite(
             x=Unbounded((b, *shape), dtype=torch.float32, device=self.device),
-            t=Unbounded((b, 1), dtype=torch.int64, device=self.device),
-            t_prev=Unbounded((b, 1), dtype=torch.int64, device=self.device),
+            t=Unbounded((b, 1), dtype=self._t_dtype, device=self.device),
+            t_prev=Unbounded((b, 1), dtype=self._t_dtype, device=self.device),
             prompt=Categorical(len(self.core.prompts), (b,), dtype=torch.int64, device=self.device),
             shape=(b,),
             device=self.device,
@@ -82,13 +84,13 @@ class DenoisingTorchRLEnv(EnvBase):
     def _observation(self, state: State) -> dict[str, Tensor]:
         b, sched = self.batch_size[0], self.core.schedule
         index = min(state.index, self.core.horizon - 1)  # the terminal observation repeats the last step's times
-        t = int(sched.timesteps[index]) if state.index < self.core.horizon else -1
-        t_prev = int(sched.prev_timesteps[index])
+        t = sched.timesteps[index].item() if state.index < self.core.horizon else -1
+        t_prev = sched.prev_timesteps[index].item()
         prompt = torch.tensor([self.core.prompts.index(p) for p in state.prompts], device=self.device)
         return {
             "x": state.x.detach(),
-            "t": torch.full((b, 1), t, dtype=torch.int64, device=self.device),
-            "t_prev": torch.full((b, 1), t_prev, dtype=torch.int64, device=self.device),
+            "t": torch.full((b, 1), t, dtype=self._t_dtype, device=self.device),
+            "t_prev": torch.full((b, 1), t_prev, dtype=self._t_dtype, device=self.device),
             "prompt": prompt,
         }
 

@@ -3,10 +3,10 @@ sd_tiny``): they build small random components, save them in the real on-disk fo
 real loading code (diffusers' ``get_dummy_components`` habit), so ``from_pretrained`` / file-path loading is what is
 exercised, on a CPU in seconds.
 
-What is here: SD1.5- and SDXL-shaped pipelines (``save_tiny_sd15``, ``save_tiny_sdxl``), a CLIPModel + processor
-(PickScore / aesthetic CLIP, ``save_tiny_clip``), an open_clip model (HPSv2 / CLIP score, ``save_tiny_open_clip``),
-the LAION aesthetic MLP (``save_aesthetic_mlp``), Pick-a-Pic parquet shards (``write_pickapic``) and PartiPrompts /
-HPSv2 prompt files (``write_partiprompts``, ``write_hpsv2``).
+What is here: SD1.5-, SDXL- and SD3-shaped pipelines (``save_tiny_sd15``, ``save_tiny_sdxl``, ``save_tiny_sd3``), a
+CLIPModel + processor (PickScore / aesthetic CLIP, ``save_tiny_clip``), an open_clip model (HPSv2 / CLIP score,
+``save_tiny_open_clip``), the LAION aesthetic MLP (``save_aesthetic_mlp``), Pick-a-Pic parquet shards
+(``write_pickapic``) and PartiPrompts / HPSv2 prompt files (``write_partiprompts``, ``write_hpsv2``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def text_config(hidden: int = 32, projection_dim: int | None = None):
     )
 
 
-def tiny_vae():
+def tiny_vae(latent_channels: int = 4, **config):
+    """A random 2-level AutoencoderKL (2× downsampling); ``config``: further AutoencoderKL settings (SD3's
+    ``shift_factor``, ...)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -58,10 +60,11 @@ def tiny_vae():
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64),
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=32,
+        **config,
     )
 
 
@@ -151,6 +154,69 @@ def save_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
         tokenizer_2=tiny_tokenizer(),
         unet=tiny_unet(64, sdxl=True, projection_dim=32),
         scheduler=tiny_scheduler(),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def tiny_t5_tokenizer(max_length: int = 16):
+    """A character-level T5 (Unigram) tokenizer: <pad> 0, </s> 1, <unk> 2, the printable ASCII characters and ▁."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((c, -1.0) for c in string.printable[:94]), ("▁", -1.0)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def save_tiny_sd3(path: Path, *, t5: bool = True, clip_projection_dim: int = 16, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline directory (transformer/ vae/ text_encoder{,_2,_3}/ tokenizer{,_2,_3}/ scheduler/):
+    a 2-block SD3Transformer2DModel on 16-channel latents, two CLIP encoders with projection (hidden 32 + 32 padded
+    to joint_attention_dim 64, pooled 16 + 16 = the transformer's pooled_projection_dim 32; another
+    ``clip_projection_dim`` makes a mismatched checkpoint), a 1-layer T5 encoder (d_model 64) and a VAE with SD3's
+    latent_channels = 16 and shift_factor; the scheduler is SD3.5's (FlowMatchEulerDiscrete, shift 3)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,  # the last block is context_pre_only (no to_add_out): two blocks hold every projection
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )
+    vae = tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    t5_tokenizer = tiny_t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=len(t5_tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(text_config(projection_dim=clip_projection_dim)),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=clip_projection_dim)),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=T5EncoderModel(t5_config) if t5 else None,
+        tokenizer_3=t5_tokenizer if t5 else None,
     )
     pipe.save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from algos.nft import nft_loss, optimality_probability, residual_scale
+from algos.nft import flow_residual_scale, nft_loss, optimality_probability, residual_scale
 from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,6 +45,20 @@ def test_velocity_and_x0_errors_are_weighted_eps_errors():
     v, v_hat = alpha * eps - sigma * x0, alpha * eps_hat - sigma * x0_hat  # v-prediction (Salimans & Ho)
     torch.testing.assert_close(v_hat - v, residual_scale(a_bar[:, 0], "velocity")[:, None] * (eps_hat - eps))
     torch.testing.assert_close(x0 - x0_hat, residual_scale(a_bar[:, 0], "adaptive")[:, None] * (eps_hat - eps))
+
+
+def test_flow_residuals_are_the_x0_and_eps_errors_of_the_velocity():
+    """On a flow policy (x_σ = (1 − σ) x_0 + σ ε, v = ε − x_0): x̂_0 − x_0 = −σ(v̂ − v) and ε̂ − ε = (1 − σ)(v̂ − v) at
+    fixed x_σ, so `flow_residual_scale` puts the same x_0- and ε-space errors on the velocity residual."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps, v_hat = (torch.randn(5, 3, generator=g) for _ in range(3))
+    sigma = torch.tensor([0.9, 0.5, 0.1, 0.01, 0.999])
+    s = sigma[:, None]
+    x = (1 - s) * x0 + s * eps
+    x0_hat, eps_hat, v = x - s * v_hat, x + (1 - s) * v_hat, eps - x0
+    torch.testing.assert_close(x0 - x0_hat, flow_residual_scale(sigma, "adaptive")[:, None] * (v_hat - v))
+    torch.testing.assert_close(eps_hat - eps, flow_residual_scale(sigma, "eps")[:, None] * (v_hat - v))
+    assert torch.equal(flow_residual_scale(sigma, "velocity"), torch.ones(5))
 
 
 def test_gradient_fits_good_samples_and_avoids_bad_ones():

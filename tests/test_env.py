@@ -41,6 +41,22 @@ def test_episode_follows_eq_19(toy_world):
     np.testing.assert_allclose(obs["x"], 0.5)  # deterministic transition: s_{t+1} holds the action
 
 
+def test_flow_world_observes_sigma_as_a_float():
+    """A flow policy's t is σ ∈ (0, 1] (float32, −1 once terminal), not an integer the cast would round to 0/1; the
+    env with it passes gymnasium's checker."""
+    env = gym.make("rlkit_diffusion/Denoising-v0", world="toy2d_flow", world_kwargs={"optimum_pool": 16})
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    core = env.unwrapped.core
+    assert env.observation_space["t"].dtype == np.float32 and obs["t"].dtype == np.float32
+    sigmas = [float(obs["t"])]
+    for _ in range(core.horizon):
+        obs, *_ = env.step(np.zeros(2, dtype=np.float32))
+        sigmas.append(float(obs["t"]))
+    np.testing.assert_allclose(sigmas[:-1], core.schedule.timesteps.numpy(), rtol=1e-6)
+    assert sigmas[0] == 1.0 and 0 < sigmas[-2] < 1 and sigmas[-1] == -1.0
+
+
 @pytest.mark.parametrize("bad", [np.zeros(3, np.float32), np.zeros((1, 2), np.float32), np.array([np.nan, 0.0])])
 def test_bad_actions_raise_with_expected_shape(toy_world, bad):
     env = DenoisingEnv(toy_world)

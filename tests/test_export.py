@@ -11,25 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlkit_diffusion.tiny import save_tiny_clip, save_tiny_sd15, write_pickapic
+from rlkit_diffusion.tiny import save_tiny_clip, save_tiny_sd3, save_tiny_sd15, write_pickapic
 from tests.helpers import compose_cfg
 
 torch.set_num_threads(1)
 RESOLUTION = 32
 
 
-@pytest.fixture(scope="module")
-def sd_runs(tmp_path_factory) -> dict[str, Path]:
-    """Two 2-step runs on a tiny SD1.5 pipeline: DPO with LoRA adapters and DRaFT fine-tuning the whole UNet."""
-    from benchmarks.run import run
-
-    d = tmp_path_factory.mktemp("export")
-    pretrained, clip = save_tiny_sd15(d / "sd15"), save_tiny_clip(d / "clip")
-    pairs = write_pickapic(d / "pickapic" / "train-00000.parquet", n=12).parent
-    common = [
-        "world=sd15",
+def tiny_sd_run(world: str, pretrained: Path, clip: Path, pairs: Path, out: Path) -> list[str]:
+    """Overrides of a 2-step run on a tiny pipeline of ``world`` (the export tests' runs)."""
+    return [
+        f"world={world}",
         "device=cpu",
-        f"out_dir={d}",
+        f"out_dir={out}",
         "report=false",
         "train.steps=2",
         "train.batch_size=2",
@@ -44,11 +38,22 @@ def sd_runs(tmp_path_factory) -> dict[str, Path]:
         f"world.pretrained={pretrained}",
         f"world.resolution={RESOLUTION}",
         "world.num_inference_steps=2",
-        "world.eta=0.0",  # deterministic DDIM: the pipeline reproduces a sample from its initial noise alone
         f"world.pickscore_model={clip}",
         f"world.pickscore_processor={clip}",
         f"world.pairs={pairs}",
     ]
+
+
+@pytest.fixture(scope="module")
+def sd_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two 2-step runs on a tiny SD1.5 pipeline: DPO with LoRA adapters and DRaFT fine-tuning the whole UNet."""
+    from benchmarks.run import run
+
+    d = tmp_path_factory.mktemp("export")
+    pretrained, clip = save_tiny_sd15(d / "sd15"), save_tiny_clip(d / "clip")
+    pairs = write_pickapic(d / "pickapic" / "train-00000.parquet", n=12).parent
+    common = tiny_sd_run("sd15", pretrained, clip, pairs, d)
+    common.append("world.eta=0.0")  # deterministic DDIM: the pipeline reproduces a sample from its initial noise alone
     runs = {"pretrained": pretrained}
     for name, extra in {
         "lora": ["algo=dpo", "reference.lora_rank=4", "reference.lora_alpha=8", "eval.implicit_pairs=0"],
@@ -126,6 +131,49 @@ def test_full_export_is_a_pipeline_that_samples_the_run(sd_runs, tmp_path):
     assert info["kind"] == "pipeline" and info["algo"] == "draft" and info["world"] == "sd15"
     with pytest.raises(SystemExit, match="is not empty"):
         main([str(sd_runs["full"]), "--out", str(out)])
+
+
+def test_sd3_lora_export_loads_into_the_sd3_pipeline_and_samples_the_run(tmp_path):
+    """sd3 (ODE sampler, so that the pipeline reproduces a sample from its noise): a 2-step LoRA DPO run's export is
+    ``transformer.``-keyed adapters that ``StableDiffusion3Pipeline.load_lora_weights`` loads; the pipeline then
+    samples the run's own trained samples."""
+    from diffusers import StableDiffusion3Pipeline
+    from omegaconf import OmegaConf
+
+    from benchmarks.export import LORA_WEIGHT_NAME, export
+    from benchmarks.run import run
+
+    pretrained, clip = save_tiny_sd3(tmp_path / "sd3"), save_tiny_clip(tmp_path / "clip")
+    pairs = write_pickapic(tmp_path / "pickapic" / "train-00000.parquet", n=12).parent
+    overrides = tiny_sd_run("sd3", pretrained, clip, pairs, tmp_path)
+    overrides += ["algo=dpo", "reference.lora_rank=4", "eval.implicit_pairs=0"]
+    overrides += ["world.sampler=ode", "world.max_sequence_length=24"]  # ODE: the pipeline's sampler
+    run_dir = tmp_path / "run"
+    run(compose_cfg(overrides), run_dir=run_dir)
+    out = export(run_dir, tmp_path / "export")
+    keys = list(load_file(str(out / LORA_WEIGHT_NAME)))
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    prompts = json.loads((run_dir / "samples.json").read_text())["prompts"]
+    side = RESOLUTION // 2
+    x_T = torch.randn((len(prompts), 16, side, side), generator=torch.Generator().manual_seed(cfg.eval.seed))
+    pipe = StableDiffusion3Pipeline.from_pretrained(pretrained)
+    pipe.load_lora_weights(out)
+    with torch.no_grad():
+        images = pipe(
+            prompts,
+            num_inference_steps=2,
+            guidance_scale=cfg.world.guidance_scale,
+            latents=x_T,
+            height=RESOLUTION,
+            width=RESOLUTION,
+            max_sequence_length=24,
+            output_type="pt",
+        ).images
+    ours = load_file(str(run_dir / "samples.safetensors"))
+    print(f"sd3 export round trip: max |diffusers - run| = {(images - ours['trained']).abs().max():.3g}")
+    assert (images - ours["trained"]).abs().max() <= 1e-5
+    assert (ours["trained"] - ours["base"]).abs().max() > 1e-4  # the adapters changed the samples
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -178,3 +178,26 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
         tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
     with pytest.raises(ValueError, match="not tuned"):
         tune.run(OmegaConf.merge(cfg, {"algo": {"name": "best_of_n"}}), run_one)
+
+
+def test_flow_vs_eps_puts_each_algorithm_on_both_policies_side_by_side(tmp_path):
+    """experiment=flow_vs_eps (two of its rows, tiny runs): one table row per (algorithm, policy) with the base →
+    trained gold reward and distance to p*, each trained value the mean over the 3 seeds with its t-interval."""
+    from rlkit_diffusion.intervals import t_interval
+
+    cfg = compose_cfg(["experiment=flow_vs_eps", f"out_dir={tmp_path}"])
+    cfg.sweep.runs = [r for r in cfg.sweep.runs if r.label in ("dpo-eps", "dpo-flow")]
+    tiny = [o for o in TINY if not o.startswith("world=")]
+    experiments.run(
+        cfg, run_one, exp_dir=tmp_path / "exp", overrides=[*tiny, "train.steps=3", "world.optimum_pool=64"]
+    )
+    section = (tmp_path / "exp" / "section.md").read_text()
+    rows = [line for line in section.splitlines() if line.startswith("| dpo |")]
+    assert [row.split(" | ")[1] for row in rows] == ["ε (DDIM η = 1)", "flow (SDE, a = 0.7)"]
+    for label, row in zip(("dpo-eps", "dpo-flow"), rows):
+        evals = [
+            json.loads((tmp_path / "exp" / "runs" / label / f"s{s}" / "eval.json").read_text()) for s in (0, 1, 2)
+        ]
+        assert {e["world"] for e in evals} == {"toy2d" if label == "dpo-eps" else "toy2d_flow"}
+        m, lo, hi = t_interval([e["distance_to_optimum_trained"] for e in evals])
+        assert f"{evals[0]['distance_to_optimum_base']:.3f} → {m:.3f} [{lo:.3f}, {hi:.3f}]" in row

@@ -1,6 +1,6 @@
-"""The ``sd15`` / ``sdxl`` worlds on tiny random pipelines saved with ``save_pretrained`` and loaded back through
-``world.pretrained=<dir>``: parity with the diffusers pipelines, the Pick-a-Pic stream and latent cache, bad input,
-and ``benchmarks.run`` end to end for dpo, ddpo and draft on each world.
+"""The ``sd15`` / ``sdxl`` / ``sd3`` worlds on tiny random pipelines saved with ``save_pretrained`` and loaded back
+through ``world.pretrained=<dir>``: parity with the diffusers pipelines, the Pick-a-Pic stream and latent cache, bad
+input, and ``benchmarks.run`` end to end (dpo, ddpo and draft on sd15/sdxl; dpo with LoRA and grpo on sd3).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rlkit_diffusion.tiny import (
     save_aesthetic_mlp,
     save_tiny_clip,
     save_tiny_open_clip,
+    save_tiny_sd3,
     save_tiny_sd15,
     save_tiny_sdxl,
     write_hpsv2,
@@ -27,7 +28,8 @@ from rlkit_diffusion.tiny import (
 from tests.helpers import compose_cfg
 
 torch.set_num_threads(1)
-RESOLUTION = 32  # tiny VAE: 2× downsampling → 4 × 16 × 16 latents
+RESOLUTION = 32  # tiny VAE: 2× downsampling → 4 × 16 × 16 latents (sd3: 16 × 16 × 16)
+T5_LEN = 24  # the tiny sd3's T5 tokens per prompt (world.max_sequence_length)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return {
         "sd15": save_tiny_sd15(d / "sd15"),
         "sdxl": save_tiny_sdxl(d / "sdxl"),
+        "sd3": save_tiny_sd3(d / "sd3"),
         "clip": save_tiny_clip(d / "clip"),
         "open_clip_config": config,
         "open_clip_weights": weights,
@@ -56,6 +59,7 @@ def world_kwargs(assets: dict[str, Path], name: str, **overrides) -> dict:
         "num_inference_steps": 3,
         "pickscore_model": str(assets["clip"]),
         "pickscore_processor": str(assets["clip"]),
+        **({"max_sequence_length": T5_LEN} if name == "sd3" else {}),
     }
     return {**kw, **overrides}
 
@@ -86,6 +90,20 @@ def test_world_config_is_the_hydra_schema_and_sdxl_extends_sd15():
         build_sdxl(SDWorldConfig())
 
 
+def test_sd3_config_has_the_flow_sampler_instead_of_ddim_eta():
+    from dataclasses import fields
+
+    from rlkit_diffusion.worlds.stable_diffusion import SD3WorldConfig, SDWorldConfig, build_sd3
+
+    sd15, sd3 = {f.name for f in fields(SDWorldConfig)}, {f.name for f in fields(SD3WorldConfig)}
+    assert sd3 - sd15 == {"sampler", "noise_level", "t5", "max_sequence_length"} and sd15 - sd3 == {"eta"}
+    world = compose_cfg(["world=sd3"]).world
+    assert set(world) == sd3 | {"name"}
+    assert (world.resolution, world.num_inference_steps, world.guidance_scale, world.sampler) == (512, 40, 4.5, "sde")
+    with pytest.raises(TypeError, match="build_sd3 takes an SD3WorldConfig, got SDWorldConfig"):
+        build_sd3(SDWorldConfig())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parity with the diffusers pipelines (same components, same initial latents, DDIM η = 0)
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,6 +125,84 @@ def test_sampling_and_decoding_match_the_diffusers_pipeline(assets, name):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
         images = pipe.image_processor.postprocess(pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample, "pt")
         torch.testing.assert_close(world.decode(ours), images, atol=1e-4, rtol=1e-4)
+
+
+def test_sd3_ode_sampling_and_decoding_match_the_diffusers_pipeline(assets):
+    """world=sd3 world.sampler=ode is StableDiffusion3Pipeline: the same conditioning, guided velocity, Euler steps
+    of FlowMatchEulerDiscreteScheduler (shift 3) and decode through the VAE's shift and scaling factors."""
+    from diffusers import StableDiffusion3Pipeline
+
+    world = build("sd3", **world_kwargs(assets, "sd3", sampler="ode", guidance_scale=4.0))
+    pipe = StableDiffusion3Pipeline.from_pretrained(assets["sd3"])
+    prompts = ["a red cat", "an owl made of glass"]
+    x_T = torch.randn((2, *world.sample_shape), generator=torch.Generator().manual_seed(0))
+    assert world.sample_shape == (16, 16, 16)
+    with torch.no_grad():
+        ref = pipe(
+            prompts,
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            latents=x_T.clone(),
+            output_type="latent",
+            max_sequence_length=T5_LEN,
+            height=RESOLUTION,
+            width=RESOLUTION,
+        ).images
+        ours = world.policy.sample(x_T, world.encoder(prompts), uncond=world.uncond(2), guidance_scale=4.0).x0
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+        latents = ref / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, "pt")
+        torch.testing.assert_close(world.decode(ours), images, atol=1e-4, rtol=1e-4)
+        encoded = world.encode(images)  # (posterior mean − shift) · scaling
+        mean = pipe.vae.encode(images * 2 - 1).latent_dist.mean
+        scaled = (mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        torch.testing.assert_close(encoded, scaled)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_conditioning_matches_encode_prompt(assets, t5):
+    """Both CLIP encoders' penultimate states padded to joint_attention_dim, then T5's states (zeros without T5);
+    pooled = the two projections; uncond = the encoded empty prompt (not zeros)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    world = build("sd3", **world_kwargs(assets, "sd3", t5=t5))
+    pipe = StableDiffusion3Pipeline.from_pretrained(assets["sd3"], **({} if t5 else {"text_encoder_3": None}))
+    prompts = ["a red cat", "y" * 40]  # the second is longer than the 24 T5 tokens
+    with torch.no_grad():
+        cond, uncond = world.encoder(prompts), world.uncond(2)
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, prompts, prompts, do_classifier_free_guidance=True, max_sequence_length=T5_LEN
+        )
+    assert cond["encoder_hidden_states"].shape == (2, 32 + T5_LEN, 64) and cond["pooled_projections"].shape == (2, 32)
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
+    torch.testing.assert_close(cond["pooled_projections"], pooled)
+    torch.testing.assert_close(uncond["encoder_hidden_states"], neg)
+    torch.testing.assert_close(uncond["pooled_projections"], neg_pooled)
+    t5_part = cond["encoder_hidden_states"][:, 32:]
+    assert (t5_part.abs().sum() > 0) == t5 and uncond["pooled_projections"].abs().sum() > 0
+
+
+def test_sd3_sde_policy_is_gaussian_and_lora_targets_the_joint_attention(assets):
+    """The default sampler is the Flow-GRPO SDE: every step has std > 0 and a finite log-probability; the sd3 LoRA
+    targets adapt both streams of the joint attention, and with the adapters at zero the policy is unchanged."""
+    from benchmarks.wiring import DEFAULT_LORA_TARGETS
+    from rlkit_diffusion.reference import add_lora
+
+    world = build("sd3", **world_kwargs(assets, "sd3"))
+    assert world.policy.stochastic and world.policy.noise_level == 0.7
+    x_T = torch.randn((2, *world.sample_shape), generator=torch.Generator().manual_seed(1))
+    cond = world.encoder(["a", "b"])
+    with torch.no_grad():
+        out = world.policy.sample(x_T, cond, generator=torch.Generator().manual_seed(2), return_trajectory=True)
+        before = world.policy.model_output(x_T, 5, cond)
+    assert out.log_probs.shape == (2, 3) and torch.isfinite(out.log_probs).all()
+    assert (out.stds > 0).all() and torch.isfinite(out.x0).all()
+    net = world.policy.eps_model
+    add_lora(net, rank=2, target_modules=DEFAULT_LORA_TARGETS["sd3"])
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in net.named_parameters() if "lora_A" in n}
+    assert adapted == {"to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    with torch.no_grad():
+        torch.testing.assert_close(world.policy.model_output(x_T, 5, cond), before)
 
 
 def test_sdxl_conditioning_matches_encode_prompt_and_time_ids(assets):
@@ -332,6 +428,29 @@ def test_checkpoint_of_the_wrong_architecture(assets, tmp_path):
     assert "world.resolution=33" in msg
 
 
+def test_sd3_checkpoints_that_do_not_fit(assets, tmp_path):
+    msg = error_of(ValueError, "sd3", **world_kwargs(assets, "sd3", pretrained=str(assets["sdxl"])))
+    assert "not an SD3 transformer/" in msg and "use world=sdxl instead of world=sd3" in msg
+    msg = error_of(ValueError, "sd15", **world_kwargs(assets, "sd15", pretrained=str(assets["sd3"])))
+    assert "transformer/ (SD3 / flow matching)" in msg and "use world=sd3" in msg
+    no_t5 = tmp_path / "no_t5"
+    shutil.copytree(assets["sd3"], no_t5)
+    shutil.rmtree(no_t5 / "text_encoder_3")
+    msg = error_of(FileNotFoundError, "sd3", **world_kwargs(assets, "sd3", pretrained=str(no_t5)))
+    assert "missing subfolder(s) ['text_encoder_3']" in msg
+    assert build("sd3", **world_kwargs(assets, "sd3", pretrained=str(no_t5), t5=False)).encoder.t5 is None
+    msg = error_of(ValueError, "sd3", **world_kwargs(assets, "sd3", resolution=34))
+    assert "world.resolution=34 must be a multiple of the VAE downsampling factor × patch size 2 × 2" in msg
+    msg = error_of(ValueError, "sd3", **world_kwargs(assets, "sd3", resolution=96))
+    assert "24 patches per side, more than the transformer's pos_embed_max_size=16" in msg
+    assert "world.sampler must be 'sde' or 'ode'" in error_of(
+        ValueError, "sd3", **world_kwargs(assets, "sd3", sampler="ddim")
+    )
+    wrong = save_tiny_sd3(tmp_path / "pooled", clip_projection_dim=24)
+    msg = error_of(ValueError, "sd3", **world_kwargs(assets, "sd3", pretrained=str(wrong)))
+    assert "pooled_projection_dim=32 does not match the CLIP encoders' projection_dim 24 + 24 = 48" in msg
+
+
 def test_parquet_without_the_pickapic_columns(assets, tmp_path):
     table = pq.read_table(next(assets["pairs"].glob("*.parquet"))).drop(["label_1"])
     pq.write_table(table, tmp_path / "nolabel.parquet")
@@ -382,10 +501,18 @@ def run_overrides(assets: dict[str, Path], world: str, algo: str, out: Path) -> 
         f"world.pairs={assets['pairs']}",
         f"world.val_pairs={assets['val_pairs']}",
         f"world.latent_cache={out / 'latents'}",
+        *([f"world.max_sequence_length={T5_LEN}"] if world == "sd3" else []),
         *{
             "dpo": [],
             "ddpo": ["algo.num_minibatches=1"],  # the sd15 tuning's 400 minibatches are for 32 × 50 transitions
             "draft": ["algo.k=1"],
+            # sd3's tuning (Flow-GRPO's 24 × 10-step groups, 9 trained steps) at a tiny size
+            "grpo": [
+                "algo.group_size=2",
+                "algo.num_minibatches=1",
+                "algo.sampling_steps=2",
+                "algo.train_timesteps=[0,1]",
+            ],
         }[algo],
     ]
 
@@ -408,3 +535,21 @@ def test_benchmark_run_end_to_end(assets, tmp_path, world, algo):
     if algo == "dpo":
         assert 0.0 <= on_disk["implicit_acc"] <= 1.0
         assert any((tmp_path / "latents").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("algo", ["dpo", "grpo"])
+def test_sd3_benchmark_run_end_to_end(assets, tmp_path, algo):
+    """world=sd3 trains two steps: DPO on the Pick-a-Pic latents (velocity regression, LoRA on the joint attention,
+    the reference = adapters off) and GRPO on the SDE sampler (groups of 2, the KL to the reference)."""
+    from benchmarks.eval_schema import validate
+    from benchmarks.run import run
+
+    extra = ["reference.lora_rank=4"] if algo == "dpo" else []
+    cfg = compose_cfg(run_overrides(assets, "sd3", algo, tmp_path) + extra)
+    result = run(cfg, run_dir=tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "eval.json").read_text())
+    validate(on_disk)
+    assert on_disk["world"] == "sd3" and on_disk["algo"] == algo and result["updates"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    if algo == "dpo":
+        assert 0.0 <= on_disk["implicit_acc"] <= 1.0

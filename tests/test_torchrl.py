@@ -14,11 +14,12 @@ torch.set_num_threads(1)
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchrl_ppo_toy2d.py"
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture(scope="module", params=["toy2d", "toy2d_flow"])
+def world(request):
+    """The ε world and the flow world (whose t and t_prev are the float σ of the flow schedule)."""
     from rlkit_diffusion.worlds import build_world
 
-    return build_world("toy2d", optimum_pool=16)
+    return build_world(request.param, optimum_pool=16)
 
 
 def test_check_env_specs_and_a_rollout(world):
@@ -37,7 +38,9 @@ def test_check_env_specs_and_a_rollout(world):
     r = world.reward("proxy")(td["next", "x"][:, -1], prompts)  # the terminal reward is r(c, x_0) of the last action
     torch.testing.assert_close(td["next", "reward"][:, -1, 0], r)
     torch.testing.assert_close(td["next", "x"][:, -1], td["action"][:, -1])
-    assert td["t"][:, 0].eq(int(env.core.schedule.timesteps[0])).all()
+    first = env.core.schedule.timesteps[0]
+    assert td["t"].dtype == (torch.float32 if world.name == "toy2d_flow" else torch.int64)
+    assert td["t"][:, 0].eq(first.to(td["t"].dtype)).all() and (world.name != "toy2d_flow" or first.item() == 1.0)
 
 
 def test_the_actor_is_the_policy_step(world):

@@ -2,7 +2,7 @@
 
 `LatentPairs` reads raw pairs from a `StreamingPairs` (parquet, shuffled, sharded), decodes each JPEG with the
 official Diffusion-DPO preprocessing (`load_image`), encodes it to the VAE posterior (mean, std) — once per image
-and flip, thanks to the on-disk `LatentCache` — and draws z = (μ + σ ε) · scaling_factor per use.
+and flip, thanks to the on-disk `LatentCache` — and draws z = (μ + σ ε − shift) · scaling_factor per use.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class LatentPairs:
         good = self._check_images(pairs)
         rows = [i if good[i] else good.index(True) for i in range(batch_size)]  # bad → the first good pair
         mean, std = self._posteriors(pairs, rows, flips)  # (B, 2, C, h, w) each
-        z = (mean + std * eps) * self.codec.scaling_factor
+        z = self.codec.to_latent(mean + std * eps)
         captions = ["" if drop[i] else pairs[r].caption for i, r in enumerate(rows)]
         device = self.codec.device
         return captions, z[:, 0].to(device), z[:, 1].to(device)

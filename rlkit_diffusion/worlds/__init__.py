@@ -15,12 +15,14 @@ WORLDS: dict[str, str] = {
     "shapes_flow": "rlkit_diffusion.worlds.shapes:build_shapes_flow",
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:build_sd15",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:build_sdxl",
+    "sd3": "rlkit_diffusion.worlds.stable_diffusion:build_sd3",
 }
 # Worlds whose builder takes one config dataclass, name -> "module:class". Its fields are the world's keyword
 # arguments (the YAML keys of benchmarks/conf/world/<name>.yaml) and its Hydra schema; the others take keywords.
 WORLD_CONFIGS: dict[str, str] = {
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:SDWorldConfig",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:SDXLWorldConfig",
+    "sd3": "rlkit_diffusion.worlds.stable_diffusion:SD3WorldConfig",
 }
 
 
@@ -35,9 +37,8 @@ def world_config_class(name: str) -> type | None:
 
 
 def build_world(name: str, **kwargs: Any) -> World:
-    """Build a world by name (``toy2d``, ``toy2d_flow``, ``shapes``, ``shapes_flow``, ``sd15``,
-    ``sdxl``); ``kwargs``: its settings
-    and ``device``."""
+    """Build a world by name (``toy2d``, ``toy2d_flow``, ``shapes``, ``shapes_flow``, ``sd15``, ``sdxl``, ``sd3``);
+    ``kwargs``: its settings and ``device``."""
     if name not in WORLDS:
         raise ValueError(f"unknown world {name!r}; available: {sorted(WORLDS)}")
     builder = _load(WORLDS[name])

@@ -56,8 +56,9 @@ class World:
     """A text-to-sample task.
 
     Attributes:
-        name: ``toy2d``, ``shapes``, ``sd15`` or ``sdxl``.
-        policy: the trainable `DiffusionPolicy`, at its pretrained (base) weights.
+        name: the registry name (`rlkit_diffusion.worlds.WORLDS`): ``toy2d``, ``toy2d_flow``, ``shapes``,
+            ``shapes_flow``, ``sd15``, ``sdxl`` or ``sd3``.
+        policy: the trainable `DiffusionPolicy` (a `FlowMatchingPolicy` for the flow worlds), at its base weights.
         encoder: the frozen prompt encoder.
         sample_shape: shape of one x_0 in the diffusion space, e.g. (2,) or (3, 16, 16) or (4, 64, 64).
         rewards: reward models by name; ``gold`` (if any) is for evaluation and labelling only.

@@ -1,7 +1,7 @@
-"""The ``sd15`` and ``sdxl`` worlds: their settings (`SDWorldConfig`, `SDXLWorldConfig`, the Hydra schema of
-``world=sd15`` / ``world=sdxl``), the reward models and prompt sets they load, and the builders `build_sd15` /
-`build_sdxl` that assemble a `World` from the components (`.components`) and the latent pairs
-(`rlkit_diffusion.data.latent_pairs`). The package docstring has the overview.
+"""The ``sd15``, ``sdxl`` and ``sd3`` worlds: their settings (`SDWorldConfig`, `SDXLWorldConfig`, `SD3WorldConfig`,
+the Hydra schemas of ``world=sd15`` / ``sdxl`` / ``sd3``), the reward models and prompt sets they load, and the
+builders `build_sd15` / `build_sdxl` / `build_sd3` that assemble a `World` from the components (`.components`) and
+the latent pairs (`rlkit_diffusion.data.latent_pairs`). The package docstring has the overview.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ from rlkit_diffusion.data.hf_pairs import open_pair_stream
 from rlkit_diffusion.data.latent_pairs import LatentCache, LatentPairs
 from rlkit_diffusion.data.pickapic_stream import dreamlike_only as is_dreamlike_pair
 from rlkit_diffusion.data.prompts import PromptSet, load_prompts
-from rlkit_diffusion.policy import DiffusionPolicy
+from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy
 from rlkit_diffusion.rewards.clip_utils import torch_dtype
 from rlkit_diffusion.worlds.base import World
 from rlkit_diffusion.worlds.stable_diffusion.components import (
     LatentCodec,
+    SD3TextEncoder,
+    SD3VelocityModel,
     SD15TextEncoder,
     SDEpsModel,
     SDXLTextEncoder,
     check_architecture,
+    check_sd3_architecture,
     load_components,
 )
 
@@ -37,11 +40,12 @@ DEFAULT_PROMPTS = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Settings (the fields are the YAML keys of benchmarks/conf/world/sd15.yaml and sdxl.yaml)
+# Settings (the fields are the YAML keys of benchmarks/conf/world/sd15.yaml, sdxl.yaml and sd3.yaml)
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class SDWorldConfig:
-    """Settings of the ``sd15`` world: Stable Diffusion 1.x (and 2.x: v-prediction is read from the scheduler)."""
+class PipelineWorldConfig:
+    """The settings every Stable Diffusion world has (`SDWorldConfig`, `SDXLWorldConfig`, `SD3WorldConfig` add their
+    sampler's and conditioning's): the checkpoint, precision, resolution, guidance, pairs, prompts and rewards."""
 
     pretrained: str = "runwayml/stable-diffusion-v1-5"
     """Hub id or local directory in the diffusers layout."""
@@ -57,8 +61,6 @@ class SDWorldConfig:
     """Image side in pixels; latents are resolution / 8 for the released VAEs."""
     num_inference_steps: int = 50
     """Sampler steps."""
-    eta: float = 1.0
-    """DDIM η (1: every step Gaussian, as online RL needs)."""
     guidance_scale: float = 7.5
     """Classifier-free guidance scale w."""
     gradient_checkpointing: bool = False
@@ -113,6 +115,14 @@ class SDWorldConfig:
 
 
 @dataclass
+class SDWorldConfig(PipelineWorldConfig):
+    """Settings of the ``sd15`` world: Stable Diffusion 1.x (and 2.x: v-prediction is read from the scheduler)."""
+
+    eta: float = 1.0
+    """DDIM η (1: every step Gaussian, as online RL needs)."""
+
+
+@dataclass
 class SDXLWorldConfig(SDWorldConfig):
     """Settings of the ``sdxl`` world: Stable Diffusion XL (base). What SDXL adds to `SDWorldConfig` is the crop
     corner of its added time ids; the other changes are defaults (1024 px, guidance 5 and UNet gradient
@@ -135,6 +145,30 @@ class SDXLWorldConfig(SDWorldConfig):
         return [r, r, self.crops_coords_top, self.crops_coords_left, r, r]
 
 
+@dataclass
+class SD3WorldConfig(PipelineWorldConfig):
+    """Settings of the ``sd3`` world: Stable Diffusion 3 / 3.5 (rectified flow, ``SD3Transformer2DModel``), sampled by
+    `FlowMatchingPolicy`. Defaults: SD3.5-Medium at 512 px (Flow-GRPO's training resolution), its model card's 40
+    steps and guidance 4.5, the Flow-GRPO SDE (noise level a = 0.7) so that every step is a Gaussian policy, and
+    transformer gradient checkpointing on."""
+
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
+    resolution: int = 512
+    num_inference_steps: int = 40
+    guidance_scale: float = 4.5
+    gradient_checkpointing: bool = True
+    sampler: str = "sde"
+    """``sde`` (the Gaussian policy with the ODE's marginals, what likelihood-ratio methods need) or ``ode``
+    (deterministic Euler: diffusers' ``FlowMatchEulerDiscreteScheduler``, what the pipeline samples)."""
+    noise_level: float = 0.7
+    """a of the SDE's σ_t = a·√(t/(1 − t)) (Flow-GRPO: 0.7); ignored by ``ode``."""
+    t5: bool = True
+    """Load the T5 text encoder (``text_encoder_3``); false: its states are zeros, as the pipeline without T5 (saves
+    ~9 GB in fp16)."""
+    max_sequence_length: int = 256
+    """T5 tokens per prompt (the pipeline's default)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and rewards
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +178,7 @@ def _prompt_sets(prompts: str | None, eval_prompts: str | None, max_eval_prompts
     return train, held
 
 
-def _rewards(cfg: SDWorldConfig, device: torch.device) -> dict[str, Any]:
+def _rewards(cfg: PipelineWorldConfig, device: torch.device) -> dict[str, Any]:
     """Load the reward models whose weights are given, plus JPEG, and alias ``proxy`` / ``gold``."""
     from rlkit_diffusion.rewards.jpeg import JpegReward
 
@@ -187,12 +221,44 @@ def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
     return module if dtype == torch.float32 else module.to(dtype)
 
 
-def _build(cfg: SDWorldConfig, *, sdxl: bool, device: str | torch.device, time_ids: list[int]) -> World:
+def _check_sampler(cfg: PipelineWorldConfig) -> None:
+    if isinstance(cfg, SD3WorldConfig):
+        if cfg.sampler not in ("sde", "ode"):
+            raise ValueError(f"world.sampler must be 'sde' or 'ode', got {cfg.sampler!r}")
+        if cfg.noise_level < 0:
+            raise ValueError(f"world.noise_level must be >= 0, got {cfg.noise_level}")
+        if cfg.max_sequence_length < 1:
+            raise ValueError(f"world.max_sequence_length must be >= 1, got {cfg.max_sequence_length}")
+
+
+def _encoder_and_policy(cfg: PipelineWorldConfig, kind: str, c: Any, text_encoders: list[nn.Module], time_ids):
+    """The text conditioning and the policy of ``kind``: the ε-UNet under DDIM (sd15, sdxl) or SD3's transformer
+    under the flow sampler (sd3)."""
+    common = {"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale}
+    if kind == "sd3":
+        joint = int(c.denoiser.config.joint_attention_dim)
+        encoder: Any = SD3TextEncoder(
+            c.tokenizers, text_encoders, joint_attention_dim=joint, max_sequence_length=cfg.max_sequence_length
+        )
+        policy: DiffusionPolicy = FlowMatchingPolicy(
+            SD3VelocityModel(c.denoiser), c.scheduler, sampler=cfg.sampler, noise_level=cfg.noise_level, **common
+        )
+        return encoder, policy
+    if kind == "sdxl":
+        force_zeros = bool(c.pipeline_config.get("force_zeros_for_empty_prompt", True))
+        encoder = SDXLTextEncoder(c.tokenizers, text_encoders, time_ids, force_zeros_for_empty_prompt=force_zeros)
+    else:
+        encoder = SD15TextEncoder(c.tokenizers[0], text_encoders[0])
+    return encoder, DiffusionPolicy(SDEpsModel(c.denoiser), c.scheduler, sampler="ddim", eta=cfg.eta, **common)
+
+
+def _build(cfg: PipelineWorldConfig, *, kind: str, device: str | torch.device, time_ids: list[int]) -> World:
     """The world of ``cfg``: inputs checked cheapest first, then the pipeline placed on ``device`` in ``cfg.dtype``."""
     device = torch.device(device)
     weight_dtype = torch_dtype(cfg.dtype)
     if cfg.caption_dropout < 0 or cfg.caption_dropout >= 1:
         raise ValueError(f"world.caption_dropout must be in [0, 1), got {cfg.caption_dropout}")
+    _check_sampler(cfg)
     # Cheap inputs first (prompt files, parquet schemas), then the pipeline, then the reward models.
     train_set, held_set = _prompt_sets(cfg.prompts, cfg.eval_prompts, cfg.max_eval_prompts, cfg.seed)
     stream = val_stream = None
@@ -204,29 +270,30 @@ def _build(cfg: SDWorldConfig, *, sdxl: bool, device: str | torch.device, time_i
         stream = open_pair_stream(cfg.pairs, buffer_size=cfg.shuffle_buffer, **stream_kw)
     if cfg.val_pairs:
         val_stream = open_pair_stream(cfg.val_pairs, buffer_size=0, **stream_kw)
-    c = load_components(cfg.pretrained, sdxl=sdxl, vae=cfg.vae, revision=cfg.revision, variant=cfg.variant)
-    check_architecture(c, sdxl=sdxl, pretrained=cfg.pretrained, resolution=cfg.resolution, time_ids=time_ids)
+    c = load_components(
+        cfg.pretrained,
+        kind=kind,
+        vae=cfg.vae,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        t5=getattr(cfg, "t5", True),
+    )
+    if kind == "sd3":
+        check_sd3_architecture(c, pretrained=cfg.pretrained, resolution=cfg.resolution)
+    else:
+        check_architecture(
+            c, sdxl=kind == "sdxl", pretrained=cfg.pretrained, resolution=cfg.resolution, time_ids=time_ids
+        )
     rewards = _rewards(cfg, device)
 
-    unet = _place(c.unet, device, weight_dtype)
+    c.denoiser = _place(c.denoiser, device, weight_dtype)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        c.denoiser.enable_gradient_checkpointing()
     vae_dtype = torch.float32 if weight_dtype == torch.float16 and c.vae.config.get("force_upcast") else weight_dtype
     codec = LatentCodec(_place(c.vae, device, vae_dtype))
     text_encoders = [_place(te, device, weight_dtype) for te in c.text_encoders]
-    if sdxl:
-        force_zeros = bool(c.pipeline_config.get("force_zeros_for_empty_prompt", True))
-        encoder: Any = SDXLTextEncoder(c.tokenizers, text_encoders, time_ids, force_zeros_for_empty_prompt=force_zeros)
-    else:
-        encoder = SD15TextEncoder(c.tokenizers[0], text_encoders[0])
-    policy = DiffusionPolicy(
-        SDEpsModel(unet),
-        c.scheduler,
-        sampler="ddim",
-        eta=cfg.eta,
-        num_inference_steps=cfg.num_inference_steps,
-        guidance_scale=cfg.guidance_scale,
-    ).to(device)
+    encoder, policy = _encoder_and_policy(cfg, kind, c, text_encoders, time_ids)
+    policy = policy.to(device)
 
     cache = LatentCache(cfg.latent_cache, codec.fingerprint(cfg.resolution)) if cfg.latent_cache else None
     pair_kw = {"resolution": cfg.resolution, "cache": cache, "skip_bad_images": cfg.skip_bad_rows, "seed": cfg.seed}
@@ -236,7 +303,7 @@ def _build(cfg: SDWorldConfig, *, sdxl: bool, device: str | torch.device, time_i
     held_pairs = LatentPairs(val_stream, codec, **pair_kw) if val_stream else None
     side = cfg.resolution // codec.scale
     return World(
-        name="sdxl" if sdxl else "sd15",
+        name=kind,
         policy=policy,
         encoder=encoder,
         sample_shape=(codec.latent_channels, side, side),
@@ -258,6 +325,14 @@ def _build(cfg: SDWorldConfig, *, sdxl: bool, device: str | torch.device, time_i
 # ----------------------------------------------------------------------------------------------------------------
 # The builders (`rlkit_diffusion.worlds.build_world` makes their config from the world's keyword arguments)
 # ----------------------------------------------------------------------------------------------------------------
+def _config_of(config: Any, cls: type, builder: str) -> Any:
+    """``config`` (None: ``cls()``), refused unless it is a ``cls``: each builder takes its own world's settings."""
+    config = config if config is not None else cls()
+    if not isinstance(config, cls):
+        raise TypeError(f"{builder} takes an {cls.__name__}, got {type(config).__name__}")
+    return config
+
+
 def build_sd15(config: SDWorldConfig | None = None, *, device: str | torch.device = "cpu") -> World:
     """The ``sd15`` world: Stable Diffusion 1.x (and 2.x: v-prediction is read from the scheduler config).
 
@@ -265,7 +340,7 @@ def build_sd15(config: SDWorldConfig | None = None, *, device: str | torch.devic
         config: the settings (`SDWorldConfig`; None: its defaults).
         device: where the networks live.
     """
-    return _build(config or SDWorldConfig(), sdxl=False, device=device, time_ids=[])
+    return _build(config or SDWorldConfig(), kind="sd15", device=device, time_ids=[])
 
 
 def build_sdxl(config: SDXLWorldConfig | None = None, *, device: str | torch.device = "cpu") -> World:
@@ -276,10 +351,29 @@ def build_sdxl(config: SDXLWorldConfig | None = None, *, device: str | torch.dev
         config: the settings (`SDXLWorldConfig`; None: its defaults).
         device: where the networks live.
     """
-    config = config or SDXLWorldConfig()
-    if not isinstance(config, SDXLWorldConfig):
-        raise TypeError(f"build_sdxl takes an SDXLWorldConfig, got {type(config).__name__}")
-    return _build(config, sdxl=True, device=device, time_ids=config.time_ids())
+    config = _config_of(config, SDXLWorldConfig, "build_sdxl")
+    return _build(config, kind="sdxl", device=device, time_ids=config.time_ids())
 
 
-__all__ = ["DEFAULT_PROMPTS", "SDWorldConfig", "SDXLWorldConfig", "build_sd15", "build_sdxl"]
+def build_sd3(config: SD3WorldConfig | None = None, *, device: str | torch.device = "cpu") -> World:
+    """The ``sd3`` world: Stable Diffusion 3 / 3.5 — ``SD3Transformer2DModel`` (velocity prediction on the rectified-
+    flow path) in `FlowMatchingPolicy`, three text encoders (`SD3TextEncoder`) and the 16-channel VAE with its shift
+    factor (`LatentCodec`).
+
+    Args:
+        config: the settings (`SD3WorldConfig`; None: its defaults).
+        device: where the networks live.
+    """
+    return _build(_config_of(config, SD3WorldConfig, "build_sd3"), kind="sd3", device=device, time_ids=[])
+
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "PipelineWorldConfig",
+    "SD3WorldConfig",
+    "SDWorldConfig",
+    "SDXLWorldConfig",
+    "build_sd3",
+    "build_sd15",
+    "build_sdxl",
+]
