@@ -13,9 +13,9 @@ sd15/sdxl/sd3, LoRA     ``pytorch_lora_weights.safetensors`` (peft keys   ``pipe
 sd15/sdxl/sd3, full     the whole pipeline (``model_index.json``,         ``DiffusionPipeline.from_pretrained(DIR)``;
                         ``unet/`` ``vae/`` ``text_encoder/`` ...)         the UNet alone: ``UNet2DConditionModel
                                                                           .from_pretrained(DIR, subfolder="unet")``
-shapes                  the UNet (``save_pretrained``: ``config.json`` +  ``world=shapes world.weights=DIR``
+shapes(_flow)           the UNet (``save_pretrained``: ``config.json`` +  ``world=shapes world.weights=DIR``
                         ``diffusion_pytorch_model.safetensors``)
-toy2d                   the ε-MLP (``model.safetensors``)                 ``world=toy2d world.weights=DIR``
+toy2d(_flow)            the MLP (``model.safetensors``)                   ``world=toy2d world.weights=DIR``
 ======================  ================================================  =============================================
 
 For shapes/toy2d a LoRA run is merged into the base weights (W + (α/r)·B·A, peft's own ``merge``), so the export is
@@ -258,7 +258,7 @@ def data_line(run: Run) -> str:
         pairs = w.get("pairs") or "none"
         prompts = w.get("prompts") or "the world's default prompt set"
         return f"preference pairs: `{pairs}`; prompts for online sampling: `{prompts}`"
-    if run.world == "shapes":
+    if run.world in ("shapes", "shapes_flow"):
         return (
             f"preference pairs: `{w.get('pairs_dir') or 'the shipped shapes pairs'}`; {w['n_train_prompts']} captions"
         )
@@ -302,8 +302,8 @@ def model_card(run: Run, kind: str, out: Path) -> str:
             f'pipe = DiffusionPipeline.from_pretrained("{out}")',
             "```",
         ],
-        "unet": [f"```\npython -m benchmarks.run world=shapes world.weights={out}\n```"],
-        "model": [f"```\npython -m benchmarks.run world=toy2d world.weights={out}\n```"],
+        "unet": [f"```\npython -m benchmarks.run world={run.world} world.weights={out}\n```"],
+        "model": [f"```\npython -m benchmarks.run world={run.world} world.weights={out}\n```"],
     }[kind]
     budget = c["budget"]
     amount = budget["amount"] if budget["amount"] is not None else c["train"]["steps"]

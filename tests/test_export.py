@@ -176,10 +176,10 @@ def test_sd3_lora_export_loads_into_the_sd3_pipeline_and_samples_the_run(tmp_pat
     assert (ours["trained"] - ours["base"]).abs().max() > 1e-4  # the adapters changed the samples
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_toy2d_export_starts_a_new_run(tmp_path, lora):
-    """toy2d: the exported ε-MLP (LoRA merged) is the trained policy; ``world.weights=DIR`` builds a world whose base
-    policy samples exactly what the trained run's policy samples."""
+@pytest.mark.parametrize(("world_name", "lora"), [("toy2d", False), ("toy2d", True), ("toy2d_flow", False)])
+def test_toy2d_export_starts_a_new_run(tmp_path, world_name, lora):
+    """toy2d / toy2d_flow: the exported MLP (LoRA merged) is the trained policy; ``world=<its world>
+    world.weights=DIR`` builds a world whose base policy samples exactly what the trained run's policy samples."""
     from benchmarks.export import export
     from rlkit_diffusion.worlds import build_world
     from tests.helpers import run_toy
@@ -187,12 +187,21 @@ def test_toy2d_export_starts_a_new_run(tmp_path, lora):
     extra = ["reference.lora_rank=2"] if lora else []
     _, run_dir = run_toy(
         tmp_path,
-        ["algo=ddpo", "train.steps=2", "train.batch_size=8", "eval.samples_per_prompt=2", "report=false", *extra],
+        [
+            f"world={world_name}",
+            "algo=ddpo",
+            "train.steps=2",
+            "train.batch_size=8",
+            "eval.samples_per_prompt=2",
+            "report=false",
+            *extra,
+        ],
     )
     out = export(run_dir, tmp_path / "export")
-    assert (out / "model.safetensors").is_file() and "world=toy2d world.weights=" in (out / "README.md").read_text()
-    world = build_world("toy2d", weights=str(out), optimum_pool=16)
-    base = build_world("toy2d", optimum_pool=16)
+    card = (out / "README.md").read_text()
+    assert (out / "model.safetensors").is_file() and f"world={world_name} world.weights=" in card
+    world = build_world(world_name, weights=str(out), optimum_pool=16)
+    base = build_world(world_name, optimum_pool=16)
     ours = load_file(str(run_dir / "samples.safetensors"))
     prompts = json.loads((run_dir / "samples.json").read_text())["prompts"]
     from rlkit_diffusion.evaluate import EvalConfig, sample_split
