@@ -569,6 +569,11 @@ KNOWN_TYPED = {
     # "On a flow-matching base": the printouts of `benchmarks.prepare world=shapes(_flow)` (stage=grid) and of
     # `benchmarks.run algo=dpo world=shapes_flow seed=0,1,2`, pasted by hand next to their commands.
     "algos/dpo.md": {
+        # the cold-cache shapes_flow run (`python -m benchmarks.run algo=dpo world=shapes_flow out_dir=<new dir>`)
+        "116.2",
+        "151.1",
+        "231.0",
+        "246.7",
         "0.11328125",
         "0.21484375",
         "0.3203125",
