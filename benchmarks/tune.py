@@ -91,11 +91,14 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 run_one(sub, run_dir=run_dir)
             runs.append(load_run(run_dir))
-        vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in ("proxy_reward_trained", "kl_to_ref")}
+        keys = ("proxy_reward_trained", "kl_to_ref", "proxy_reward_base")
+        vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in keys}
         rows.append(
             {
                 **trial,
                 "proxy": float(np.mean(vals["proxy_reward_trained"])),
+                "proxy_base": float(np.mean(vals["proxy_reward_base"])),
+                "run_wall_s": float(sum(r["eval"].get("wall_s", 0.0) for r in runs)),  # the trial's own runs
                 "kl": float(np.mean(vals["kl_to_ref"])),
                 "per_seed_proxy": vals["proxy_reward_trained"],
             }
@@ -143,12 +146,32 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         f".md).\n# Rule: {RULE}.\n"
     )
     conf.write_text(head + yaml.safe_dump(tuned, sort_keys=False))
+    lrs = sorted({r["train.lr"] for r in record["trials"]})
+    knobs = sorted({r[knob] for r in record["trials"]})
+    edge = [
+        name
+        for name, values, value in (("learning rate", lrs, chosen["train.lr"]), (knob, knobs, chosen[knob]))
+        if value in (values[0], values[-1])
+    ]
+    base = [r["proxy_base"] for r in record["trials"] if math.isfinite(r.get("proxy_base", math.nan))]
+    run_wall = sum(r.get("run_wall_s", 0.0) for r in record["trials"])
     lines = [
         f"# Tuning of {algo} on {world}",
         "",
-        f"{len(record['trials'])} trials (learning rate × {knob}) on tuning seeds {record['seeds']}; "
-        f"rule: {RULE}. Chosen: trial {record['chosen'] + 1}. Wall time {record['wall_s']:.0f} s.",
+        f"Command: `python -m benchmarks.run experiment=tune algo={algo} world={world}` ({len(record['trials'])} "
+        f"trials: learning rate × {knob}) on tuning seeds {record['seeds']}; rule: {RULE}. Chosen: trial "
+        f"{record['chosen'] + 1}. Run time of the trials {run_wall:.0f} s."
+        + (f" The base model's proxy reward: {base[0]:.4f}." if base else ""),
         "",
+        *(
+            [
+                f"The chosen trial is at the edge of the grid in {' and '.join(edge)}: the optimum may lie outside "
+                "it; the same command run again centres a new grid on the chosen values.",
+                "",
+            ]
+            if edge
+            else []
+        ),
         f"| trial | lr | {knob} | proxy reward (mean over seeds) | per seed | KL to base | chosen |",
         "|---|---|---|---|---|---|---|",
     ]

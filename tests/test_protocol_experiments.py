@@ -174,6 +174,9 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
     assert tuned["algo"]["beta"] == record["trials"][record["chosen"]]["algo.beta"]
     table = (tmp_path / "docs" / "toy2d_dpo.md").read_text()
     assert table.count("| ✓ |") == 1 and "highest mean proxy reward" in table
+    assert "Command: `python -m benchmarks.run experiment=tune algo=dpo world=toy2d`" in table  # the page names it
+    assert "The base model's proxy reward: " in table
+    assert "at the edge of the grid in learning rate and algo.beta" in table  # a 2 × 2 grid is all edges
     with pytest.raises(ValueError, match="reporting seeds"):
         tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
     with pytest.raises(ValueError, match="not tuned"):
