@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 from rlkit_diffusion.policy import Cond, DiffusionPolicy, SampleOutput
@@ -29,6 +29,12 @@ def ddim_scheduler(num_train_timesteps: int, beta_schedule: str) -> DDIMSchedule
         set_alpha_to_one=False,
         timestep_spacing="leading",
     )
+
+
+def flow_scheduler(num_train_timesteps: int) -> FlowMatchEulerDiscreteScheduler:
+    """The rectified-flow schedule of the flow worlds trained here (toy2d_flow, shapes_flow): σ linear in the step
+    (shift 1) over ``num_train_timesteps`` training grid points."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
 
 
 class PromptEncoder(Protocol):

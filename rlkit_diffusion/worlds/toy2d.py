@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from rlkit_diffusion.checkpoint import atomic_write
 from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy
-from rlkit_diffusion.worlds.base import World, ddim_scheduler
+from rlkit_diffusion.worlds.base import World, ddim_scheduler, flow_scheduler
 
 TRAIN_ANGLES = [0, 60, 120, 180, 240, 300]
 HELDOUT_ANGLES = [30, 90, 150, 210, 270, 330]
@@ -121,7 +121,7 @@ def make_scheduler() -> DDIMScheduler:
 
 def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The rectified-flow schedule of toy2d_flow: σ linear in the step (shift 1), T = 1000 training grid points."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+    return flow_scheduler(NUM_TRAIN_TIMESTEPS)
 
 
 def pretrain(

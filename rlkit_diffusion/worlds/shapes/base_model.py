@@ -32,7 +32,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DCond
 from tqdm.auto import tqdm
 
 from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy, UNetEpsModel
-from rlkit_diffusion.worlds.base import ddim_scheduler
+from rlkit_diffusion.worlds.base import ddim_scheduler, flow_scheduler
 from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
 from rlkit_diffusion.worlds.shapes.render import render
 from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
@@ -62,7 +62,7 @@ def make_scheduler() -> DDIMScheduler:
 
 def make_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The rectified-flow schedule of shapes_flow: σ linear in the step (shift 1), T = 1000 training grid points."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+    return flow_scheduler(NUM_TRAIN_TIMESTEPS)
 
 
 def make_unet(seed: int = 0) -> UNet2DConditionModel:

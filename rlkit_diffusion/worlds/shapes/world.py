@@ -205,9 +205,7 @@ def build_shapes(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
     )
-    return _shapes_world(
-        "shapes", policy, device, proxy_weights, pairs_dir, guidance_scale, n_train_prompts, n_heldout_prompts, seed
-    )
+    return _shapes_world("shapes", policy, device, proxy_weights, pairs_dir, n_train_prompts, n_heldout_prompts, seed)
 
 
 def build_shapes_flow(
@@ -250,7 +248,6 @@ def build_shapes_flow(
         device,
         proxy_weights,
         pairs_dir,
-        guidance_scale,
         n_train_prompts,
         n_heldout_prompts,
         seed,
@@ -263,7 +260,6 @@ def _shapes_world(
     device: str | torch.device,
     proxy_weights: str | None,
     pairs_dir: str | None,
-    guidance_scale: float,
     n_train_prompts: int,
     n_heldout_prompts: int,
     seed: int,
@@ -306,7 +302,7 @@ def _shapes_world(
         val_pairs=val_pairs,
         decode=to_images,
         encode=to_model_space,
-        guidance_scale=guidance_scale,
+        guidance_scale=policy.guidance_scale,
         extras={
             "diversity": lambda x0, prompts: attribute_entropy(to_images(x0), prompts),
             "sdedit_inputs": sdedit_inputs,

@@ -45,21 +45,23 @@ class SDEpsModel(UNetEpsModel):
 
 
 class _Tokenize:
-    """Pad/truncate to the tokenizer's length (77), warning once when a prompt is truncated."""
+    """Pad/truncate to ``max_length`` tokens (default the tokenizer's length, 77 for CLIP), warning once when a
+    prompt is truncated."""
 
-    def __init__(self, tokenizer: Any, what: str) -> None:
+    def __init__(self, tokenizer: Any, what: str, max_length: int | None = None) -> None:
         self.tokenizer, self.what, self.warned = tokenizer, what, False
+        self.max_length = int(max_length or tokenizer.model_max_length)
 
     def __call__(self, prompts: list[str], device: torch.device) -> Tensor:
-        tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        tok, length = self.tokenizer, self.max_length
+        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         if not self.warned:
-            lengths = [len(x) for x in tok(prompts).input_ids]  # one batched call, only until the first warning
-            long = [p for p, n in zip(prompts, lengths) if n > tok.model_max_length]
+            lengths = [len(x) for x in tok(prompts, verbose=False).input_ids]  # batched, until the first warning
+            long = [p for p, n in zip(prompts, lengths) if n > length]
             if long:
                 self.warned = True
                 warnings.warn(
-                    f"{self.what}: prompt(s) longer than {tok.model_max_length} tokens are truncated "
+                    f"{self.what}: prompt(s) longer than {length} tokens are truncated "
                     f"(first: {long[0][:80]!r}); further truncations are not reported",
                     stacklevel=3,
                 )
@@ -186,10 +188,13 @@ class SD3TextEncoder:
         self.clip_tokenizers = [_Tokenize(t, f"sd3 text encoder {i + 1}") for i, t in enumerate(tokenizers[:2])]
         self.clip_encoders = [te.eval().requires_grad_(False) for te in text_encoders[:2]]
         self.t5 = text_encoders[2].eval().requires_grad_(False) if len(text_encoders) > 2 else None
-        self.t5_tokenizer = tokenizers[2] if len(tokenizers) > 2 else None
+        self.t5_tokenize = (
+            _Tokenize(tokenizers[2], "sd3 text encoder 3 (T5, world.max_sequence_length)", max_sequence_length)
+            if len(tokenizers) > 2
+            else None
+        )
         self.joint_attention_dim, self.max_sequence_length = int(joint_attention_dim), int(max_sequence_length)
         self._uncond: dict[str, Tensor] | None = None
-        self._t5_warned = False
 
     @property
     def device(self) -> torch.device:
@@ -199,16 +204,7 @@ class SD3TextEncoder:
         n, length = len(prompts), self.max_sequence_length
         if self.t5 is None:
             return like.new_zeros((n, length, self.joint_attention_dim))
-        tok = self.t5_tokenizer
-        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-        if not self._t5_warned and any(len(x) > length for x in tok(prompts, verbose=False).input_ids):
-            self._t5_warned = True
-            warnings.warn(
-                f"sd3 text encoder 3 (T5): prompt(s) longer than world.max_sequence_length={length} tokens are "
-                "truncated; further truncations are not reported",
-                stacklevel=3,
-            )
-        return self.t5(ids.to(self.device))[0]  # (B, L5, J)
+        return self.t5(self.t5_tokenize(prompts, self.device))[0]  # (B, L5, J)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> dict[str, Tensor]:
