@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import leaderboard, protocol, report
 from benchmarks.wiring import hydra_output_dir
-from rlkit_diffusion.checkpoint import latest_checkpoint
+from rlkit_diffusion.checkpoint import atomic_write_json, latest_checkpoint
 
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
@@ -129,7 +129,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         runs.append(protocol.merge_seeds(mine))
     lines = SECTIONS[sweep["section"]](runs, sweep.get("params", {}), exp_dir)
     rows = protocol.aggregate(seed_runs, tuple(sweep.get("params", {}).get("kl_levels", protocol.KL_LEVELS)))
-    (exp_dir / "aggregate.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_json(exp_dir / "aggregate.json", rows)
     wall = time.perf_counter() - t0
     title = sweep.get("title", cfg.experiment)
     runs_wall = sum(float(r["eval"].get("wall_s", 0.0)) for r in seed_runs)  # each run's build+train+eval time
@@ -153,7 +153,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         "wall_s": wall,
         "runs_wall_s": runs_wall,
     }
-    (exp_dir / "experiment.json").write_text(json.dumps(record, indent=2))
+    atomic_write_json(exp_dir / "experiment.json", record)
     print(f"[{cfg.experiment}] section: {exp_dir / 'section.md'} ({wall:.0f} s)", flush=True)
     return wall
 

@@ -41,7 +41,13 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_trainable_state
+from rlkit_diffusion.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+)
 
 SD_WORLDS = ("sd15", "sdxl", "sd3")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -221,7 +227,7 @@ def export(run_dir: Path | str, out: Path | str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     kind = export_sd(run, out) if run.world in SD_WORLDS else export_small(run, out)
     info = {"world": run.world, "algo": run.algo, "kind": kind, "checkpoint": str(run.checkpoint.resolve())}
-    atomic_write_text(out / "rlkit_export.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_json(out / "rlkit_export.json", info)
     atomic_write_text(out / "README.md", model_card(run, kind, out))
     return out
 

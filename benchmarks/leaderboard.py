@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import protocol
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.intervals import t_interval
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def write_page(path: Path, docs_out: str | None, title: str, lines: list[str], r
     for page in [path, *([Path(docs_out)] if docs_out else [])]:
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
-        page.with_suffix(".json").write_text(json.dumps(record, indent=2, default=float))
+        atomic_write_json(page.with_suffix(".json"), record, default=float)
 
 
 def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:

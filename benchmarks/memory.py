@@ -22,12 +22,12 @@ only — add the activations measured on the target GPU (``benchmarks.perf --dev
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.perf import emit
 from benchmarks.perf_run import SD15_UNET
 from rlkit_diffusion.sharding import FSDP_BLOCKS
 
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--gpus", default="8,16", help="numbers of GPUs (processes) to tabulate, e.g. 8,16")
     p.add_argument("--json", action="store_true", help="print the counts and rows as JSON")
     args = p.parse_args(argv)
-    result = table(tuple(int(n) for n in args.gpus.split(",")))
-    print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
-    return result
+    return emit(table(tuple(int(n) for n in args.gpus.split(","))), args.json, format_table)
 
 
 if __name__ == "__main__":

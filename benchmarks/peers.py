@@ -553,9 +553,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         trl_worker(args.worker)
         return None
-    result = run(args)
-    print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
-    return result
+    from benchmarks.perf import emit
+
+    return emit(run(args), args.json, format_table)
 
 
 if __name__ == "__main__":

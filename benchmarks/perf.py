@@ -617,24 +617,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from benchmarks import perf_run
 
         if args.run is not None:  # a whole run keeps the run's own thread count
-            result = perf_run.whole_run(args.run)
-            text = perf_run.format_run(result)
-        elif args.flops:
-            torch.set_num_threads(args.threads)
-            torch.manual_seed(0)
-            result = perf_run.flops_report(build, peak_mb, args.repeats)
-            text = perf_run.format_flops(result)
-        else:
-            torch.set_num_threads(args.threads)
-            torch.manual_seed(0)
-            result = perf_run.precision_check(
-                build(args.world, torch.device(args.device), args.steps), args.batch_size
-            )
-            text = perf_run.format_precision(result)
-        print(json.dumps(result, indent=2) if args.json else text, flush=True)
-        return result
-    result = run(args)
-    print(json.dumps(result, indent=2) if args.json else format_table(result), flush=True)
+            return emit(perf_run.whole_run(args.run), args.json, perf_run.format_run)
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        if args.flops:
+            return emit(perf_run.flops_report(build, peak_mb, args.repeats), args.json, perf_run.format_flops)
+        world = build(args.world, torch.device(args.device), args.steps)
+        return emit(perf_run.precision_check(world, args.batch_size), args.json, perf_run.format_precision)
+    return emit(run(args), args.json, format_table)
+
+
+def emit(result: dict[str, Any], as_json: bool, format_text: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Print a benchmark's result as JSON or as its text table (the benchmarks' ``--json`` flag); return it."""
+    print(json.dumps(result, indent=2) if as_json else format_text(result), flush=True)
     return result
 
 

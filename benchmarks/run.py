@@ -48,7 +48,7 @@ from benchmarks.wiring import (
     to_dataclass,
 )
 from rlkit_diffusion.algorithm import AlgoContext
-from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, read_state
+from rlkit_diffusion.checkpoint import atomic_write_json, latest_checkpoint, read_state
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
 from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, check_resume_layout, train
@@ -293,7 +293,7 @@ def run_seeds(cfg: DictConfig, parent: Path, run_one=None) -> list[dict[str, Any
         run_one(sub, run_dir=run_dir)
     runs = [load_run(parent / f"s{seed}") for seed in seeds]
     rows = protocol.aggregate(runs)
-    atomic_write_text(parent / "aggregate.json", json.dumps(rows, indent=2))
+    atomic_write_json(parent / "aggregate.json", rows)
     report = write_report([parent]) if cfg.get("report", True) else None
     for row in rows:
         win = row["pooled_win_rate"].get("train")

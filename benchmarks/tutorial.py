@@ -19,7 +19,6 @@ Nothing here trains or samples by itself: every panel is `rlkit_diffusion.train.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -33,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from algos import algo_config_class, build_algo
 from benchmarks.wiring import build_context, build_world_from, new_run_dir, save_config
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.evaluate import EvalConfig, sample_split
 from rlkit_diffusion.reference import Reference
 from rlkit_diffusion.train import TrainConfig, train
@@ -231,7 +231,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> float:
         shutil.copyfile(fig_path, dest)
     rows = [{**{k: v for k, v in vars(p).items() if k != "x0"}, "spread": p.spread} for p in panels]
     summary = {"prompt": prompt, "betas": betas, "panels": rows, "wall_s": time.perf_counter() - t0}
-    (run_dir / "tutorial.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(run_dir / "tutorial.json", summary)
     print(f"tutorial figure: {fig_path}" + (f" (copied to {t.copy_to})" if t.get("copy_to") else ""), flush=True)
     kl_panels = [p.distance_to_optimum for p in panels if t.algos.get(p.algo, {}).get("beta_key") is not None]
     return float(np.mean(kl_panels)) if kl_panels else float("nan")

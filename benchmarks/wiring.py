@@ -8,7 +8,6 @@ saving a run's outputs (``config.yaml``, ``samples.*``, ``eval.json``).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import MutableMapping
@@ -20,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit_diffusion.algorithm import AlgoContext, Counters
-from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, latest_checkpoint
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_json, latest_checkpoint
 from rlkit_diffusion.eval_cache import open_base_cache
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.mdp import DenoisingCore
@@ -207,7 +206,7 @@ def save_per_sample(metrics: dict[str, Any], run_dir: Path, samples_per_prompt: 
 
 
 def save_eval(result: dict[str, Any], run_dir: Path) -> None:
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
+    atomic_write_json(run_dir / "eval.json", result)
 
 
 def save_samples(world, policy, base_policy, eval_cfg: EvalConfig, run_dir: Path, algo_sampler=None, n: int = 8):
@@ -232,4 +231,4 @@ def save_samples(world, policy, base_policy, eval_cfg: EvalConfig, run_dir: Path
     if x_in is not None:
         tensors["input"] = world.decode(x_in).float().cpu().contiguous()
     save_file(tensors, str(run_dir / "samples.safetensors"))
-    (run_dir / "samples.json").write_text(json.dumps({"prompts": prompts}))
+    atomic_write_json(run_dir / "samples.json", {"prompts": prompts}, indent=None)

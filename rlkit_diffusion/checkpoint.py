@@ -64,6 +64,11 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2, default: Callable | None = None) -> Path:
+    """`atomic_write` of ``obj`` as JSON (one trailing newline): every record, metric and run file of the project."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
 def state_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], noun: str = "keys") -> str:
     """What keeps ``state`` from loading into a module whose state dict is ``expected``: missing and unexpected
     entries and shape mismatches, the first of each named ("" when it fits). The one check of the weight loaders."""

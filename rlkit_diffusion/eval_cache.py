@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_json
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.worlds.base import World
 
@@ -225,9 +225,9 @@ class BaseEvalCache(MutableMapping):
             "absent": sorted(absent),
             "sha256": file_sha256(tensors_path),
         }
-        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+        atomic_write_json(meta_path, meta)
         if self.description and not (self.directory / "key.json").exists():
-            atomic_write_text(self.directory / "key.json", json.dumps(self.description, indent=2, default=str))
+            atomic_write_json(self.directory / "key.json", self.description, default=str)
 
     def __delitem__(self, split: str) -> None:
         self.memory.pop(split, None)

@@ -325,6 +325,24 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(launcher, tmp_
     assert latest_checkpoint(root) == second and not list(root.glob("*.tmp"))
 
 
+def test_a_json_record_write_that_fails_keeps_the_previous_record(tmp_path, monkeypatch):
+    """Every record and metric file (eval.json, experiment/aggregate records, the prepare outputs) is written by
+    `atomic_write_json`: a write that dies half-way leaves the previous file whole and no temporary file behind."""
+    import rlkit_diffusion.checkpoint as ck
+
+    path = ck.atomic_write_json(tmp_path / "eval.json", {"win_rate": 0.75})
+    assert path.read_text() == '{\n  "win_rate": 0.75\n}\n'
+
+    def torn_write(tmp, text):  # half the bytes reach the disk, then the process "dies"
+        Path(tmp).write_text(text[: len(text) // 2])
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(ck, "atomic_write_text", lambda p, text: ck.atomic_write(p, lambda tmp: torn_write(tmp, text)))
+    with pytest.raises(OSError, match="killed"):
+        ck.atomic_write_json(tmp_path / "eval.json", {"win_rate": 0.5, "gold": 4.7})
+    assert json.loads(path.read_text()) == {"win_rate": 0.75} and list(tmp_path.iterdir()) == [path]
+
+
 @pytest.mark.parametrize("fail_at", ["model", "optimizer", "state", "rename", "after_old_moved"])
 def test_a_write_failing_at_any_point_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail_at):
     """The write dies at each stage (an exception standing in for the kill): the previous checkpoint still loads and

@@ -31,6 +31,7 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy, UNetEpsModel
 from rlkit_diffusion.worlds.base import ddim_scheduler, flow_scheduler
 from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
@@ -193,7 +194,7 @@ def pretrain(
             save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(state_dir / "unet.safetensors"))
             save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(state_dir / "ema.safetensors"))
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_dir / "optimizer.pt")
-            (state_dir / "state.json").write_text(json.dumps({"step": done, "config": asdict(cfg), "flow": flow}))
+            atomic_write_json(state_dir / "state.json", {"step": done, "config": asdict(cfg), "flow": flow})
     # Stored in fp16 (half the bytes; loaded back as fp32 by `load_unet`).
     ema.to(torch.float16).save_pretrained(str(out_dir), safe_serialization=True)
     recipe = {
@@ -203,7 +204,7 @@ def pretrain(
         "params": sum(p.numel() for p in ema.parameters()),
         "pretrain_seconds_this_session": round(time.time() - t0, 1),
     }
-    (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    atomic_write_json(out_dir / "recipe.json", recipe)
     return out_dir
 
 

@@ -29,7 +29,6 @@ Recipe (deterministic from a seed):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.data.pickapic import write_pairs
 from rlkit_diffusion.worlds.shapes.captions import caption_targets, sample_captions
 from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
@@ -384,7 +384,7 @@ def make_shapes_pairs(
         "val_ties_redrawn": val_ties,
         "generator_mix": {name: models.count(name) / len(models) for name in sorted(set(models))},
     }
-    (out_dir / "pairs_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    atomic_write_json(out_dir / "pairs_stats.json", stats)
     return stats
 
 

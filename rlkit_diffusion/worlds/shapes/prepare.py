@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.worlds.shapes.base_model import BASE_DIR, FLOW_BASE_DIR, PretrainConfig, pretrain
 from rlkit_diffusion.worlds.shapes.captions import caption_targets
 from rlkit_diffusion.worlds.shapes.gold import measure
@@ -139,7 +140,7 @@ def stage_grid(p: dict[str, Path], quick: bool, seed: int) -> dict:
         f"sampling_images_per_s_20_{world.policy.sampler}_steps": per_s,
         "params": sum(x.numel() for x in world.policy.eps_model.parameters()),
     }
-    (p["grid"] / f"{name}_base_figures.json").write_text(json.dumps(figures, indent=2))
+    atomic_write_json(p["grid"] / f"{name}_base_figures.json", figures)
     return figures
 
 

@@ -53,7 +53,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from rlkit_diffusion.checkpoint import atomic_write, atomic_write_text, state_mismatch
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_json, state_mismatch
 from rlkit_diffusion.rewards.clip_utils import TextFeatureCache
 
 CONFIG_FORMAT = "rlkit-diffusion/shapes-proxy/v1"
@@ -355,7 +355,7 @@ def save_proxy_models(
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
         atomic_write(out_dir / WEIGHT_FILES[name], lambda tmp, t=tensors: save_file(t, str(tmp)))
     document = {"format": CONFIG_FORMAT, "model": config.to_dict(), "files": WEIGHT_FILES, **(extra or {})}
-    atomic_write_text(out_dir / "config.json", json.dumps(document, indent=2) + "\n")
+    atomic_write_json(out_dir / "config.json", document)
     return out_dir
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
 import time
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.data.pickapic import PreferencePairDataset
 from rlkit_diffusion.worlds.shapes.captions import all_canonical_captions, sample_captions, scenes_for_captions
 from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
@@ -441,7 +441,7 @@ def train_proxy(
     sizes = {name: (out_dir / file).stat().st_size for name, file in WEIGHT_FILES.items()}
     metrics.update({f"bytes_{name}": size for name, size in sizes.items()})
     metrics["bytes_total"] = sum(sizes.values()) + (out_dir / "config.json").stat().st_size
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
