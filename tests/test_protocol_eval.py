@@ -89,3 +89,33 @@ def test_eta0_kl_is_measured_on_a_stochastic_pass(toy_pair):
     for key in ("win_rate_vs_base", "kl_to_ref", "gold_reward_trained", "diversity"):
         assert out1[f"{key}_ci_low"] <= out1[key] <= out1[f"{key}_ci_high"] or key == "diversity", key
     assert math.isfinite(out1["diversity_ci_low"])
+
+
+def test_the_tuning_trials_lean_evaluation_changes_no_number_of_the_training_split():
+    """experiment=tune's trials evaluate only what its rule reads (eval.heldout=false, eval.implicit_pairs=0 in
+    conf/experiment/tune.yaml). Each split draws from generators seeded by eval.seed alone, so every number of the
+    training split — the proxy reward and the KL the rule picks by among them — is that of the full evaluation."""
+    import dataclasses
+
+    from benchmarks.wiring import build_world_from, to_dataclass
+    from tests.helpers import TINY_SHAPES, compose_cfg
+
+    cfg = compose_cfg([*TINY_SHAPES, "eval.heldout=true", "eval.rewards=[proxy]"])
+    torch.manual_seed(0)
+    world = build_world_from(cfg, torch.device("cpu"))
+    base = world.policy
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    full_cfg = to_dataclass(EvalConfig, cfg.eval)
+    scale = (2000.0, "official")  # the implicit reward's β and convention (DPO's on shapes)
+    full = evaluate(world, trained, base, full_cfg, implicit_scale=scale)
+    lean_cfg = dataclasses.replace(full_cfg, heldout=False, implicit_pairs=0)
+    lean = evaluate(world, trained, base, lean_cfg, implicit_scale=scale)
+    assert any(k.startswith("heldout_") for k in full) and any(k.startswith("implicit") for k in full)
+    training_split = [k for k in lean if isinstance(lean[k], float) and not k.endswith("wall_s")]
+    assert {"proxy_reward_trained", "kl_to_ref", "win_rate_vs_base"} <= set(training_split)
+    assert lean["kl_to_ref"] > 0
+    for k in training_split:
+        assert lean[k] == full[k] or (math.isnan(lean[k]) and math.isnan(full[k])), k
