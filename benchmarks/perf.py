@@ -523,6 +523,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(benchmarks/perf_run.py)",
     )
     p.add_argument(
+        "--out-dir",
+        default=None,
+        help="with --run: the run's out_dir (default: a temporary one). Its evaluation cache is kept, so the same "
+        "command run twice times the cold and then the warm run",
+    )
+    p.add_argument(
         "--precision-check",
         action="store_true",
         help="on-policy importance ratio and log-prob batch invariance in fp32/bf16/fp16 (benchmarks/perf_run.py)",
@@ -617,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from benchmarks import perf_run
 
         if args.run is not None:  # a whole run keeps the run's own thread count
-            return emit(perf_run.whole_run(args.run), args.json, perf_run.format_run)
+            return emit(perf_run.whole_run(args.run, args.out_dir), args.json, perf_run.format_run)
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         if args.flops:

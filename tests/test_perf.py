@@ -51,16 +51,22 @@ def test_perf_json_has_every_field_and_they_are_finite():
     assert set(r["targets"]) == {"ratio", "dpo_memory", "draft_ckpt_growth"}
 
 
-def test_whole_run_json_fields_present_and_finite(capsys):
-    """``benchmarks.perf --run ... --json``: every phase, the bare UNet work and the ratio (no timing asserted)."""
+def test_whole_run_json_fields_present_and_finite(capsys, tmp_path):
+    """``benchmarks.perf --run ... --json``: every phase, the bare UNet work and the ratio (no timing asserted);
+    with ``--out-dir`` the second run is the warm one: the base's evaluation comes from the cache, same numbers."""
     import json
     import math
 
     from benchmarks.perf import main
 
     args = ["world=toy2d", "algo=dpo", "train.steps=2", "eval.samples_per_prompt=2", "eval.bootstrap=10"]
-    main(["--run", *args, "report=false", "--json"])
+    main(["--run", *args, "report=false", "--json", "--out-dir", str(tmp_path)])
     r = json.loads(capsys.readouterr().out)
+    main(["--run", *args, "report=false", "--json", "--out-dir", str(tmp_path)])
+    warm = json.loads(capsys.readouterr().out)
+    assert warm["phases"]["evaluate"]["unet_rows"] < r["phases"]["evaluate"]["unet_rows"]  # the base's rows cached
+    assert warm["phases"]["train"]["unet_rows"] == r["phases"]["train"]["unet_rows"]
+    assert (warm["win_rate_vs_base"], warm["kl_to_ref"]) == (r["win_rate_vs_base"], r["kl_to_ref"])
     assert set(r["phases"]) == {"build", "train", "evaluate", "report"}
     assert r["phases"]["train"]["unet_rows"] > 0 and r["phases"]["evaluate"]["unet_rows"] > 0
     for name in ("train", "evaluate"):
