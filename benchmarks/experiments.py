@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import leaderboard, protocol, report
 from benchmarks.wiring import hydra_output_dir
-from rlkit_diffusion.checkpoint import atomic_write_json, latest_checkpoint
+from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
@@ -95,35 +98,30 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
     seeds = experiment_seeds(cfg, sweep)
     cache_dir = cfg.get("eval_cache_dir") or Path(cfg.out_dir) / ".eval_cache"  # one base evaluation for all runs
-    runs, timings, seed_runs = [], {}, []
+    runs, seed_runs = [], []
     todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
+    pending: list[tuple[str, Path, list[str]]] = []
     for i, (spec, seed) in enumerate(todo):
         label = spec["label"]
         run_dir = exp_dir / "runs" / _slug(label) / f"s{seed}"
-        print(f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}", flush=True)
         if (run_dir / "eval.json").exists():
-            print(f"[{cfg.experiment}]   complete already, reused: {run_dir}", flush=True)
-        else:
-            t_run = time.perf_counter()
-            resume = [f"resume={run_dir}"] if latest_checkpoint(run_dir / "checkpoints") is not None else []
-            sub = compose_run(
-                [
-                    *spec.get("overrides", []),
-                    *extra,
-                    label_override(label),
-                    f"seed={seed}",
-                    f"out_dir={exp_dir / 'runs'}",
-                    f"eval_cache_dir={cache_dir}",
-                    *resume,
-                ]
+            print(
+                f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: complete already, reused",
+                flush=True,
             )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run_one(sub, run_dir=run_dir)
-            timings[f"{label}/s{seed}"] = time.perf_counter() - t_run
-            done = sum(timings.values())
-            left = done / len(timings) * (len(todo) - i - 1)
-            print(f"[{cfg.experiment}]   {timings[f'{label}/s{seed}']:.0f} s; ~{left / 60:.0f} min left", flush=True)
-        seed_runs.append(report.load_run(run_dir))
+            continue
+        resume = [quoted_override("resume", run_dir)] if latest_checkpoint(run_dir / "checkpoints") is not None else []
+        over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
+        over += [quoted_override("out_dir", exp_dir / "runs"), quoted_override("eval_cache_dir", cache_dir), *resume]
+        pending.append((f"{label}/s{seed}", run_dir, over))
+    jobs = int(cfg.get("jobs") or 1)
+    timings = (
+        run_processes(pending, jobs, tag=str(cfg.experiment))
+        if jobs > 1
+        else run_in_process(pending, run_one, tag=str(cfg.experiment))
+    )
+    for spec, seed in todo:
+        seed_runs.append(report.load_run(exp_dir / "runs" / _slug(spec["label"]) / f"s{seed}"))
     for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
         mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]
         runs.append(protocol.merge_seeds(mine))
@@ -139,7 +137,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         f"min of run time (`experiment={cfg.experiment}`)._"
     )
     body = [f"## {title}", "", *lines, "", footer]
-    (exp_dir / "section.md").write_text("\n".join(body) + "\n")
+    atomic_write_text(exp_dir / "section.md", "\n".join(body) + "\n")
     record = {
         "experiment": cfg.experiment,
         "title": title,
@@ -158,6 +156,58 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     return wall
 
 
+def _progress(tag: str, done: dict[str, float], name: str, left: int, workers: int = 1) -> None:
+    eta = sum(done.values()) / len(done) * left / workers
+    print(f"[{tag}]   {name}: {done[name]:.0f} s; {left} to go, ~{eta / 60:.0f} min left", flush=True)
+
+
+def run_in_process(pending: list[tuple[str, Path, list[str]]], run_one: RunOne, tag: str) -> dict[str, float]:
+    """Each pending run, one after the other, in this process (``jobs=1``). Returns each run's wall seconds."""
+    timings: dict[str, float] = {}
+    for i, (name, run_dir, overrides) in enumerate(pending):
+        print(f"[{tag}] run {i + 1}/{len(pending)}: {name}", flush=True)
+        t_run = time.perf_counter()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_one(compose_run(overrides), run_dir=run_dir)
+        timings[name] = time.perf_counter() - t_run
+        _progress(tag, timings, name, len(pending) - i - 1)
+    return timings
+
+
+def run_processes(pending: list[tuple[str, Path, list[str]]], jobs: int, tag: str) -> dict[str, float]:
+    """Each pending run as its own ``python -m benchmarks.run <overrides> hydra.run.dir=<run_dir>`` process, ``jobs``
+    at a time, each with ⌊cores / jobs⌋ intra-op threads; its output goes to ``<run_dir>/process.log``. The runs
+    are the same as in-process ones (same config, same directory; an interrupted one resumes). A failed run is
+    named with its log after the others finish. Returns each run's wall seconds."""
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+    queue, running, timings, failed = list(pending), {}, {}, []
+    while queue or running:
+        while queue and len(running) < jobs:
+            name, run_dir, overrides = queue.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "process.log", "ab")  # noqa: SIM115 (closed when the process ends)
+            cmd = [sys.executable, "-m", "benchmarks.run", *overrides, quoted_override("hydra.run.dir", run_dir)]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (name, run_dir, log, time.perf_counter())
+            print(f"[{tag}] started {name} ({threads} threads; {len(queue)} waiting)", flush=True)
+        time.sleep(1.0)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, run_dir, log, t_run = running.pop(proc)
+            log.close()
+            if proc.returncode != 0 or not (run_dir / "eval.json").exists():
+                failed.append(f"{name}: exit code {proc.returncode}, log {run_dir / 'process.log'}")
+                print(f"[{tag}]   {name} FAILED ({failed[-1]})", flush=True)
+                continue
+            timings[name] = time.perf_counter() - t_run
+            _progress(tag, timings, name, len(queue) + len(running), jobs)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} run(s) failed (run the experiment again to retry them):\n" + "\n".join(failed)
+        )
+    return timings
+
+
 def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:
     """The reporting seeds: ``seeds=`` on the command line, else the experiment's ``sweep.seeds``, else
     `benchmarks.protocol.REPORTING_SEEDS`; never a tuning seed."""
@@ -172,10 +222,15 @@ def _is_seeds(override: str) -> bool:
     return override.split("=", 1)[0].lstrip("+~") in ("seed", "seeds")
 
 
+def quoted_override(key: str, value: Any) -> str:
+    """``key=value`` with the value quoted for Hydra's override grammar (labels such as ``beta=500``, and the run
+    directories named after them, contain ``=``)."""
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"{key}='{escaped}'"
+
+
 def label_override(label: str) -> str:
-    """``label=<label>`` quoted for Hydra's override grammar (labels such as ``beta=500`` contain ``=``)."""
-    escaped = label.replace("\\", "\\\\").replace("'", "\\'")
-    return f"label='{escaped}'"
+    return quoted_override("label", label)
 
 
 def _slug(label: str) -> str:

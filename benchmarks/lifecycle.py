@@ -89,6 +89,7 @@ def config_errors(cfg: DictConfig) -> list[str]:
     need("eval.max_prompts", lambda v: v >= 1, ">= 1")
     need("eval.bootstrap", lambda v: v >= 1, ">= 1")
     need("seed", lambda v: v >= 0, ">= 0")
+    need("jobs", lambda v: v >= 1, ">= 1")
     algo = g(cfg, "algo.name")
     if algo in ALGOS:
         fields = {f.name for f in dataclasses.fields(algo_config_class(algo))}

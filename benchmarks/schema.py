@@ -62,6 +62,11 @@ class RunConfig:
     eval_cache_dir: str | None = None
     """The cross-run evaluation cache (``eval.cache=true``); None = ``<out_dir>/.eval_cache``. An experiment's runs
     share the experiment's root cache."""
+    jobs: int = 1
+    """Experiments (``experiment=<name>`` with a sweep, the leaderboard): how many runs train at once, each a
+    ``python -m benchmarks.run`` process with ⌊CPU cores / jobs⌋ threads (`benchmarks.experiments.run_processes`).
+    1 = one after the other in this process. On a 2-core CPU two one-thread runs do more work per hour than one
+    two-thread run (small convolutions use a second thread poorly); on one GPU keep 1."""
     logger: Any = "tensorboard"
     """Trackers, through accelerate: ``tensorboard | wandb | trackio | mlflow | none`` or a list
     (``logger=[tensorboard,wandb]``); ``metrics.jsonl`` is always written (`rlkit_diffusion.logging.make_logger`)."""

@@ -49,7 +49,7 @@ def test_seeds_on_a_run_write_each_seed_and_the_aggregate(tmp_path):
 
 
 def _leaderboard_cfg(tmp_path, algos):
-    cfg = compose_cfg(["experiment=leaderboard", *TINY, f"out_dir={tmp_path}"])
+    cfg = compose_cfg(["experiment=leaderboard", *TINY, f"out_dir={tmp_path}", "jobs=1"])  # run_one injected
     sweep = OmegaConf.to_container(cfg.sweep)
     sweep["grid"]["algos"] = algos
     sweep["grid"]["eval_points"] = 2
@@ -102,7 +102,7 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
 
 
 def test_paper_claims_end_to_end(tmp_path):
-    cfg = compose_cfg(["experiment=paper_claims", *TINY, f"out_dir={tmp_path}"])
+    cfg = compose_cfg(["experiment=paper_claims", *TINY, f"out_dir={tmp_path}", "jobs=1"])  # run_one injected
     sweep = OmegaConf.to_container(cfg.sweep)
     sweep["runs"] = [
         {"label": "dpo", "overrides": ["algo=dpo", "train.steps=4", "eval.rewards=[gold,proxy]"]},
