@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from benchmarks import protocol
 from benchmarks.report import load_run
 from benchmarks.wiring import hydra_output_dir
+from rlkit_diffusion.checkpoint import atomic_write_text
 
 KNOBS: dict[str, str] = {
     "dpo": "algo.beta",
@@ -145,7 +146,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         f"world={world}` ({len(record['trials'])} trials × seeds {record['seeds']}; table: docs/tuning/{world}_{algo}"
         f".md).\n# Rule: {RULE}.\n"
     )
-    conf.write_text(head + yaml.safe_dump(tuned, sort_keys=False))
+    atomic_write_text(conf, head + yaml.safe_dump(tuned, sort_keys=False))
     lrs = sorted({r["train.lr"] for r in record["trials"]})
     knobs = sorted({r[knob] for r in record["trials"]})
     edge = [
@@ -165,6 +166,16 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         "",
         *(
             [
+                f"No trial raised the proxy reward above the base model's (best {chosen['proxy']:.4f} vs "
+                f"{base[0]:.4f}): within this grid and budget {algo} did not improve its training reward on the "
+                "tuning seeds; the chosen file is the least harmful trial.",
+                "",
+            ]
+            if base and chosen["proxy"] <= base[0]
+            else []
+        ),
+        *(
+            [
                 f"The chosen trial is at the edge of the grid in {' and '.join(edge)}: the optimum may lie outside "
                 "it; the same command run again centres a new grid on the chosen values.",
                 "",
@@ -182,6 +193,6 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
             f"| {i + 1} | {r['train.lr']:g} | {r[knob]:g} | {r['proxy']:.4f} | {per} | {r['kl']:.2f} | {mark} |"
         )
     doc = docs_dir / f"{world}_{algo}.md"
-    doc.write_text("\n".join(lines) + "\n")
+    atomic_write_text(doc, "\n".join(lines) + "\n")
     print(f"[tune {world}_{algo}] chosen trial {record['chosen'] + 1}: {chosen}; wrote {conf} and {doc}", flush=True)
     return conf, doc

@@ -177,6 +177,14 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
     assert "Command: `python -m benchmarks.run experiment=tune algo=dpo world=toy2d`" in table  # the page names it
     assert "The base model's proxy reward: " in table
     assert "at the edge of the grid in learning rate and algo.beta" in table  # a 2 × 2 grid is all edges
+    assert ("No trial raised the proxy reward above the base model's" in table) == (
+        max(r["proxy"] for r in record["trials"]) <= record["trials"][0]["proxy_base"]
+    )
+    worse = {**record, "trials": [{**r, "proxy_base": best + 1.0} for r in record["trials"]]}  # every trial below
+    _, doc = tune.write_outputs(cfg, worse, tmp_path / "conf2", tmp_path / "docs2")
+    assert f"No trial raised the proxy reward above the base model's (best {best:.4f} vs {best + 1:.4f})" in (
+        doc.read_text()
+    )
     with pytest.raises(ValueError, match="reporting seeds"):
         tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
     with pytest.raises(ValueError, match="not tuned"):
