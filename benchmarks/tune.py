@@ -91,7 +91,7 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
                     OmegaConf.update(sub, key, value)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 run_one(sub, run_dir=run_dir)
-            runs.append(load_run(run_dir))
+            runs.append(check_trial(load_run(run_dir), trial, run_dir))
         keys = ("proxy_reward_trained", "kl_to_ref", "proxy_reward_base")
         vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in keys}
         rows.append(
@@ -117,6 +117,21 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
     }
     write_outputs(cfg, record, Path(t.conf_dir), Path(t.docs_dir))
     return record
+
+
+def check_trial(run: dict[str, Any] | None, trial: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A reused trial directory must hold a run of exactly this trial's settings: a grid centred elsewhere (the
+    tuning file changed since the directory was made) would otherwise relabel old runs with new values."""
+    if run is None or run["config"] is None:
+        raise ValueError(f"{run_dir}: not a finished run (eval.json or config.yaml unreadable); remove it to rerun")
+    for key, value in trial.items():
+        held = OmegaConf.select(run["config"], key)
+        if held is None or not math.isclose(float(held), float(value), rel_tol=1e-6):
+            raise ValueError(
+                f"{run_dir} holds a run with {key}={held}, not this grid's {value}: the grid is centred on the "
+                "current tuning file, which changed since this sweep ran; tune into a new directory"
+            )
+    return run
 
 
 RULE = (

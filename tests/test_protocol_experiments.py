@@ -145,7 +145,7 @@ def test_verdict_rule_and_matched_kl_interpolation():
     assert np.isnan(protocol.value_at_kl(kl, gold, 60.0))
 
 
-def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
+def test_tune_writes_the_tuning_file_and_its_table(tmp_path, monkeypatch):
     import yaml
 
     from benchmarks import tune
@@ -185,6 +185,11 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path):
     assert f"No trial raised the proxy reward above the base model's (best {best:.4f} vs {best + 1:.4f})" in (
         doc.read_text()
     )
+    (sweep_dir,) = tmp_path.glob("*-tune-toy2d_dpo")
+    monkeypatch.setattr(tune, "hydra_output_dir", lambda: sweep_dir)  # the same directory run again ...
+    moved = OmegaConf.merge(cfg, {"train": {"lr": float(cfg.train.lr) * 2}})  # ... after the tuning file changed:
+    with pytest.raises(ValueError, match="not this grid's"):  # its trials are not relabelled with the new grid
+        tune.run(moved, run_one)
     with pytest.raises(ValueError, match="reporting seeds"):
         tune.run(OmegaConf.merge(cfg, {"tune": {"seeds": [0]}}), run_one)
     with pytest.raises(ValueError, match="not tuned"):
