@@ -43,8 +43,9 @@ Notation (code name → paper symbol):
 
 Implementation details (numbered):
 
-1. Collection: prompts c ~ p(c), x_0 from the old policy through the MDP rollout (the world's sampler, any η, no
-   trajectory kept), rewards r_raw = R(c, x_0) through ``ctx.reward`` (counted), gathered over processes.
+1. Collection: B/G prompts c ~ p(c), each G = ``group_size`` times; x_0 from the old policy through the MDP rollout
+   (the world's sampler, any η, no trajectory kept), rewards r_raw = R(c, x_0) through ``ctx.reward`` (counted),
+   gathered over processes.
 2. Optimality probability (the paper's normalisation): r_norm = (r_raw − mean_c r_raw) / Z with the per-prompt mean of
    the gathered batch and Z the batch's global standard deviation of r_raw − mean_c; r = ½ + ½ clip(r_norm / c, −1, 1)
    with c = ``adv_clip`` (the paper's c = 1). A prompt drawn once has r_norm = 0 (r = ½: no signal).
@@ -68,6 +69,7 @@ import torch
 from torch import Tensor
 
 from algos.ddpo import _gather_strings
+from algos.grpo import grouped_prompts
 from rlkit_diffusion.algorithm import AlgoContext, AlgorithmDefaults
 from rlkit_diffusion.preference import sample_timesteps
 from rlkit_diffusion.reference import Reference
@@ -92,6 +94,10 @@ class NFTConfig:
     """η_i = min(ramp · i, max): the old policy's soft-update decay after i collections (detail 4)."""
     old_decay_max: float = 0.5
     """Upper bound of η_i (detail 4)."""
+    group_size: int = 8
+    """G, samples per caption in a collected batch: B/G captions, each G times, so that every caption's mean reward is
+    a baseline (detail 2; DiffusionNFT samples a group of images per prompt). 1 = captions drawn independently, which
+    groups them only by chance (often on toy2d's 6 captions; on shapes' 64 most rows would get r = ½, no signal)."""
     t_min: int = 0
     """Smallest training timestep drawn."""
     t_max: int | None = None
@@ -217,6 +223,11 @@ class NFT(AlgorithmDefaults):
         residual_scale(torch.ones(1), cfg.weighting)  # fails at once on a typo
         if cfg.beta <= 0 or cfg.adv_clip <= 0 or cfg.num_minibatches < 1:
             raise ValueError("nft: need beta > 0, adv_clip > 0 and num_minibatches >= 1")
+        if cfg.group_size < 1 or ctx.batch_size % cfg.group_size:
+            raise ValueError(
+                f"nft: train.batch_size={ctx.batch_size} must be a multiple of algo.group_size={cfg.group_size} "
+                "(the batch holds batch_size/group_size captions, group_size samples each)"
+            )
         if not 0.0 <= cfg.old_decay_max < 1.0 or cfg.old_decay_ramp < 0:
             raise ValueError("nft: need 0 <= old_decay_max < 1 and old_decay_ramp >= 0")
         if ctx.policy.prediction_type not in ("epsilon", "flow"):
@@ -237,7 +248,7 @@ class NFT(AlgorithmDefaults):
             self.reference.ema_decay = min(cfg.old_decay_ramp * self.collections, cfg.old_decay_max)
             self.reference.update(self.collections)
         self.collections += 1
-        prompts = ctx.env.sample_prompts(ctx.batch_size, ctx.generator)
+        prompts = grouped_prompts(ctx.env, ctx.batch_size // cfg.group_size, cfg.group_size, ctx.generator)  # (B,)
         with torch.no_grad():
             ro = ctx.env.rollout(self.reference.policy, prompts, generator=ctx.generator, with_reward=False)
             rewards = ctx.reward(ctx.env.reward_model, ctx.world.decode(ro.x0), prompts)  # (B,)

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from algos.nft import flow_residual_scale, nft_loss, optimality_probability, residual_scale
-from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread  # noqa: F401
+from algos.nft import NFT, NFTConfig, flow_residual_scale, nft_loss, optimality_probability, residual_scale
+from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,3 +77,20 @@ def test_nft_learns_and_flipped_does_not(tmp_path, monkeypatch):
     assert good["win_rate_vs_base"] > 0.6
     flip_objective(monkeypatch)
     assert did_not_learn(tmp_path, "nft")
+
+
+def test_a_collected_batch_holds_groups_of_one_caption(toy_world):
+    """Each caption's mean reward is its samples' baseline (detail 2), so a batch holds B/G captions G times each:
+    every row gets a signal (r ≠ ½ unless it equals its group's mean). With group_size=1 captions are drawn
+    independently: on a world with more captions than the batch, most rows would get r = ½ exactly."""
+    ctx = toy_context(toy_world, batch_size=16)
+    algo = NFT(NFTConfig(group_size=4))
+    algo.setup(ctx)
+    batch = algo.collect()
+    groups = [batch.prompts[i : i + 4] for i in range(0, 16, 4)]
+    assert all(len(set(g)) == 1 for g in groups)
+    assert (batch.r != 0.5).float().mean() > 0.9
+    r = batch.r.reshape(4, 4)
+    assert ((r > 0.5).any(1) & (r < 0.5).any(1)).all()  # each group has a better and a worse half
+    with pytest.raises(ValueError, match="must be a multiple of algo.group_size"):
+        NFT(NFTConfig(group_size=3)).setup(toy_context(toy_world, batch_size=16))
