@@ -103,7 +103,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     pending: list[tuple[str, Path, list[str]]] = []
     for i, (spec, seed) in enumerate(todo):
         label = spec["label"]
-        run_dir = exp_dir / "runs" / _slug(label) / f"s{seed}"
+        run_dir = (exp_dir / "runs" / _slug(label) / f"s{seed}").absolute()  # the same for a run in another process
         if (run_dir / "eval.json").exists():
             print(
                 f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: complete already, reused",
@@ -112,7 +112,8 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             continue
         resume = [quoted_override("resume", run_dir)] if latest_checkpoint(run_dir / "checkpoints") is not None else []
         over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
-        over += [quoted_override("out_dir", exp_dir / "runs"), quoted_override("eval_cache_dir", cache_dir), *resume]
+        over += [quoted_override("out_dir", (exp_dir / "runs").absolute())]
+        over += [quoted_override("eval_cache_dir", Path(cache_dir).absolute()), *resume]
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
     timings = (
@@ -180,7 +181,10 @@ def run_processes(pending: list[tuple[str, Path, list[str]]], jobs: int, tag: st
     are the same as in-process ones (same config, same directory; an interrupted one resumes). A failed run is
     named with its log after the others finish. Returns each run's wall seconds."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TQDM_DISABLE": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # the checkout: `benchmarks` importable from any cwd
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": path}
+    env["TQDM_DISABLE"] = "1"  # the logs hold no progress bars
     queue, running, timings, failed = list(pending), {}, {}, []
     while queue or running:
         while queue and len(running) < jobs:
