@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,22 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(errors) if len(errors) == 1 else "\n".join(errors))
 
 
+POSITIVE = ("train.lr", "budget.amount")
+AT_LEAST_ONE = ("train.batch_size", "train.grad_accum", "train.log_every", "jobs")
+AT_LEAST_ONE += ("eval.samples_per_prompt", "eval.max_prompts", "eval.bootstrap")
+NON_NEGATIVE = ("train.steps", "train.warmup_steps", "train.eval_every", "train.eval_points", "train.checkpoint_every")
+NON_NEGATIVE += ("train.weight_decay", "seed")
+BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
+    *((key, lambda v: v > 0, "> 0") for key in POSITIVE),
+    *((key, lambda v: v >= 1, ">= 1") for key in AT_LEAST_ONE),
+    *((key, lambda v: v >= 0, ">= 0") for key in NON_NEGATIVE),
+    ("train.checkpoint_every_s", lambda v: v >= 0, ">= 0 (0 = no wall-clock checkpoints)"),
+    ("train.on_nonfinite", lambda v: v in ("stop", "skip"), "one of stop, skip"),
+    ("budget.kind", lambda v: v in BUDGET_KINDS, f"one of {', '.join(BUDGET_KINDS)}"),
+]
+"""The value rules checked before any work: (config key, test, the rule in words)."""
+
+
 def config_errors(cfg: DictConfig) -> list[str]:
     errors: list[str] = []
     g = OmegaConf.select
@@ -71,25 +88,8 @@ def config_errors(cfg: DictConfig) -> list[str]:
         if value is not None and not ok(value):
             errors.append(f"{key}={value!r}: must be {rule}")
 
-    need("train.lr", lambda v: v > 0, "> 0")
-    need("train.batch_size", lambda v: v >= 1, ">= 1")
-    need("train.steps", lambda v: v >= 0, ">= 0")
-    need("train.grad_accum", lambda v: v >= 1, ">= 1")
-    need("train.warmup_steps", lambda v: v >= 0, ">= 0")
-    need("train.log_every", lambda v: v >= 1, ">= 1")
-    need("train.eval_every", lambda v: v >= 0, ">= 0")
-    need("train.eval_points", lambda v: v >= 0, ">= 0")
-    need("train.checkpoint_every", lambda v: v >= 0, ">= 0")
-    need("train.checkpoint_every_s", lambda v: v >= 0, ">= 0 (0 = no wall-clock checkpoints)")
-    need("train.weight_decay", lambda v: v >= 0, ">= 0")
-    need("train.on_nonfinite", lambda v: v in ("stop", "skip"), "one of stop, skip")
-    need("budget.kind", lambda v: v in BUDGET_KINDS, f"one of {', '.join(BUDGET_KINDS)}")
-    need("budget.amount", lambda v: v > 0, "> 0")
-    need("eval.samples_per_prompt", lambda v: v >= 1, ">= 1")
-    need("eval.max_prompts", lambda v: v >= 1, ">= 1")
-    need("eval.bootstrap", lambda v: v >= 1, ">= 1")
-    need("seed", lambda v: v >= 0, ">= 0")
-    need("jobs", lambda v: v >= 1, ">= 1")
+    for key, ok, rule in BOUNDS:
+        need(key, ok, rule)
     algo = g(cfg, "algo.name")
     if algo in ALGOS:
         fields = {f.name for f in dataclasses.fields(algo_config_class(algo))}

@@ -185,6 +185,7 @@ def test_a_corrupt_checkpoint_is_named_and_the_newest_intact_one_is_used(tmp_pat
         ("train.steps=-5", "train.steps=-5: must be >= 0"),
         ("budget.kind=banana", "budget.kind='banana': must be one of steps, nfe, reward_queries, wall_s"),
         ("eval.samples_per_prompt=0", "eval.samples_per_prompt=0: must be >= 1"),
+        ("jobs=0", "jobs=0: must be >= 1"),
         ("eval.reward=banana", "eval.reward='banana': must be a reward of world toy2d: gold, proxy"),
         ("eval.rewards=[gold,banana]", "eval.rewards: 'banana' is not a reward of world toy2d: gold, proxy"),
         ("algo.beta=0", "algo.beta=0.0: must be > 0 for dpo (β = 0 removes the preference term: nothing trains)"),
