@@ -91,19 +91,19 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
     if sweep["section"] not in SECTIONS:
         raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
-    exp_dir = Path(exp_dir or experiment_dir(cfg))
+    exp_dir = Path(exp_dir or experiment_dir(cfg)).absolute()  # the same paths for runs in other processes
     exp_dir.mkdir(parents=True, exist_ok=True)
     if sweep.get("grid"):  # leaderboard: the run list is every module (benchmarks.leaderboard.expand_grid)
         sweep["runs"] = leaderboard.expand_grid(sweep)
     extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
     seeds = experiment_seeds(cfg, sweep)
     cache_dir = cfg.get("eval_cache_dir") or Path(cfg.out_dir) / ".eval_cache"  # one base evaluation for all runs
-    runs, seed_runs = [], []
+    runs = []
     todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
+    run_dirs = [exp_dir / "runs" / _slug(spec["label"]) / f"s{seed}" for spec, seed in todo]
     pending: list[tuple[str, Path, list[str]]] = []
-    for i, (spec, seed) in enumerate(todo):
+    for i, ((spec, seed), run_dir) in enumerate(zip(todo, run_dirs, strict=True)):
         label = spec["label"]
-        run_dir = (exp_dir / "runs" / _slug(label) / f"s{seed}").absolute()  # the same for a run in another process
         if (run_dir / "eval.json").exists():
             print(
                 f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: complete already, reused",
@@ -112,7 +112,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             continue
         resume = [quoted_override("resume", run_dir)] if latest_checkpoint(run_dir / "checkpoints") is not None else []
         over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
-        over += [quoted_override("out_dir", (exp_dir / "runs").absolute())]
+        over += [quoted_override("out_dir", exp_dir / "runs")]
         over += [quoted_override("eval_cache_dir", Path(cache_dir).absolute()), *resume]
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
@@ -121,8 +121,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         if jobs > 1
         else run_in_process(pending, run_one, tag=str(cfg.experiment))
     )
-    for spec, seed in todo:
-        seed_runs.append(report.load_run(exp_dir / "runs" / _slug(spec["label"]) / f"s{seed}"))
+    seed_runs = [report.load_run(run_dir) for run_dir in run_dirs]
     for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
         mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]
         runs.append(protocol.merge_seeds(mine))
