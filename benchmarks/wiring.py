@@ -101,9 +101,14 @@ def check_tuning(world: str, algo: str, conf_dir: Path = CONF_DIR) -> None:
 # Building: world, reference, context
 # ----------------------------------------------------------------------------------------------------------------
 def build_world_from(cfg: DictConfig, device: Any) -> World:
-    """Seed everything with ``cfg.seed`` (identical initial weights on every rank), then build ``cfg.world``."""
+    """Seed everything with ``cfg.seed`` (identical initial weights on every rank), then build ``cfg.world``.
+
+    A world with a ``text_cache`` setting left unset (the shapes worlds) gets its caption embeddings persisted under
+    the evaluation cache, ``<eval_cache_dir>/text``, when ``eval.cache`` is on (`SentenceEncoder`'s ``store``)."""
     seed_everything(cfg.seed)
     world_kwargs = OmegaConf.to_container(cfg.world, resolve=True)
+    if "text_cache" in world_kwargs and world_kwargs["text_cache"] is None and cfg.eval.cache:
+        world_kwargs["text_cache"] = str(eval_cache_dir(cfg) / "text")
     return build_world(world_kwargs.pop("name"), device=device, **world_kwargs)
 
 

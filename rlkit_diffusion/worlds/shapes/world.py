@@ -184,6 +184,7 @@ def build_shapes(
     n_train_prompts: int = 64,
     n_heldout_prompts: int = 64,
     seed: int = 0,
+    text_cache: str | None = None,
 ) -> World:
     """Build the shapes world from the shipped (or given) base UNet, proxy reward weights and pairs.
 
@@ -194,6 +195,9 @@ def build_shapes(
         num_inference_steps, eta, guidance_scale: the sampler of the policy (DDIM; η = 1 keeps every step a
             proper Gaussian policy for DDPO).
         n_train_prompts / n_heldout_prompts: sizes of the fixed prompt sets (online training + evaluation).
+        text_cache: directory of the persistent caption-embedding cache (`SentenceEncoder` ``store``; None: memory
+            only). A cache location, not a setting: the numbers are the same with and without it. `benchmarks.run`
+            puts it under the evaluation cache (``<out_dir>/.eval_cache/text``) when ``eval.cache`` is on.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     unet = load_unet(weights or BASE_DIR)
@@ -205,7 +209,9 @@ def build_shapes(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
     )
-    return _shapes_world("shapes", policy, device, proxy_weights, pairs_dir, n_train_prompts, n_heldout_prompts, seed)
+    return _shapes_world(
+        "shapes", policy, device, proxy_weights, pairs_dir, n_train_prompts, n_heldout_prompts, seed, text_cache
+    )
 
 
 def build_shapes_flow(
@@ -221,6 +227,7 @@ def build_shapes_flow(
     n_train_prompts: int = 64,
     n_heldout_prompts: int = 64,
     seed: int = 0,
+    text_cache: str | None = None,
 ) -> World:
     """shapes with a flow-matching base: the same UNet architecture and size, pretrained by the same recipe as a
     rectified-flow velocity model (``python -m benchmarks.prepare world=shapes_flow`` → ``assets/shapes_flow_base``),
@@ -251,6 +258,7 @@ def build_shapes_flow(
         n_train_prompts,
         n_heldout_prompts,
         seed,
+        text_cache,
     )
 
 
@@ -263,11 +271,12 @@ def _shapes_world(
     n_train_prompts: int,
     n_heldout_prompts: int,
     seed: int,
+    text_cache: str | None = None,
 ) -> World:
     """Everything of a shapes world but its base policy: encoder, rewards, prompts, pairs and extras."""
     device = torch.device(device)
     policy = policy.to(device)
-    encoder = SentenceEncoder(device=device)
+    encoder = SentenceEncoder(device=device, store=text_cache)
     rewards: dict[str, Any] = {
         "gold": GoldShapesReward(),
         "jpeg": JpegReward(incompressible=False),
