@@ -65,9 +65,9 @@ class RunConfig:
     jobs: int = 1
     """Experiments (``experiment=<name>`` with a sweep, the leaderboard): how many runs train at once, each a
     ``python -m benchmarks.run`` process with ⌊CPU cores / jobs⌋ threads (`benchmarks.experiments.run_processes`).
-    1 = one after the other in this process. On a 2-core CPU two one-thread runs are expected to do more work per
-    hour than one two-thread run (a default DPO step took 0.41 s on two threads, its UNet work 0.43 s on one; not yet
-    measured on whole experiments); on one GPU keep 1."""
+    1 = one after the other in this process. On a 2-core CPU two one-thread runs do more work per hour than one
+    two-thread run: two default DPO runs at once, one thread each, finished in 248 and 261 s wall; one two-thread
+    run took 153.5 s (docs/perf.md, "Measured on a quiet machine"). On one GPU keep 1."""
     logger: Any = "tensorboard"
     """Trackers, through accelerate: ``tensorboard | wandb | trackio | mlflow | none`` or a list
     (``logger=[tensorboard,wandb]``); ``metrics.jsonl`` is always written (`rlkit_diffusion.logging.make_logger`)."""
