@@ -1,5 +1,6 @@
 """The persistent caption-embedding cache: stored = computed bit for bit, read back instead of re-encoded, shards
-written every FLUSH_EVERY captions and at collection, bad shards deleted and recomputed, a changed input another key."""
+written every FLUSH_EVERY captions and at collection, bad shards deleted and recomputed, a changed input is
+another key."""
 
 import gc
 
