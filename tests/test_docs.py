@@ -42,7 +42,7 @@ PAGES = sorted(
     ]
 )
 ALL_DOC_PAGES = sorted(DOCS.rglob("*.md"))
-SEEDS = Path(os.environ.get("RLKIT_SEEDS", REPO.parent.parent / "shared" / "seeds"))
+SEEDS = Path(os.environ.get("RLKIT_SEEDS", REPO.parent / "shared" / "seeds"))
 
 # The Diffusion-DPO paper (Wallace et al.) numbers its equations 1-14 in the main text, 15-16 in S1 (DDPO),
 # 17-18 in S2 (primary derivation), 19-27 in S3 (RL view) and 28-50 in S4 (noise-aware preference model). The
