@@ -2,13 +2,13 @@
 
 Every algorithm gets the same number of trials: the learning rate × ``tune.lr_factors`` crossed with its main knob
 (`KNOBS`, declared per algorithm) × ``tune.knob_factors`` — 3 × 3 = 9 trials by default — around its current tuning
-file, each on every tuning seed (`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule
-that picks the winner (`pick`): **the highest mean proxy reward of the trained policy over the tuning seeds** — the
-reward a practitioner can see; the gold reward (the evaluation's truth) is never looked at — ties within
-``tune.tie_tol`` broken by the smaller KL to the base. It writes ``conf/tuning/<world>_<algo>.yaml`` (only
-``algo``/``train``/``reference`` keys, as `benchmarks.wiring.check_tuning` requires) and
-``docs/tuning/<world>_<algo>.md`` with the sweep table. Finished trials are reused when the same directory is run
-again (``hydra.run.dir=<dir>``).
+file (an integer knob's values stay valid: `KNOB_FLOORS`), each on every tuning seed
+(`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule that picks the winner (`pick`): **the
+highest mean proxy reward of the trained policy over the tuning seeds** — the reward a practitioner can see; the gold
+reward (the evaluation's truth) is never looked at — ties within ``tune.tie_tol`` broken by the smaller KL to the base.
+It writes ``conf/tuning/<world>_<algo>.yaml`` (only ``algo``/``train``/``reference`` keys, as
+`benchmarks.wiring.check_tuning` requires) and ``docs/tuning/<world>_<algo>.md`` with the sweep table. Finished trials
+are reused when the same directory is run again (``hydra.run.dir=<dir>``).
 """
 
 from __future__ import annotations
@@ -42,10 +42,25 @@ KNOBS: dict[str, str] = {
 """The one main knob tuned beside the learning rate, per algorithm (others: ``train.batch_size``)."""
 NOT_TUNED = {"best_of_n": "trains nothing: its only knob N is an inference cost, reported as such"}
 INTEGER_KNOBS = ("train.batch_size", "algo.k", "algo.k_min")
+KNOB_FLOORS: dict[str, int] = {"algo.k": 2, "algo.k_min": 2}
+"""The smallest valid value of an integer knob. DRaFT's K = 1 alone is the identity last step of a DDIM schedule that
+ends at t = 0 (ᾱ_prev = ᾱ_t: `algos.draft` refuses it), so a grid that would reach below the floor is scaled up
+until its smallest value is the floor: K₀ = 2 with factors ½, 1, 2 gives {2, 4, 8}, not {1, 2, 4}."""
 
 
 def knob_of(algo: str) -> str:
     return KNOBS.get(algo, "train.batch_size")
+
+
+def knob_values(knob: str, k0: float, factors: list[float]) -> list[float | int]:
+    """The knob's values, one per factor: ``k0 × factor``; integer knobs rounded, at least 1, and scaled up as a
+    whole to `KNOB_FLOORS` when the smallest would fall below it."""
+    if knob not in INTEGER_KNOBS:
+        return [float(k0 * f) for f in factors]
+    values = [max(1, int(round(k0 * f))) for f in factors]
+    floor = KNOB_FLOORS.get(knob, 1)
+    scale = floor / min(values) if min(values) < floor else 1.0
+    return [int(round(v * scale)) for v in values]
 
 
 def trial_grid(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -53,12 +68,8 @@ def trial_grid(cfg: DictConfig) -> list[dict[str, Any]]:
     t = cfg.tune
     knob = knob_of(cfg.algo.name)
     lr0, k0 = float(cfg.train.lr), OmegaConf.select(cfg, knob)
-    trials = []
-    for fl, fk in itertools.product(t.lr_factors, t.knob_factors):
-        k = k0 * fk
-        k = max(1, int(round(k))) if knob in INTEGER_KNOBS else float(k)
-        trials.append({"train.lr": float(f"{lr0 * fl:.3g}"), knob: k})
-    return trials
+    knobs = knob_values(knob, k0, list(t.knob_factors))
+    return [{"train.lr": float(f"{lr0 * fl:.3g}"), knob: k} for fl, k in itertools.product(t.lr_factors, knobs)]
 
 
 def pick(rows: list[dict[str, Any]], tie_tol: float) -> int:

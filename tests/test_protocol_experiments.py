@@ -196,6 +196,20 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path, monkeypatch):
         tune.run(OmegaConf.merge(cfg, {"algo": {"name": "best_of_n"}}), run_one)
 
 
+def test_the_grid_of_an_integer_knob_stays_valid():
+    """DRaFT's K = 1 is refused on shapes (identity last step): a grid around K = 2 is {2, 4, 8}, not {1, 2, 4}; other
+    integer knobs only round, and float knobs scale."""
+    from benchmarks import tune
+
+    assert tune.knob_values("algo.k", 2, [0.5, 1.0, 2.0]) == [2, 4, 8]
+    assert tune.knob_values("algo.k_min", 4, [0.5, 1.0, 2.0]) == [2, 4, 8]
+    assert tune.knob_values("algo.k", 6, [0.5, 1.0, 2.0]) == [3, 6, 12]
+    assert tune.knob_values("train.batch_size", 2, [0.25, 1.0, 2.0]) == [1, 2, 4]
+    assert tune.knob_values("algo.beta", 2000, [0.5, 1.0, 2.0]) == [1000.0, 2000.0, 4000.0]
+    cfg = compose_cfg(["experiment=tune", "algo=draft", "world=shapes"])
+    assert sorted({trial["algo.k"] for trial in tune.trial_grid(cfg)}) == [2, 4, 8]
+
+
 def test_flow_vs_eps_puts_each_algorithm_on_both_policies_side_by_side(tmp_path):
     """experiment=flow_vs_eps (two of its rows, tiny runs): one table row per (algorithm, policy) with the base →
     trained gold reward and distance to p*, each trained value the mean over the 3 seeds with its t-interval."""
