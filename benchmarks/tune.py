@@ -2,13 +2,14 @@
 
 Every algorithm gets the same number of trials: the learning rate × ``tune.lr_factors`` crossed with its main knob
 (`KNOBS`, declared per algorithm) × ``tune.knob_factors`` — 3 × 3 = 9 trials by default — around its current tuning
-file (an integer knob's values stay valid: `KNOB_FLOORS`), each on every tuning seed
-(`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule that picks the winner (`pick`): **the
-highest mean proxy reward of the trained policy over the tuning seeds** — the reward a practitioner can see; the gold
-reward (the evaluation's truth) is never looked at — ties within ``tune.tie_tol`` broken by the smaller KL to the base.
-It writes ``conf/tuning/<world>_<algo>.yaml`` (only ``algo``/``train``/``reference`` keys, as
-`benchmarks.wiring.check_tuning` requires) and ``docs/tuning/<world>_<algo>.md`` with the sweep table. Finished trials
-are reused when the same directory is run again (``hydra.run.dir=<dir>``).
+file (an integer knob's values stay valid: `KNOB_FLOORS`; a batch-size knob scales ``train.steps`` by the inverse
+factor, so every trial costs the same UNet NFEs, the unit of the head-to-head's and the leaderboard's budgets), each on
+every tuning seed (`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule that picks the
+winner (`pick`): **the highest mean proxy reward of the trained policy over the tuning seeds** — the reward a
+practitioner can see; the gold reward (the evaluation's truth) is never looked at — ties within ``tune.tie_tol`` broken
+by the smaller KL to the base. It writes ``conf/tuning/<world>_<algo>.yaml`` (only ``algo``/``train``/``reference``
+keys, as `benchmarks.wiring.check_tuning` requires) and ``docs/tuning/<world>_<algo>.md`` with the sweep table.
+Finished trials are reused when the same directory is run again (``hydra.run.dir=<dir>``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,13 @@ def trial_grid(cfg: DictConfig) -> list[dict[str, Any]]:
     knob = knob_of(cfg.algo.name)
     lr0, k0 = float(cfg.train.lr), OmegaConf.select(cfg, knob)
     knobs = knob_values(knob, k0, list(t.knob_factors))
-    return [{"train.lr": float(f"{lr0 * fl:.3g}"), knob: k} for fl, k in itertools.product(t.lr_factors, knobs)]
+    trials = []
+    for fl, k in itertools.product(t.lr_factors, knobs):
+        trial = {"train.lr": float(f"{lr0 * fl:.3g}"), knob: k}
+        if knob == "train.batch_size":  # the same NFEs in every trial: twice the batch, half the steps
+            trial["train.steps"] = max(1, int(round(int(cfg.train.steps) * k0 / k)))
+        trials.append(trial)
+    return trials
 
 
 def pick(rows: list[dict[str, Any]], tie_tol: float) -> int:
@@ -161,7 +168,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
     if current.exists():
         tuned = yaml.safe_load(current.read_text()) or {}
     tuned = {k: v for k, v in tuned.items() if k in ("algo", "train", "reference")}
-    for key in ("train.lr", knob):
+    for key in [k for k in ("train.lr", knob, "train.steps") if k in chosen]:
         group, name = key.split(".")
         tuned.setdefault(group, {})[name] = chosen[key]
     conf_dir.mkdir(parents=True, exist_ok=True)
@@ -180,13 +187,16 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         for name, values, value in (("learning rate", lrs, chosen["train.lr"]), (knob, knobs, chosen[knob]))
         if value in (values[0], values[-1])
     ]
+    steps = "train.steps" in chosen  # a batch-size knob: each trial's steps keep its NFEs equal
     base = [r["proxy_base"] for r in record["trials"] if math.isfinite(r.get("proxy_base", math.nan))]
     run_wall = sum(r.get("run_wall_s", 0.0) for r in record["trials"])
     lines = [
         f"# Tuning of {algo} on {world}",
         "",
         f"Command: `python -m benchmarks.run experiment=tune algo={algo} world={world}` ({len(record['trials'])} "
-        f"trials: learning rate × {knob}) on tuning seeds {record['seeds']}; rule: {RULE}. Chosen: trial "
+        f"trials: learning rate × {knob}"
+        + (", train.steps scaled by 1/batch so that every trial costs the same NFEs" if steps else "")
+        + f") on tuning seeds {record['seeds']}; rule: {RULE}. Chosen: trial "
         f"{record['chosen'] + 1}. Run time of the trials {run_wall:.0f} s."
         + (f" The base model's proxy reward: {base[0]:.4f}." if base else ""),
         "",
@@ -209,15 +219,15 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
             if edge
             else []
         ),
-        f"| trial | lr | {knob} | proxy reward (mean over seeds) | per seed | KL to base | chosen |",
-        "|---|---|---|---|---|---|---|",
+        f"| trial | lr | {knob} |{' train.steps |' * steps} proxy reward (mean over seeds) | per seed | KL to base "
+        "| chosen |",
+        "|---|---|---|" + "---|" * steps + "---|---|---|---|",
     ]
     for i, r in enumerate(record["trials"]):
         per = ", ".join(f"{v:.3f}" for v in r["per_seed_proxy"])
         mark = "✓" if i == record["chosen"] else ""
-        lines.append(
-            f"| {i + 1} | {r['train.lr']:g} | {r[knob]:g} | {r['proxy']:.4f} | {per} | {r['kl']:.2f} | {mark} |"
-        )
+        cells = [f"{i + 1}", f"{r['train.lr']:g}", f"{r[knob]:g}", *([f"{r['train.steps']}"] if steps else [])]
+        lines.append(f"| {' | '.join(cells)} | {r['proxy']:.4f} | {per} | {r['kl']:.2f} | {mark} |")
     doc = docs_dir / f"{world}_{algo}.md"
     atomic_write_text(doc, "\n".join(lines) + "\n")
     print(f"[tune {world}_{algo}] chosen trial {record['chosen'] + 1}: {chosen}; wrote {conf} and {doc}", flush=True)

@@ -210,6 +210,28 @@ def test_the_grid_of_an_integer_knob_stays_valid():
     assert sorted({trial["algo.k"] for trial in tune.trial_grid(cfg)}) == [2, 4, 8]
 
 
+def test_a_batch_size_knob_keeps_every_trials_nfes_equal(tmp_path):
+    """Twice the batch, half the steps: the trials of a batch-size knob cost the same NFEs as the tuning file's run
+    (the leaderboard's budgets are NFEs), and the chosen steps are written with the chosen batch."""
+    import yaml
+
+    from benchmarks import tune
+
+    cfg = compose_cfg(["experiment=tune", "algo=grpo", "world=shapes", "train.steps=10", "train.batch_size=16"])
+    grid = tune.trial_grid(cfg)
+    assert {(t["train.batch_size"], t["train.steps"]) for t in grid} == {(8, 20), (16, 10), (32, 5)}
+    assert all("train.steps" not in t for t in tune.trial_grid(compose_cfg(["experiment=tune", "algo=dpo"])))
+    rows = [
+        {**t, "proxy": float(i), "proxy_base": 0.0, "kl": 1.0, "per_seed_proxy": [float(i)]}
+        for i, t in enumerate(grid)
+    ]
+    record = {"world": "shapes", "algo": "grpo", "knob": "train.batch_size", "seeds": [100], "trials": rows}
+    conf, doc = tune.write_outputs(cfg, {**record, "chosen": 8}, tmp_path / "conf", tmp_path / "docs")
+    tuned = yaml.safe_load(conf.read_text())["train"]
+    assert (tuned["batch_size"], tuned["steps"], tuned["lr"]) == (32, 5, grid[8]["train.lr"])
+    assert "| 9 | " + f"{grid[8]['train.lr']:g} | 32 | 5 | 8.0000 |" in doc.read_text()
+
+
 def test_flow_vs_eps_puts_each_algorithm_on_both_policies_side_by_side(tmp_path):
     """experiment=flow_vs_eps (two of its rows, tiny runs): one table row per (algorithm, policy) with the base →
     trained gold reward and distance to p*, each trained value the mean over the 3 seeds with its t-interval."""
