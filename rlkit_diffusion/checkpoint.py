@@ -41,6 +41,14 @@ from torch import Tensor, nn
 from rlkit_diffusion.sharding import local_like
 
 
+def tensor_digest(h: Any, name: str, t: Tensor) -> None:
+    """Feed a tensor (name, dtype, flattened shape, bytes) into the hash ``h``: the one tensor fingerprint of the
+    caches (`rlkit_diffusion.eval_cache` keys, `rlkit_diffusion.embedding_store` shard checksums)."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
     """THE atomic file write of the project: ``write(tmp)`` fills a temporary file beside ``path`` (same folder, a
     name unique to this process), which is fsynced and then renamed onto ``path`` in one ``os.replace``. A kill at

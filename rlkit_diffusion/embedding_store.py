@@ -27,19 +27,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.checkpoint import atomic_write
+from rlkit_diffusion.checkpoint import atomic_write, tensor_digest
 
-STORE_FORMAT = "1"
+STORE_FORMAT = "2"
 """Bump when the layout of a shard changes."""
 
 
 def tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 of named tensors (name, dtype, shape and bytes, in name order)."""
+    """SHA-256 of named tensors, in name order (`rlkit_diffusion.checkpoint.tensor_digest` of each)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        tensor_digest(h, name, tensors[name])
     return h.hexdigest()
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.checkpoint import atomic_write, atomic_write_json
+from rlkit_diffusion.checkpoint import atomic_write, atomic_write_json, tensor_digest
 from rlkit_diffusion.evaluate import EvalConfig
 from rlkit_diffusion.worlds.base import World
 
@@ -54,13 +54,6 @@ WORLD_FIELDS_IGNORED = ("text_cache", "latent_cache")
 # ----------------------------------------------------------------------------------------------------------------
 # Fingerprints
 # ----------------------------------------------------------------------------------------------------------------
-def tensor_digest(h: Any, name: str, t: Tensor) -> None:
-    """Feed a tensor (name, dtype, shape, bytes) into the hash ``h``."""
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def module_digest(module: torch.nn.Module, skip: str | None = None) -> str:
     """SHA-256 of a module's parameters and buffers (names containing ``skip`` left out, e.g. LoRA adapters that
     the base policy switches off)."""
