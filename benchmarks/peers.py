@@ -529,12 +529,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = [
-        f"benchmarks.peers: world={r['world']} device={r['device']} B={r['batch_size']} T={r['steps']} "
-        f"threads={r['threads']} repeats={r['repeats']} (medians; ratio = project / peer, < 1: project faster)",
-        "",
+    from benchmarks.perf import timing_header
+
+    lines = timing_header(
+        "benchmarks.peers",
+        r,
+        "ratio = project / peer, < 1: project faster",
         f"{'item':<6}{'project ms':>12}{'peer ms':>12}{'ratio':>8}  peer",
-    ]
+    )
     for name, t in r["items"].items():
         lines.append(f"{name:<6}{t['project_ms']:>12.1f}{t['peer_ms']:>12.1f}{t['ratio']:>8.3f}  {t['peer']}")
     if "ddpo" in r["items"]:

@@ -579,6 +579,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def timing_header(tool: str, r: dict[str, Any], legend: str, columns: str) -> list[str]:
+    """The first lines of a timing printout (`format_table` here and in `benchmarks.peers`): the setting measured,
+    the legend of the ratio, a blank line and the column titles."""
+    return [
+        f"{tool}: world={r['world']} device={r['device']} B={r['batch_size']} T={r['steps']} "
+        f"threads={r['threads']} repeats={r['repeats']} (medians; {legend})",
+        "",
+        columns,
+    ]
+
+
 def format_table(r: dict[str, Any]) -> str:
     def flag(ok: bool) -> str:
         return "" if ok else "  above target"
@@ -586,12 +597,8 @@ def format_table(r: dict[str, Any]) -> str:
     def row(values: list, fmt: str = ".1f") -> str:
         return " ".join(f"{v:>6{fmt}}" for v in values)
 
-    lines = [
-        f"benchmarks.perf: world={r['world']} device={r['device']} B={r['batch_size']} T={r['steps']} "
-        f"threads={r['threads']} repeats={r['repeats']} (medians; ratio = step / bare-UNet bound)",
-        "",
-        f"{'item':<20}{'step ms':>10}{'bound ms':>10}{'ratio':>8}",
-    ]
+    columns = f"{'item':<20}{'step ms':>10}{'bound ms':>10}{'ratio':>8}"
+    lines = timing_header("benchmarks.perf", r, "ratio = step / bare-UNet bound", columns)
     for name, t in r["timing"].items():
         ok = t["ratio"] <= RATIO_TARGET
         lines.append(f"{name:<20}{t['step_ms']:>10.1f}{t['bound_ms']:>10.1f}{t['ratio']:>8.3f}{flag(ok)}")

@@ -56,6 +56,27 @@ def test_missing_weights_are_one_line_errors(tmp_path):
         build_shapes(weights=str(tmp_path / "nowhere"))
 
 
+def test_settings_come_as_a_config_or_as_keywords_not_both():
+    from rlkit_diffusion.worlds.shapes import ShapesFlowWorldConfig, ShapesWorldConfig, build_shapes, build_shapes_flow
+
+    with pytest.raises(TypeError, match="not both"):
+        build_shapes(ShapesWorldConfig(), n_train_prompts=3)
+    with pytest.raises(TypeError, match="not both"):
+        build_shapes_flow(ShapesFlowWorldConfig(), sampler="ode")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        build_shapes(sampler="ode")  # a flow setting: not one of the ε-world's
+
+
+@pytest.mark.parametrize("world, override", [("shapes", "world.n_train_promptz=3"), ("shapes_flow", "world.eta=0.5")])
+def test_world_setting_typos_fail_at_composition(world, override):
+    from hydra.errors import ConfigCompositionException
+
+    from tests.helpers import compose_cfg
+
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg([f"world={world}", override])
+
+
 def test_tiny_dpo_run_on_shapes(quick_assets, tmp_path):
     from benchmarks.run import run
     from tests.helpers import compose_cfg

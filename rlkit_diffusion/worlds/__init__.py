@@ -20,6 +20,8 @@ WORLDS: dict[str, str] = {
 # Worlds whose builder takes one config dataclass, name -> "module:class". Its fields are the world's keyword
 # arguments (the YAML keys of benchmarks/conf/world/<name>.yaml) and its Hydra schema; the others take keywords.
 WORLD_CONFIGS: dict[str, str] = {
+    "shapes": "rlkit_diffusion.worlds.shapes:ShapesWorldConfig",
+    "shapes_flow": "rlkit_diffusion.worlds.shapes:ShapesFlowWorldConfig",
     "sd15": "rlkit_diffusion.worlds.stable_diffusion:SDWorldConfig",
     "sdxl": "rlkit_diffusion.worlds.stable_diffusion:SDXLWorldConfig",
     "sd3": "rlkit_diffusion.worlds.stable_diffusion:SD3WorldConfig",

@@ -13,6 +13,12 @@
 * `prepare`: the stages of ``python -m benchmarks.prepare world=shapes`` (and ``world=shapes_flow``).
 """
 
-from rlkit_diffusion.worlds.shapes.world import base_sampler, build_shapes, build_shapes_flow
+from rlkit_diffusion.worlds.shapes.world import (
+    ShapesFlowWorldConfig,
+    ShapesWorldConfig,
+    base_sampler,
+    build_shapes,
+    build_shapes_flow,
+)
 
-__all__ = ["base_sampler", "build_shapes", "build_shapes_flow"]
+__all__ = ["ShapesFlowWorldConfig", "ShapesWorldConfig", "base_sampler", "build_shapes", "build_shapes_flow"]

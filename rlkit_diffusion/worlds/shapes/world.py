@@ -26,6 +26,7 @@ import math
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,62 +173,76 @@ def prompt_categories(train: list[str], heldout: list[str]) -> dict[str, str]:
     return out
 
 
+@dataclass
+class ShapesSettings:
+    """What the two shapes worlds share: everything but the base policy (the YAML keys of
+    ``benchmarks/conf/world/shapes*.yaml``)."""
+
+    weights: str | None = None
+    """Directory of the base UNet (``save_pretrained`` layout); None: the shipped one of the world."""
+    proxy_weights: str | None = None
+    """Directory of the proxy/clip/aesthetic reward weights; None: the shipped one."""
+    pairs_dir: str | None = None
+    """Directory with ``train.parquet`` and ``val.parquet`` (Pick-a-Pic columns); None: the shipped one."""
+    num_inference_steps: int = 20
+    """Length of the sampling schedule."""
+    guidance_scale: float = 2.0
+    """Classifier-free guidance scale w."""
+    n_train_prompts: int = 64
+    """Size of the fixed training prompt set (online training and evaluation)."""
+    n_heldout_prompts: int = 64
+    """Size of the fixed held-out prompt set (evaluation)."""
+    seed: int = 0
+    """Seed of the prompt sets and of the pair batcher."""
+    text_cache: str | None = None
+    """Directory of the persistent caption-embedding cache (`SentenceEncoder` ``store``; None: memory only). A cache
+    location, not a setting: the numbers are the same with and without it. `benchmarks.run` puts it under the
+    evaluation cache (``<out_dir>/.eval_cache/text``) when ``eval.cache`` is on."""
+
+
+@dataclass
+class ShapesWorldConfig(ShapesSettings):
+    """Settings of the ``shapes`` world (`build_shapes`)."""
+
+    eta: float = 1.0
+    """DDIM η (1 keeps every step a proper Gaussian policy, as DDPO needs)."""
+
+
+@dataclass
+class ShapesFlowWorldConfig(ShapesSettings):
+    """Settings of the ``shapes_flow`` world (`build_shapes_flow`)."""
+
+    sampler: str = "sde"
+    """``sde`` (the Gaussian policy of Flow-GRPO, noise level a = ``noise_level``) or ``ode`` (Euler)."""
+    noise_level: float = 0.7
+    """a of the SDE sampler (`FlowMatchingPolicy`)."""
+
+
 def build_shapes(
-    *,
-    device: str | torch.device = "cpu",
-    weights: str | None = None,
-    proxy_weights: str | None = None,
-    pairs_dir: str | None = None,
-    num_inference_steps: int = 20,
-    eta: float = 1.0,
-    guidance_scale: float = 2.0,
-    n_train_prompts: int = 64,
-    n_heldout_prompts: int = 64,
-    seed: int = 0,
-    text_cache: str | None = None,
+    config: ShapesWorldConfig | None = None, *, device: str | torch.device = "cpu", **settings: Any
 ) -> World:
     """Build the shapes world from the shipped (or given) base UNet, proxy reward weights and pairs.
 
     Args:
-        weights: directory of the base UNet (``save_pretrained`` layout); default the shipped one.
-        proxy_weights: directory of the proxy/clip/aesthetic reward weights; default the shipped one.
-        pairs_dir: directory with ``train.parquet`` and ``val.parquet`` (Pick-a-Pic columns); default the shipped one.
-        num_inference_steps, eta, guidance_scale: the sampler of the policy (DDIM; η = 1 keeps every step a
-            proper Gaussian policy for DDPO).
-        n_train_prompts / n_heldout_prompts: sizes of the fixed prompt sets (online training + evaluation).
-        text_cache: directory of the persistent caption-embedding cache (`SentenceEncoder` ``store``; None: memory
-            only). A cache location, not a setting: the numbers are the same with and without it. `benchmarks.run`
-            puts it under the evaluation cache (``<out_dir>/.eval_cache/text``) when ``eval.cache`` is on.
+        config: the settings (`ShapesWorldConfig`); None: its defaults updated by ``settings``
+            (``build_shapes(num_inference_steps=10)``).
+        device: where the networks live.
     """
+    cfg = _settings(ShapesWorldConfig, config, settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    unet = load_unet(weights or BASE_DIR)
     policy = DiffusionPolicy(
-        UNetEpsModel(unet),
+        UNetEpsModel(load_unet(cfg.weights or BASE_DIR)),
         make_scheduler(),
         sampler="ddim",
-        eta=eta,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        eta=cfg.eta,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
     )
-    return _shapes_world(
-        "shapes", policy, device, proxy_weights, pairs_dir, n_train_prompts, n_heldout_prompts, seed, text_cache
-    )
+    return _shapes_world("shapes", policy, device, cfg)
 
 
 def build_shapes_flow(
-    *,
-    device: str | torch.device = "cpu",
-    weights: str | None = None,
-    proxy_weights: str | None = None,
-    pairs_dir: str | None = None,
-    num_inference_steps: int = 20,
-    sampler: str = "sde",
-    noise_level: float = 0.7,
-    guidance_scale: float = 2.0,
-    n_train_prompts: int = 64,
-    n_heldout_prompts: int = 64,
-    seed: int = 0,
-    text_cache: str | None = None,
+    config: ShapesFlowWorldConfig | None = None, *, device: str | torch.device = "cpu", **settings: Any
 ) -> World:
     """shapes with a flow-matching base: the same UNet architecture and size, pretrained by the same recipe as a
     rectified-flow velocity model (``python -m benchmarks.prepare world=shapes_flow`` → ``assets/shapes_flow_base``),
@@ -235,48 +250,36 @@ def build_shapes_flow(
     and evaluation are shapes' own, so ε-UNet and flow compare on one task.
 
     Args:
-        weights: directory of the flow base UNet; default the shipped ``assets/shapes_flow_base``.
-        sampler: ``sde`` (the Gaussian policy of Flow-GRPO, noise level a = ``noise_level``) or ``ode`` (Euler).
-        the rest: as `build_shapes`.
+        config: the settings (`ShapesFlowWorldConfig`; ``weights`` None: the shipped ``assets/shapes_flow_base``);
+            None: its defaults updated by ``settings``.
+        device: where the networks live.
     """
+    cfg = _settings(ShapesFlowWorldConfig, config, settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    unet = load_unet(weights or FLOW_BASE_DIR, world="shapes_flow")
     policy = FlowMatchingPolicy(
-        UNetEpsModel(unet),
+        UNetEpsModel(load_unet(cfg.weights or FLOW_BASE_DIR, world="shapes_flow")),
         make_flow_scheduler(),
-        sampler=sampler,
-        noise_level=noise_level,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        sampler=cfg.sampler,
+        noise_level=cfg.noise_level,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
     )
-    return _shapes_world(
-        "shapes_flow",
-        policy,
-        device,
-        proxy_weights,
-        pairs_dir,
-        n_train_prompts,
-        n_heldout_prompts,
-        seed,
-        text_cache,
-    )
+    return _shapes_world("shapes_flow", policy, device, cfg)
 
 
-def _shapes_world(
-    name: str,
-    policy: DiffusionPolicy,
-    device: str | torch.device,
-    proxy_weights: str | None,
-    pairs_dir: str | None,
-    n_train_prompts: int,
-    n_heldout_prompts: int,
-    seed: int,
-    text_cache: str | None = None,
-) -> World:
+def _settings(kind: type, config: ShapesSettings | None, settings: dict[str, Any]) -> Any:
+    """``config`` or ``kind(**settings)``: one way of giving the settings, not both."""
+    if config is not None and settings:
+        raise TypeError(f"give the settings as a {kind.__name__} or as keywords, not both (got {sorted(settings)})")
+    return config if config is not None else kind(**settings)
+
+
+def _shapes_world(name: str, policy: DiffusionPolicy, device: str | torch.device, cfg: ShapesSettings) -> World:
     """Everything of a shapes world but its base policy: encoder, rewards, prompts, pairs and extras."""
+    proxy_weights, pairs_dir, seed = cfg.proxy_weights, cfg.pairs_dir, cfg.seed
     device = torch.device(device)
     policy = policy.to(device)
-    encoder = SentenceEncoder(device=device, store=text_cache)
+    encoder = SentenceEncoder(device=device, store=cfg.text_cache)
     rewards: dict[str, Any] = {
         "gold": GoldShapesReward(),
         "jpeg": JpegReward(incompressible=False),
@@ -287,7 +290,7 @@ def _shapes_world(
         from rlkit_diffusion.worlds.shapes.proxy import load_proxy_rewards
 
         rewards.update(load_proxy_rewards(proxy_dir, device))
-    train_prompts, heldout_prompts = eval_prompts(n_train_prompts, n_heldout_prompts, seed)
+    train_prompts, heldout_prompts = eval_prompts(cfg.n_train_prompts, cfg.n_heldout_prompts, seed)
     pdir = Path(pairs_dir) if pairs_dir else PAIRS_DIR
     pairs = val_pairs = None
     if pairs_dir or (pdir / "train.parquet").exists():
