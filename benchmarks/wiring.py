@@ -90,10 +90,23 @@ def check_tuning(world: str, algo: str, conf_dir: Path = CONF_DIR) -> None:
     evaluation (rewards, guidance, samples per prompt) live in ``conf/world/<world>.yaml``, the same for every
     algorithm; a recipe that changes them is a ``conf/experiment/`` file."""
     path = conf_dir / "tuning" / f"{world}_{algo}.yaml"
-    if not path.exists():
-        return
-    for key in OmegaConf.load(path):
-        if key not in TUNING_KEYS:
+    if path.exists():
+        _check_tuning_file(path)
+
+
+def _check_tuning_file(path: Path) -> None:
+    """One tuning file: keys in `TUNING_KEYS`, or ``defaults`` naming other tuning files (checked the same way) that
+    it takes whole — ``shapes_flow_<algo>.yaml`` is ``defaults: [shapes_<algo>]``."""
+    for key, value in OmegaConf.load(path).items():
+        if key == "defaults":
+            for entry in value:
+                if entry == "_self_":
+                    continue
+                other = path.parent / f"{entry}.yaml"
+                if not isinstance(entry, str) or not other.exists():
+                    raise ValueError(f"{path}: its defaults may name only other tuning files, got {entry!r}")
+                _check_tuning_file(other)
+        elif key not in TUNING_KEYS:
             raise ValueError(f"{path}: sets '{key}'; a tuning file may set only {', '.join(TUNING_KEYS)}")
 
 

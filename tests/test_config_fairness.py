@@ -44,7 +44,7 @@ def test_every_tuning_file_sets_only_algo_train_reference():
     files = sorted((CONF_DIR / "tuning").glob("*.yaml"))
     assert files
     for f in files:
-        assert set(OmegaConf.load(f)) <= set(TUNING_KEYS), f.name
+        assert set(OmegaConf.load(f)) <= {*TUNING_KEYS, "defaults"}, f.name
         world, _, algo = f.stem.partition("_")
         check_tuning(world, algo)
 
@@ -67,3 +67,24 @@ def test_the_aesthetic_recipe_is_an_experiment():
     assert cfg.algo.num_minibatches == 400 and cfg.reference.lora_rank == 4  # tuning/sd15_ddpo.yaml still applies
     plain = compose_cfg(["world=sd15", "algo=ddpo"])
     assert plain.world.eval_reward == plain.world.proxy_reward == "pickscore"
+
+
+def test_a_tuning_file_may_take_only_other_tuning_files_whole(tmp_path):
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "toy2d_dpo.yaml").write_text("# @package _global_\nalgo:\n  beta: 20.0\n")
+    flow = tmp_path / "tuning" / "toy2d_flow_dpo.yaml"
+    flow.write_text("# @package _global_\ndefaults:\n  - /world/shapes\n")
+    with pytest.raises(ValueError, match="only other tuning files"):
+        check_tuning("toy2d_flow", "dpo", conf_dir=tmp_path)
+    flow.write_text("# @package _global_\ndefaults:\n  - toy2d_dpo\n")
+    check_tuning("toy2d_flow", "dpo", conf_dir=tmp_path)
+    (tmp_path / "tuning" / "toy2d_dpo.yaml").write_text("# @package _global_\neval:\n  samples_per_prompt: 8\n")
+    with pytest.raises(ValueError, match="'eval'"):  # what it takes whole is checked too
+        check_tuning("toy2d_flow", "dpo", conf_dir=tmp_path)
+
+
+@pytest.mark.parametrize("algo", group_choices("algo"))
+def test_shapes_flow_uses_shapes_tuning_for_every_algorithm(algo):
+    flow, eps = compose_cfg(["world=shapes_flow", f"algo={algo}"]), compose_cfg(["world=shapes", f"algo={algo}"])
+    for node in TUNING_KEYS:
+        assert OmegaConf.to_container(flow[node]) == OmegaConf.to_container(eps[node]), (algo, node)
