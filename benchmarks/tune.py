@@ -2,13 +2,18 @@
 
 Every algorithm gets the same number of trials: the learning rate × ``tune.lr_factors`` crossed with its main knob
 (`KNOBS`, declared per algorithm) × ``tune.knob_factors`` — 3 × 3 = 9 trials by default — around its current tuning
-file (an integer knob's values stay valid: `KNOB_FLOORS`; a batch-size knob scales ``train.steps`` by the inverse
-factor, so every trial costs the same UNet NFEs, the unit of the head-to-head's and the leaderboard's budgets), each on
-every tuning seed (`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule that picks the
-winner (`pick`): **the highest mean proxy reward of the trained policy over the tuning seeds** — the reward a
-practitioner can see; the gold reward (the evaluation's truth) is never looked at — ties within ``tune.tie_tol`` broken
-by the smaller KL to the base. It writes ``conf/tuning/<world>_<algo>.yaml`` (only ``algo``/``train``/``reference``
-keys, as `benchmarks.wiring.check_tuning` requires) and ``docs/tuning/<world>_<algo>.md`` with the sweep table.
+file (an integer knob's values stay valid: `KNOB_FLOORS`). Every trial trains for the same UNet NFEs,
+``tune.budget_nfe`` — the leaderboard's top budget, spent as the leaderboard spends it (``budget.kind=nfe``) — so a
+knob that changes the cost of a step (batch size, DRaFT's K, AlignProp's K_min) trades steps for cost at equal
+compute, and an algorithm is tuned at the budget it is reported at (``tune.budget_nfe=null``: ``train.steps``
+steps, a batch-size knob scaling them by the inverse factor). Each trial runs on every tuning seed
+(`benchmarks.protocol.TUNING_SEEDS`, disjoint from the reporting seeds). The rule that picks the winner (`pick`):
+**the highest mean proxy reward of the trained policy over the tuning seeds** — the reward a practitioner can see;
+the gold reward (the evaluation's truth) is never looked at — ties within ``tune.tie_tol`` broken by the smaller KL
+to the base. It writes ``conf/tuning/<world>_<algo>.yaml`` (only ``algo``/``train``/``reference``
+keys, as `benchmarks.wiring.check_tuning` requires; with an NFE budget its ``train.steps`` is the chosen trial's
+update count, so that the default run spends that budget too) and ``docs/tuning/<world>_<algo>.md`` with the sweep
+table, each trial's training NFEs in it.
 Finished trials are reused when the same directory is run again (``hydra.run.dir=<dir>``).
 """
 
@@ -70,13 +75,28 @@ def trial_grid(cfg: DictConfig) -> list[dict[str, Any]]:
     knob = knob_of(cfg.algo.name)
     lr0, k0 = float(cfg.train.lr), OmegaConf.select(cfg, knob)
     knobs = knob_values(knob, k0, list(t.knob_factors))
+    budget_nfe = t.get("budget_nfe")
     trials = []
     for fl, k in itertools.product(t.lr_factors, knobs):
         trial = {"train.lr": float(f"{lr0 * fl:.3g}"), knob: k}
-        if knob == "train.batch_size":  # the same NFEs in every trial: twice the batch, half the steps
+        if budget_nfe is not None:  # the same NFEs in every trial, whatever a step costs
+            trial["budget.amount"] = float(budget_nfe)
+        elif knob == "train.batch_size":  # the same NFEs in every trial: twice the batch, half the steps
             trial["train.steps"] = max(1, int(round(int(cfg.train.steps) * k0 / k)))
         trials.append(trial)
     return trials
+
+
+def trial_config(cfg: DictConfig, trial: dict[str, Any], seed: int) -> DictConfig:
+    """One trial's run config: the tuning config at ``seed`` with the trial's values; an NFE budget is spent as the
+    leaderboard spends it (``budget.kind=nfe``, steps unbounded)."""
+    sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False, "experiment": None})
+    if "budget.amount" in trial:
+        OmegaConf.update(sub, "budget.kind", "nfe")
+        OmegaConf.update(sub, "train.steps", 1_000_000_000)
+    for key, value in trial.items():
+        OmegaConf.update(sub, key, value)
+    return sub
 
 
 def pick(rows: list[dict[str, Any]], tie_tol: float) -> int:
@@ -104,13 +124,10 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
             run_dir = exp_dir / "trials" / f"{i:02d}" / f"s{seed}"
             print(f"[tune {world}_{algo}] trial {i + 1}/{len(trials)} {trial} seed {seed}", flush=True)
             if not (run_dir / "eval.json").exists():
-                sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False, "experiment": None})
-                for key, value in trial.items():
-                    OmegaConf.update(sub, key, value)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                run_one(sub, run_dir=run_dir)
+                run_one(trial_config(cfg, trial, seed), run_dir=run_dir)
             runs.append(check_trial(load_run(run_dir), trial, run_dir))
-        keys = ("proxy_reward_trained", "kl_to_ref", "proxy_reward_base")
+        keys = ("proxy_reward_trained", "kl_to_ref", "proxy_reward_base", "unet_nfe", "updates")
         vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in keys}
         rows.append(
             {
@@ -120,6 +137,8 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
                 "run_wall_s": float(sum(r["eval"].get("wall_s", 0.0) for r in runs)),  # the trial's own runs
                 "kl": float(np.mean(vals["kl_to_ref"])),
                 "per_seed_proxy": vals["proxy_reward_trained"],
+                "nfe": float(np.mean(vals["unet_nfe"])),
+                "updates": float(np.mean(vals["updates"])),
             }
         )
     chosen = pick(rows, float(t.tie_tol))
@@ -171,6 +190,8 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
     for key in [k for k in ("train.lr", knob, "train.steps") if k in chosen]:
         group, name = key.split(".")
         tuned.setdefault(group, {})[name] = chosen[key]
+    if "budget.amount" in chosen and math.isfinite(chosen.get("updates", math.nan)):
+        tuned.setdefault("train", {})["steps"] = int(round(chosen["updates"]))  # the default run: the same budget
     conf_dir.mkdir(parents=True, exist_ok=True)
     docs_dir.mkdir(parents=True, exist_ok=True)
     conf = conf_dir / f"{world}_{algo}.yaml"
@@ -188,6 +209,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         if value in (values[0], values[-1])
     ]
     steps = "train.steps" in chosen  # a batch-size knob: each trial's steps keep its NFEs equal
+    nfe_budget = chosen.get("budget.amount")
     base = [r["proxy_base"] for r in record["trials"] if math.isfinite(r.get("proxy_base", math.nan))]
     run_wall = sum(r.get("run_wall_s", 0.0) for r in record["trials"])
     lines = [
@@ -196,6 +218,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         f"Command: `python -m benchmarks.run experiment=tune algo={algo} world={world}` ({len(record['trials'])} "
         f"trials: learning rate × {knob}"
         + (", train.steps scaled by 1/batch so that every trial costs the same NFEs" if steps else "")
+        + (f", each trained for {nfe_budget:g} UNet NFEs (budget.kind=nfe)" if nfe_budget else "")
         + f") on tuning seeds {record['seeds']}; rule: {RULE}. Chosen: trial "
         f"{record['chosen'] + 1}. Run time of the trials {run_wall:.0f} s."
         + (f" The base model's proxy reward: {base[0]:.4f}." if base else ""),
@@ -219,14 +242,15 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
             if edge
             else []
         ),
-        f"| trial | lr | {knob} |{' train.steps |' * steps} proxy reward (mean over seeds) | per seed | KL to base "
-        "| chosen |",
-        "|---|---|---|" + "---|" * steps + "---|---|---|---|",
+        f"| trial | lr | {knob} |{' train.steps |' * steps} updates | train NFEs | proxy reward (mean over seeds) "
+        "| per seed | KL to base | chosen |",
+        "|---|---|---|" + "---|" * steps + "---|---|---|---|---|---|",
     ]
     for i, r in enumerate(record["trials"]):
         per = ", ".join(f"{v:.3f}" for v in r["per_seed_proxy"])
         mark = "✓" if i == record["chosen"] else ""
         cells = [f"{i + 1}", f"{r['train.lr']:g}", f"{r[knob]:g}", *([f"{r['train.steps']}"] if steps else [])]
+        cells += [f"{r.get('updates', math.nan):.0f}", f"{r.get('nfe', math.nan):.0f}"]
         lines.append(f"| {' | '.join(cells)} | {r['proxy']:.4f} | {per} | {r['kl']:.2f} | {mark} |")
     doc = docs_dir / f"{world}_{algo}.md"
     atomic_write_text(doc, "\n".join(lines) + "\n")

@@ -155,7 +155,7 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path, monkeypatch):
             "experiment=tune",
             "algo=dpo",
             *TINY,
-            "train.steps=3",
+            "tune.budget_nfe=300",  # a few steps of toy2d DPO
             f"out_dir={tmp_path}",
             "tune.lr_factors=[0.1,1.0]",
             "tune.knob_factors=[1.0,4.0]",
@@ -168,11 +168,15 @@ def test_tune_writes_the_tuning_file_and_its_table(tmp_path, monkeypatch):
     assert record["seeds"] == [100] and len(record["trials"]) == 4
     best = max(r["proxy"] for r in record["trials"])
     assert record["trials"][record["chosen"]]["proxy"] == best  # the stated rule (tie_tol 0)
+    for r in record["trials"]:  # every trial trained for the budget: stopped by the first step at or past it
+        assert 300 <= r["nfe"] < 300 + r["nfe"] / r["updates"] and r["updates"] == record["trials"][0]["updates"]
     tuned = yaml.safe_load((tmp_path / "conf" / "toy2d_dpo.yaml").read_text())
     assert set(tuned) <= {"algo", "train", "reference"}
     assert tuned["train"]["lr"] == record["trials"][record["chosen"]]["train.lr"]
     assert tuned["algo"]["beta"] == record["trials"][record["chosen"]]["algo.beta"]
+    assert tuned["train"]["steps"] == record["trials"][record["chosen"]]["updates"]  # the default run: that budget
     table = (tmp_path / "docs" / "toy2d_dpo.md").read_text()
+    assert "each trained for 300 UNet NFEs (budget.kind=nfe)" in table and "| train NFEs |" in table
     assert table.count("| ✓ |") == 1 and "highest mean proxy reward" in table
     assert "Command: `python -m benchmarks.run experiment=tune algo=dpo world=toy2d`" in table  # the page names it
     assert "The base model's proxy reward: " in table
@@ -217,19 +221,36 @@ def test_a_batch_size_knob_keeps_every_trials_nfes_equal(tmp_path):
 
     from benchmarks import tune
 
-    cfg = compose_cfg(["experiment=tune", "algo=grpo", "world=shapes", "train.steps=10", "train.batch_size=16"])
+    fixed_steps = ["experiment=tune", "tune.budget_nfe=null", "world=shapes"]
+    cfg = compose_cfg([*fixed_steps, "algo=grpo", "train.steps=10", "train.batch_size=16"])
     grid = tune.trial_grid(cfg)
     assert {(t["train.batch_size"], t["train.steps"]) for t in grid} == {(8, 20), (16, 10), (32, 5)}
-    assert all("train.steps" not in t for t in tune.trial_grid(compose_cfg(["experiment=tune", "algo=dpo"])))
+    assert all("train.steps" not in t for t in tune.trial_grid(compose_cfg([*fixed_steps, "algo=dpo"])))
     rows = [
-        {**t, "proxy": float(i), "proxy_base": 0.0, "kl": 1.0, "per_seed_proxy": [float(i)]}
+        {**t, "proxy": float(i), "proxy_base": 0.0, "kl": 1.0, "per_seed_proxy": [float(i)], "updates": 5, "nfe": 9}
         for i, t in enumerate(grid)
     ]
     record = {"world": "shapes", "algo": "grpo", "knob": "train.batch_size", "seeds": [100], "trials": rows}
     conf, doc = tune.write_outputs(cfg, {**record, "chosen": 8}, tmp_path / "conf", tmp_path / "docs")
     tuned = yaml.safe_load(conf.read_text())["train"]
     assert (tuned["batch_size"], tuned["steps"], tuned["lr"]) == (32, 5, grid[8]["train.lr"])
-    assert "| 9 | " + f"{grid[8]['train.lr']:g} | 32 | 5 | 8.0000 |" in doc.read_text()
+    assert "| 9 | " + f"{grid[8]['train.lr']:g} | 32 | 5 | 5 | 9 | 8.0000 |" in doc.read_text()
+
+
+def test_trials_train_for_the_leaderboards_budget_whatever_a_step_costs():
+    """By default every trial is an NFE budget (the leaderboard's top one, spent as it spends it), so DRaFT's K —
+    which changes what a step costs — is tuned at equal compute; the runs differ only in the trial's values."""
+    from benchmarks import tune
+
+    cfg = compose_cfg(["experiment=tune", "algo=draft", "world=shapes"])
+    top = max(compose_cfg(["experiment=leaderboard"]).sweep.params.budgets)
+    assert cfg.tune.budget_nfe == top
+    grid = tune.trial_grid(cfg)
+    assert {t["budget.amount"] for t in grid} == {float(top)} and all("train.steps" not in t for t in grid)
+    run = tune.trial_config(cfg, grid[0], seed=100)
+    assert (run.budget.kind, run.budget.amount, run.train.steps) == ("nfe", top, 1_000_000_000)
+    assert (run.seed, run.algo.k, run.train.lr) == (100, grid[0]["algo.k"], grid[0]["train.lr"])
+    assert cfg.budget.kind == "steps"  # the tuning config itself is untouched
 
 
 def test_flow_vs_eps_puts_each_algorithm_on_both_policies_side_by_side(tmp_path):
