@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from benchmarks import protocol
 from rlkit_diffusion.checkpoint import atomic_write_json
@@ -37,6 +38,7 @@ from rlkit_diffusion.intervals import t_interval
 # --------------------------------------------------------------------------------------------------------------
 # Run lists
 # --------------------------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 NO_TRAINING = ("best_of_n",)
 """Modules that train nothing (inference-time procedures): one run each, no budget."""
 
@@ -238,6 +240,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         flat = "–" if not math.isfinite(share) else ("yes" if share <= tol else "no: still moving")
         record["convergence"][name] = {"gold": gold_d, "last_step_share": share, "plateaued": flat}
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
+    lines += not_improved(runs, budgets[-1])
     lines += [
         "",
         "Means over seeds with Student-t 95% intervals over seeds; the final win rates are pooled over seeds and "
@@ -249,6 +252,51 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
     ]
     write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record)
     return lines
+
+
+def not_improved(runs: list[dict], budget: float) -> list[str]:
+    """One line per trained row whose win rate by its own reward does not clear ½ (its interval's lower end ≤ 50%):
+    what was measured, and the evidence of its tuning sweep (`tuning_page`) — did any trial of the sweep raise the
+    proxy reward above the base on the tuning seed?"""
+    lines = []
+    for r in runs:
+        e = r["eval"]
+        if e.get("algo") in NO_TRAINING:
+            continue
+        text, d = _own_reward_win(r.get("seed_runs", [r]))
+        if d is None or d["ci_low"] > 0.5:
+            continue
+        name, page = e.get("label") or e["algo"], tuning_page(str(e.get("world", "")), str(e["algo"]))
+        if page is None:
+            why = "it has no tuning sweep on this world"
+        elif "No trial raised the proxy reward above the base model's" in page.read_text():
+            why = f"no trial of [its tuning sweep](tuning/{page.name}) raised the proxy reward above the base either"
+        else:
+            why = (
+                f"[its tuning sweep](tuning/{page.name}) raised the proxy reward on the tuning seed, which the "
+                "reporting seeds do not confirm"
+            )
+        lines.append(
+            f"- **{name}** does not improve the reward it optimises at {budget:,.0f} NFEs (win rate by it {text}): "
+            f"{why}."
+        )
+    if not lines:
+        return []
+    return ["", "### Rows that do not improve their own reward", "", *lines]
+
+
+def tuning_page(world: str, algo: str) -> Path | None:
+    """``docs/tuning/<w>_<algo>.md`` of the sweep behind ``conf/tuning/<world>_<algo>.yaml``: its own, or that of
+    the tuning file it takes whole (shapes_flow → shapes); None when there is none."""
+    from benchmarks.wiring import CONF_DIR
+
+    conf = CONF_DIR / "tuning" / f"{world}_{algo}.yaml"
+    stem = f"{world}_{algo}"
+    if conf.exists():
+        defaults = [d for d in (yaml.safe_load(conf.read_text()) or {}).get("defaults", []) if d != "_self_"]
+        stem = defaults[0] if defaults else stem
+    page = DOCS / "tuning" / f"{stem}.md"
+    return page if page.exists() else None
 
 
 def _own_reward_win(seeds: list[dict]) -> tuple[str, dict | None]:

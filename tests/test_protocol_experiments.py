@@ -274,3 +274,36 @@ def test_flow_vs_eps_puts_each_algorithm_on_both_policies_side_by_side(tmp_path)
         assert {e["world"] for e in evals} == {"toy2d" if label == "dpo-eps" else "toy2d_flow"}
         m, lo, hi = t_interval([e["distance_to_optimum_trained"] for e in evals])
         assert f"{evals[0]['distance_to_optimum_base']:.3f} → {m:.3f} [{lo:.3f}, {hi:.3f}]" in row
+
+
+def test_the_leaderboard_says_why_a_row_does_not_improve_its_own_reward(tmp_path, monkeypatch):
+    """A trained row whose win rate by its own reward does not clear ½ gets one line, with its tuning sweep as the
+    evidence (a shapes_flow row: the shapes sweep its tuning file takes whole); rows that clear it and
+    inference-time rows get none."""
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "shapes_dpok.md").write_text("No trial raised the proxy reward above the base model's\n")
+    (tmp_path / "tuning" / "shapes_dpo.md").write_text("Chosen: trial 5.\n")
+    monkeypatch.setattr(leaderboard, "DOCS", tmp_path)
+
+    def row(algo, world, wins):
+        seeds = [
+            {"eval": {"win_rate_vs_base_by_reward": {"proxy": {"win_rate": w}}}, "config": {"reward": "proxy"}}
+            for w in wins
+        ]
+        return {"eval": {"algo": algo, "world": world}, "seed_runs": seeds}
+
+    runs = [
+        row("dpok", "shapes", [0.45, 0.50, 0.55]),
+        row("dpo", "shapes_flow", [0.40, 0.52, 0.58]),
+        row("ddpo", "shapes", [0.80, 0.85, 0.90]),  # clears ½: no line
+        row("best_of_n", "shapes", [0.2, 0.2, 0.2]),  # trains nothing: no line
+        row("dpo", "toy2d_flow", [0.3, 0.4, 0.5]),  # a tuning file, no sweep page
+    ]
+    lines = leaderboard.not_improved(runs, 19200)
+    assert lines[:3] == ["", "### Rows that do not improve their own reward", ""]
+    dpok, dpo_flow, dpo_toy = lines[3:]
+    assert dpok.startswith("- **dpok** does not improve the reward it optimises at 19,200 NFEs (win rate by it 50.0%")
+    assert "no trial of [its tuning sweep](tuning/shapes_dpok.md) raised the proxy reward" in dpok
+    assert "[its tuning sweep](tuning/shapes_dpo.md) raised the proxy reward on the tuning seed" in dpo_flow
+    assert "no tuning sweep on this world" in dpo_toy
+    assert leaderboard.not_improved(runs[2:4], 19200) == []
