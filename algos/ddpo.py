@@ -196,7 +196,9 @@ class PerPromptStatTracker:
 
     For each prompt c the last ``buffer_size`` rewards are kept; A = (r − mean_c) / (std_c + 1e-6) once c has at
     least ``min_count`` of them, else the batch's mean/std are used (the fallback). ``use_std=False`` only
-    subtracts the mean. ``state_dict`` / ``load_state_dict`` keep the buffers across a resume.
+    subtracts the mean. ``state_dict`` / ``load_state_dict`` keep the buffers across a resume. ``own_fraction``:
+    the share of the last batch normalised by its own prompt's statistics (0 = every sample took the fallback, and
+    ``per_prompt`` was ``global``; logged as ``adv_own_prompt_frac``).
     """
 
     def __init__(self, buffer_size: int, min_count: int, use_std: bool = True):
@@ -204,6 +206,7 @@ class PerPromptStatTracker:
             raise ValueError(f"stat tracker needs buffer_size >= 1 and min_count >= 1, got {buffer_size}, {min_count}")
         self.buffer_size, self.min_count, self.use_std = buffer_size, min_count, use_std
         self.buffers: dict[str, deque[float]] = {}
+        self.own_fraction = 0.0
 
     def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
         """Add this batch's rewards, then normalise each of them. Returns (B,) advantages."""
@@ -212,13 +215,16 @@ class PerPromptStatTracker:
             self.buffers.setdefault(p, deque(maxlen=self.buffer_size)).append(v)
         batch_mean, batch_std = r.mean(), r.std(unbiased=False)
         adv = torch.empty_like(r)
+        own = 0
         for p in set(prompts):
             idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
             buf = torch.tensor(list(self.buffers[p]), dtype=torch.float64)
             mean, std = (
                 (buf.mean(), buf.std(unbiased=False)) if len(buf) >= self.min_count else (batch_mean, batch_std)
             )
+            own += len(idx) if len(buf) >= self.min_count else 0
             adv[idx] = (r[idx] - mean) / (std + 1e-6) if self.use_std else r[idx] - mean
+        self.own_fraction = own / len(prompts)
         return adv.to(rewards)
 
     def state_dict(self) -> dict[str, list[float]]:
@@ -313,6 +319,8 @@ class DDPO(AlgorithmDefaults):
         b = len(prompts)
         stats = {"reward_mean": float(all_r.mean()), "reward_std": float(all_r.std(unbiased=False))}
         stats["adv_clip"] = self.advantage_clip(adv)
+        if cfg.advantage_norm == "per_prompt":
+            stats["adv_own_prompt_frac"] = self.tracker.own_fraction
         return adv[rank * b : (rank + 1) * b].to(rewards.device), stats
 
     def advantage_clip(self, adv: Tensor) -> float:

@@ -36,12 +36,15 @@ def test_per_prompt_stat_tracker():
     prompts = ["a", "a", "b", "b", "b", "c"]
     r = torch.tensor([1.0, 3.0, 0.0, 1.0, 5.0, 7.0])
     adv = tracker.update(prompts, r)
+    assert tracker.own_fraction == pytest.approx(5 / 6)  # all but "c"
     for p in ("a", "b"):  # enough samples: per-prompt statistics → mean 0 per prompt
         assert adv[[i for i, q in enumerate(prompts) if q == p]].mean().abs() < 1e-6
     torch.testing.assert_close(adv[:2], torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)  # (r − 2) / 1
     # "c" has one reward < min_count: the batch statistics are the fallback.
     mean, std = r.mean(), r.std(unbiased=False)
     assert adv[5].item() == pytest.approx(((7.0 - mean) / (std + 1e-6)).item(), rel=1e-6)
+    fresh = PerPromptStatTracker(buffer_size=4, min_count=2)  # one reward per prompt: all take the fallback
+    assert fresh.update(["x", "y"], r[:2]).tolist() == pytest.approx([-1.0, 1.0], abs=1e-5) and fresh.own_fraction == 0
     tracker.update(["a"] * 3, torch.tensor([5.0, 5.0, 5.0]))  # buffer of 4: [3, 5, 5, 5]
     assert list(tracker.buffers["a"]) == [3.0, 5.0, 5.0, 5.0]
     restored = PerPromptStatTracker(buffer_size=4, min_count=2)
