@@ -46,6 +46,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import leaderboard, protocol, report
+from benchmarks.lifecycle import ConfigError, config_differences
 from benchmarks.wiring import hydra_output_dir
 from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 
@@ -80,6 +81,25 @@ def compose_run(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=overrides)
 
 
+def check_same_run(run_dir: Path, overrides: list[str]) -> None:
+    """A run that an experiment reuses (finished) or resumes (checkpointed) must be the run it would start now: its
+    ``config.yaml`` against the config ``overrides`` compose today. A tuning file changed since, or other
+    overrides on the command line, would otherwise mix two settings under one label without a word; refused with
+    one line naming the differences. Locations (``out_dir``, ``eval_cache_dir``) and settings newer than the run do
+    not count."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    diffs = config_differences(OmegaConf.load(saved_path), compose_run(overrides), None)
+    diffs = {k: v for k, v in diffs.items() if k != "eval_cache_dir"}
+    if diffs:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diffs.items())
+        raise ConfigError(
+            f"{run_dir} was run with other settings than this experiment gives it now ({listed}; a tuning file "
+            "changed since?): run the experiment into a new directory, or delete that run to redo it"
+        )
+
+
 def experiment_dir(cfg: DictConfig) -> Path:
     return hydra_output_dir() or Path(cfg.out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.experiment}"
 
@@ -104,16 +124,19 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     pending: list[tuple[str, Path, list[str]]] = []
     for i, ((spec, seed), run_dir) in enumerate(zip(todo, run_dirs, strict=True)):
         label = spec["label"]
+        over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
+        over += [quoted_override("out_dir", exp_dir / "runs")]
+        over += [quoted_override("eval_cache_dir", Path(cache_dir).absolute())]
         if (run_dir / "eval.json").exists():
+            check_same_run(run_dir, over)
             print(
                 f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: complete already, reused",
                 flush=True,
             )
             continue
-        resume = [quoted_override("resume", run_dir)] if latest_checkpoint(run_dir / "checkpoints") is not None else []
-        over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
-        over += [quoted_override("out_dir", exp_dir / "runs")]
-        over += [quoted_override("eval_cache_dir", Path(cache_dir).absolute()), *resume]
+        if latest_checkpoint(run_dir / "checkpoints") is not None:
+            check_same_run(run_dir, over)
+            over.append(quoted_override("resume", run_dir))
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
     timings = (

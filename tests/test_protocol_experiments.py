@@ -99,6 +99,11 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     assert record["matched_kl"]["dpo"]["1e+06"]["reached"] == 0  # never extrapolated: "not reached"
     assert record["matched_kl"]["dpo"]["0.5"]["reached"] == 3
     print(f"\nleaderboard tiny ({len(algos)} modules x 3 seeds): {wall:.1f} s")
+    from benchmarks.lifecycle import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.001 -> 0\.123"):  # other settings: finished runs not reused
+        experiments.run(cfg, counting, exp_dir=exp, overrides=[*overrides, "train.lr=0.123"])
+    assert len(again) == 3 * len(algos) - 4  # nothing ran
 
 
 def test_paper_claims_end_to_end(tmp_path):
