@@ -215,7 +215,7 @@ def test_the_grid_of_an_integer_knob_stays_valid():
     assert tune.knob_values("algo.k", 6, [0.5, 1.0, 2.0]) == [3, 6, 12]
     assert tune.knob_values("train.batch_size", 2, [0.25, 1.0, 2.0]) == [1, 2, 4]
     assert tune.knob_values("algo.beta", 2000, [0.5, 1.0, 2.0]) == [1000.0, 2000.0, 4000.0]
-    cfg = compose_cfg(["experiment=tune", "algo=draft", "world=shapes"])
+    cfg = compose_cfg(["experiment=tune", "algo=draft", "world=shapes", "algo.k=2"])  # a grid centred on K = 2
     assert sorted({trial["algo.k"] for trial in tune.trial_grid(cfg)}) == [2, 4, 8]
 
 
