@@ -219,10 +219,9 @@ class PerPromptStatTracker:
         for p in set(prompts):
             idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
             buf = torch.tensor(list(self.buffers[p]), dtype=torch.float64)
-            mean, std = (
-                (buf.mean(), buf.std(unbiased=False)) if len(buf) >= self.min_count else (batch_mean, batch_std)
-            )
-            own += len(idx) if len(buf) >= self.min_count else 0
+            enough = len(buf) >= self.min_count
+            mean, std = (buf.mean(), buf.std(unbiased=False)) if enough else (batch_mean, batch_std)
+            own += len(idx) if enough else 0
             adv[idx] = (r[idx] - mean) / (std + 1e-6) if self.use_std else r[idx] - mean
         self.own_fraction = own / len(prompts)
         return adv.to(rewards)

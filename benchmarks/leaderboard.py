@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from benchmarks import protocol
+from benchmarks.tune import NO_GAIN
 from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.intervals import t_interval
 
@@ -269,7 +269,7 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
         name, page = e.get("label") or e["algo"], tuning_page(str(e.get("world", "")), str(e["algo"]))
         if page is None:
             why = "it has no tuning sweep on this world"
-        elif "No trial raised the proxy reward above the base model's" in page.read_text():
+        elif NO_GAIN in page.read_text():
             why = f"no trial of [its tuning sweep](tuning/{page.name}) raised the proxy reward above the base either"
         else:
             why = (
@@ -288,13 +288,12 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
 def tuning_page(world: str, algo: str) -> Path | None:
     """``docs/tuning/<w>_<algo>.md`` of the sweep behind ``conf/tuning/<world>_<algo>.yaml``: its own, or that of
     the tuning file it takes whole (shapes_flow → shapes); None when there is none."""
-    from benchmarks.wiring import CONF_DIR
+    from benchmarks.wiring import CONF_DIR, taken_whole
 
     conf = CONF_DIR / "tuning" / f"{world}_{algo}.yaml"
     stem = f"{world}_{algo}"
     if conf.exists():
-        defaults = [d for d in (yaml.safe_load(conf.read_text()) or {}).get("defaults", []) if d != "_self_"]
-        stem = defaults[0] if defaults else stem
+        stem = next(iter(taken_whole(conf)), stem)
     page = DOCS / "tuning" / f"{stem}.md"
     return page if page.exists() else None
 

@@ -171,6 +171,8 @@ def check_trial(run: dict[str, Any] | None, trial: dict[str, Any], run_dir: Path
     return run
 
 
+NO_GAIN = "No trial raised the proxy reward above the base model's"
+"""How a sweep page says that no trial beat the base (read back by `benchmarks.leaderboard.not_improved`)."""
 RULE = (
     "highest mean proxy reward of the trained policy over the tuning seeds (gold never consulted); trials within "
     "tune.tie_tol of it: the smallest KL to the base"
@@ -225,7 +227,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         "",
         *(
             [
-                f"No trial raised the proxy reward above the base model's (best {chosen['proxy']:.4f} vs "
+                f"{NO_GAIN} (best {chosen['proxy']:.4f} vs "
                 f"{base[0]:.4f}): within this grid and budget {algo} did not improve its training reward on the "
                 "tuning seeds; the chosen file is the least harmful trial.",
                 "",

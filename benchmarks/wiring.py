@@ -94,14 +94,17 @@ def check_tuning(world: str, algo: str, conf_dir: Path = CONF_DIR) -> None:
         _check_tuning_file(path)
 
 
+def taken_whole(path: Path) -> list:
+    """The entries of a tuning file's ``defaults`` (``_self_`` left out): the tuning files it takes whole."""
+    return [e for e in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []) if e != "_self_"]
+
+
 def _check_tuning_file(path: Path) -> None:
     """One tuning file: keys in `TUNING_KEYS`, or ``defaults`` naming other tuning files (checked the same way) that
     it takes whole — ``shapes_flow_<algo>.yaml`` is ``defaults: [shapes_<algo>]``."""
-    for key, value in OmegaConf.load(path).items():
+    for key in OmegaConf.load(path):
         if key == "defaults":
-            for entry in value:
-                if entry == "_self_":
-                    continue
+            for entry in taken_whole(path):
                 other = path.parent / f"{entry}.yaml"
                 if not isinstance(entry, str) or not other.exists():
                     raise ValueError(f"{path}: its defaults may name only other tuning files, got {entry!r}")
