@@ -12,10 +12,11 @@ For each algorithm it runs ``python -m benchmarks.run algo=<name> world=<world> 
 defaults and tuning files; ``--override algo:key=value`` adds a Hydra override for one algorithm and is printed
 under the table), reads the run's ``eval.json`` and ``config.yaml``, and rewrites the block between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` of ``docs/algos/<name>.md``; the head-to-head summary of
-``docs/README.md`` is rewritten the same way. With several seeds each number is the mean ± standard deviation
-over seeds. ``--experiment <dir>`` renders the tables from the runs of ``python -m benchmarks.run
-experiment=head_to_head`` instead (``<dir>/runs/<algo>/``, one seed, every module at the same training budget), so
-the docs and the head-to-head comparison are the same measurement.
+``docs/README.md`` is rewritten the same way. With several seeds each number is the mean and its Student-t 95%
+interval over seeds. ``--experiment <dir>`` renders the tables from the runs of ``python -m benchmarks.run
+experiment=head_to_head`` or ``experiment=leaderboard`` instead (``<dir>/runs/<algo>/s<seed>/``, every module at the
+same training budget, each number over the experiment's seeds), so the docs and the comparison are the same
+measurement.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from omegaconf import OmegaConf
 
 from algos import ALGOS as ALGO_REGISTRY
 from benchmarks.report import load_run
+from rlkit_diffusion.intervals import t_interval
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
@@ -81,7 +83,8 @@ def _values(results: list[dict[str, Any]], key: str) -> list[float] | None:
 
 
 def fmt(results: list[dict[str, Any]], key: str, spec: str = ".3f", pct: bool = False, ci: bool = False) -> str:
-    """One number (several seeds: mean ± std), as a percentage if ``pct``; with its 95% CI for a single seed."""
+    """One number, as a percentage if ``pct``: several seeds give the mean and its Student-t 95% interval over
+    seeds; a single seed gives its value, with its own 95% CI (``<key>_ci_low/_ci_high``) if ``ci``."""
     vals = _values(results, key)
     if vals is None:
         return "n/a"
@@ -89,7 +92,8 @@ def fmt(results: list[dict[str, Any]], key: str, spec: str = ".3f", pct: bool = 
     mean = statistics.fmean(vals) * scale
     text = f"{mean:{spec}}{unit}"
     if len(vals) > 1:
-        text += f" ± {statistics.stdev(vals) * scale:{spec}}{unit}"
+        _, lo, hi = t_interval(vals)
+        text += f" [{lo * scale:{spec}}{unit}, {hi * scale:{spec}}{unit}]"
     elif ci and _values(results, f"{key}_ci_low") is not None:
         lo, hi = results[0][f"{key}_ci_low"] * scale, results[0][f"{key}_ci_high"] * scale
         text += f" [{lo:{spec}}{unit}, {hi:{spec}}{unit}]"
@@ -147,7 +151,7 @@ def algo_table(results: list[dict[str, Any]], config: Any, commands: list[str], 
     lines = [
         START,
         f"Measured on `world={world}` (seed{'s' if len(results) > 1 else ''} {seeds}"
-        + ("; mean ± std over seeds" if len(results) > 1 else "")
+        + ("; mean [Student-t 95% interval over seeds]" if len(results) > 1 else "")
         + f") by `{regen}`, which ran:",
         "",
         "```",
@@ -225,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="runs/docs_tables", help="parent of the new runs (relative to the repo)")
     p.add_argument("--runs", default=None, help="re-render from this earlier output directory instead of training")
     p.add_argument(
-        "--experiment", default=None, help="re-render from the runs of an experiment=head_to_head directory instead"
+        "--experiment",
+        default=None,
+        help="re-render from the runs of an experiment=head_to_head (or leaderboard) directory instead",
     )
     p.add_argument(
         "--sections",
@@ -308,31 +314,55 @@ def paste_sections(exp_dirs: list[Path], docs: Path, page: str = "experiments.md
     return 0
 
 
+def experiment_specs(exp_dir: Path) -> tuple[str, dict[str, list[str]]]:
+    """The experiment's name and each label's overrides, from the directory's own composed config
+    (``.hydra/config.yaml``; ``sweep.grid`` expanded as the experiment expands it), else ``head_to_head.yaml``."""
+    from benchmarks.leaderboard import expand_grid
+
+    composed = exp_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(composed if composed.exists() else HEAD_TO_HEAD)
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=False)
+    runs = expand_grid(sweep) if sweep.get("grid") else sweep["runs"]
+    return str(cfg.get("experiment", "head_to_head")), {r["label"]: list(r["overrides"]) for r in runs}
+
+
+def seed_run_dirs(label_dir: Path) -> list[Path]:
+    """The finished runs of one label of an experiment: ``<label>/s<seed>/`` (seed order), or ``<label>/`` itself
+    (an experiment of one seed written before seeds were first-class)."""
+    if (label_dir / "eval.json").exists():
+        return [label_dir]
+    found = [d for d in label_dir.glob("s*") if d.name[1:].isdigit() and (d / "eval.json").exists()]
+    return sorted(found, key=lambda d: int(d.name[1:]))
+
+
 def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -> int:
-    """Rewrite the tables from an ``experiment=head_to_head`` directory (``runs/<algo>/`` of one seed)."""
-    configs = sorted((exp_dir / "runs").glob("*/config.yaml"))
-    if not configs:
+    """Rewrite the tables from an experiment directory whose runs are one per module (``experiment=head_to_head``
+    or ``experiment=leaderboard``): ``runs/<algo>/s<seed>/``, every reporting seed of it."""
+    if not any((exp_dir / "runs").glob("*/**/config.yaml")):
         raise SystemExit(f"--experiment: no runs under {exp_dir / 'runs'}")
-    world = OmegaConf.load(configs[0]).world.name
-    specs = {r.label: list(r.overrides) for r in OmegaConf.load(HEAD_TO_HEAD).sweep.runs}
+    name, specs = experiment_specs(exp_dir)
     collected: dict[str, list[dict[str, Any]]] = {}
+    world = "?"
     for algo in algos:
-        run_dir = exp_dir / "runs" / algo
-        if not (run_dir / "eval.json").exists():
-            print(f"{algo}: no finished run in {run_dir} (table left unchanged)", file=sys.stderr)
+        dirs = seed_run_dirs(exp_dir / "runs" / algo)
+        if not dirs:
+            print(f"{algo}: no finished run in {exp_dir / 'runs' / algo} (table left unchanged)", file=sys.stderr)
             continue
-        run = load_run(run_dir)
-        result, config = run["eval"], run["config"]
+        runs = [load_run(d) for d in dirs]
+        results, config = [r["eval"] for r in runs], runs[0]["config"]
+        world = str(config.world.name)
+        seeds = ", ".join(str(r["seed"]) for r in results)
         command = " ".join(["python -m benchmarks.run", f"world={world}", *specs.get(algo, [f"algo={algo}"])])
-        note = f"# one run of: python -m benchmarks.run experiment=head_to_head world={world}"
-        block = algo_table([result], config, [note, command], regen).replace(", which ran:", ", from the run of:")
+        note = f"# the runs of: python -m benchmarks.run experiment={name} world={world} (seeds {seeds}), each:"
+        block = algo_table(results, config, [note, f"{command} seed=<s>"], regen)
+        block = block.replace(", which ran:", ", from the runs of:")
         replace_block(docs / "algos" / f"{algo}.md", block)
-        collected[algo] = [result]
+        collected[algo] = results
     if collected:  # one experiment is one comparison: its summary is rewritten even when a module is missing
         missing = [a for a in ALGOS if a not in collected]
         block = summary_table(collected, world, regen).replace(
             "(each algorithm at the repository's defaults and tuning;",
-            "(the runs of `python -m benchmarks.run experiment=head_to_head`: every module at the same training "
+            f"(the runs of `python -m benchmarks.run experiment={name}`: every module at the same training "
             "budget in UNet NFEs, best_of_n paying at inference instead;",
         )
         if missing:

@@ -6,13 +6,17 @@ experiment      runs (world=shapes; each an ordinary run directory)  section
 ==============  =================================================  ==================================================
 table1          dpo, sft, ddpo, dpok, draft, best_of_n at equal      Table 1: open vocabulary / equal inference cost /
                 UNet NFEs                                            divergence control per method, ✓/✗ + numbers
-head_to_head    the nine modules at equal UNet NFEs                  comparison table, Table 1, curves, frontier, grid
+head_to_head    every module (sweep.grid) at 19,200 UNet NFEs        comparison table, Table 1, curves, frontier, grid
+leaderboard     every module × two NFE budgets                       equal NFEs, matched KL, convergence; + the head
+                                                                     to head of the same runs at the top budget
 table2          dpo                                                  Table 2: preference accuracy on validation pairs
                                                                      of the implicit reward vs gold/proxy/clip/…
 fig6            dpo on labels of each reward (AI feedback)           Fig. 6: win rate under each reward (matrix)
 beta_sweep      dpo at several β                                     S5: gold reward and KL to the base vs β
 best_of_n       dpo with 16 evaluation draws per caption             S8: best-of-N curve of the base vs the DPO model
 sdedit          dpo evaluated in ``eval.mode=sdedit``                §5.3: win rate of edits vs the base's edits
+paper_claims    dpo, sft, dpo at β/4 and 4β, proxy labels, SDEdit,  the paper's claims one by one: measured (95% CI
+                draft, alignprop                                     over seeds) and holds / does not / inconclusive
 flow_vs_eps     dpo, grpo, draft, ddpo, nft on toy2d and toy2d_flow  the same algorithm on the ε-policy and the flow
                                                                      policy side by side: gold, win rate, distance to
                                                                      the KL-optimal target p*, path KL
@@ -333,9 +337,11 @@ def section_table1(runs: list[dict], params: dict[str, Any], out: Path) -> list[
 
 
 def section_head_to_head(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
-    groups = report.group(runs)
-    budgets = {(r["eval"].get("unet_nfe"), r["eval"].get("algo")) for r in runs}
-    lines = [report.table(groups), "", f"Training UNet NFEs per run: {sorted({b[0] for b in budgets})}.", ""]
+    """The comparison table (each configuration's seeds grouped: t-intervals over seeds, win rates pooled over seeds
+    and captions), Table 1 on the merged runs, and the figures."""
+    groups = report.group([s for r in runs for s in r.get("seed_runs", [r])])
+    budgets = sorted({int(s["eval"].get("unet_nfe", 0)) for rs in groups.values() for s in rs})
+    lines = [report.table(groups), "", f"Training UNet NFEs per run: {budgets}.", ""]
     lines += ["### Table 1 (measured on these runs)", "", *section_table1(runs, params, out), ""]
     for title, path in report.figures(groups, out):
         lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
@@ -519,6 +525,20 @@ def section_flow_vs_eps(runs: list[dict], params: dict[str, Any], out: Path) -> 
     return lines
 
 
+def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
+    """The leaderboard's tables (`benchmarks.leaderboard.section_leaderboard`, also written to ``docs_out``), then the
+    head-to-head view of the same runs at the top budget: one measurement serves both pages."""
+    lines = leaderboard.section_leaderboard(runs, params, out)
+    top = max(float(b) for b in params.get("budgets", [19200]))
+    return [
+        *lines,
+        "",
+        f"### Head to head at {top:,.0f} training UNet NFEs",
+        "",
+        *section_head_to_head(runs, params, out),
+    ]
+
+
 SECTIONS: dict[str, Section] = {
     "table1": section_table1,
     "head_to_head": section_head_to_head,
@@ -528,6 +548,6 @@ SECTIONS: dict[str, Section] = {
     "best_of_n": section_best_of_n,
     "sdedit": section_sdedit,
     "flow_vs_eps": section_flow_vs_eps,
-    "leaderboard": leaderboard.section_leaderboard,
+    "leaderboard": section_leaderboard,
     "paper_claims": leaderboard.section_paper_claims,
 }

@@ -127,6 +127,20 @@ def test_every_experiment_composes_and_its_runs_compose(name):
         assert sub.label == spec.label and sub.sweep is None
 
 
+def test_head_to_head_runs_every_module_as_the_leaderboard_does_at_its_top_budget():
+    """A module added to algos/ is in the head-to-head without an edit, and its run there is the leaderboard's run
+    at the top budget (so one leaderboard directory renders both views)."""
+    from algos import ALGOS
+
+    def runs(name: str) -> dict[str, list[str]]:
+        sweep = OmegaConf.to_container(compose_cfg([f"experiment={name}"]).sweep, resolve=True)
+        return {r["label"]: r["overrides"] for r in experiments.leaderboard.expand_grid(sweep)}
+
+    h2h, lb = runs("head_to_head"), runs("leaderboard")
+    assert sorted(h2h) == sorted(ALGOS) and h2h == lb
+    assert "budget.amount=19200" in h2h["dpo"] and h2h["best_of_n"] == ["algo=best_of_n", "eval.rewards=[proxy]"]
+
+
 def test_every_tuning_file_names_a_world_and_an_algo():
     worlds, algos = set(group_choices("world")), set(group_choices("algo"))
     for f in sorted((REPO / "benchmarks" / "conf" / "tuning").glob("*.yaml")):
@@ -139,14 +153,14 @@ def test_every_tuning_file_names_a_world_and_an_algo():
 # ------------------------------------------------------------------------------------------------------------------
 # Sections on fake runs, and one real experiment at a tiny budget
 # ------------------------------------------------------------------------------------------------------------------
-def _fake(root: Path, label: str, **ev) -> dict:
-    d = root / "runs" / label
+def _fake(root: Path, label: str, seed_dir: str = "", **ev) -> dict:
+    d = root / "runs" / label / seed_dir
     d.mkdir(parents=True)
     record = {
         "schema_version": 1,
         "algo": ev.pop("algo", "dpo"),
         "world": "shapes",
-        "seed": 0,
+        "seed": ev.pop("seed", 0),
         "label": label,
         "win_rate_vs_base": 0.6,
         "win_rate_vs_base_ci_low": 0.55,
@@ -272,6 +286,24 @@ def test_docs_tables_render_from_a_head_to_head_experiment(tmp_path):
     summary = (docs / "README.md").read_text()  # one experiment = one comparison, missing modules named
     assert "old summary" not in summary and "| [dpo](algos/dpo.md) | 60.0% |" in summary
     assert "Not in this experiment's runs: dpo_l2, sft" in summary
+    # A leaderboard directory: every reporting seed of a module (runs/<algo>/s<seed>/), its commands from the
+    # directory's own composed config (the grid at the top budget), numbers with t-intervals over seeds.
+    lb = tmp_path / "lb"
+    for seed, win in ((0, 0.6), (1, 0.7)):
+        ev = _fake(lb, "kto", f"s{seed}", algo="kto", seed=seed, win_rate_vs_base=win)
+        OmegaConf.save(OmegaConf.create({"world": {"name": "shapes"}, "reward": "proxy"}), ev["dir"] / "config.yaml")
+    (lb / ".hydra").mkdir()
+    grid = {"algos": ["kto"], "eval_points": 4, "overrides": ["eval.rewards=[proxy]"]}
+    OmegaConf.save(
+        OmegaConf.create({"experiment": "leaderboard", "sweep": {"grid": grid, "params": {"budgets": [4800, 19200]}}}),
+        lb / ".hydra" / "config.yaml",
+    )
+    (docs / "algos" / "kto.md").write_text(f"# KTO\n\n{START}\nold\n{END}\n")
+    assert docs_tables_main([*argv[:4], "kto", "--experiment", str(lb), "--docs-dir", str(docs)]) == 0
+    page = (docs / "algos" / "kto.md").read_text()
+    assert "experiment=leaderboard world=shapes (seeds 0, 1)" in page and "budget.amount=19200" in page
+    assert "| win rate vs base, training prompts (gold reward, 95% CI) | 65.0% [1.5%, 128.5%] |" in page
+    assert "| [kto](algos/kto.md) | 65.0% [1.5%, 128.5%] |" in (docs / "README.md").read_text()
 
 
 def test_init_from_with_zero_steps_re_evaluates_a_finished_run(tmp_path):

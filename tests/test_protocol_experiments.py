@@ -98,6 +98,9 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     assert win["ci_low"] <= win["mean"] <= win["ci_high"]
     assert record["matched_kl"]["dpo"]["1e+06"]["reached"] == 0  # never extrapolated: "not reached"
     assert record["matched_kl"]["dpo"]["0.5"]["reached"] == 3
+    section = (exp / "section.md").read_text()  # the head-to-head view of the same runs, each module's 3 seeds grouped
+    assert "Head to head at 3,000 training UNet NFEs" in section and "### Table 1" in section
+    assert "| toy2d | dpo | 3 |" in section and "| toy2d | best_of_n | 3 |" in section
     print(f"\nleaderboard tiny ({len(algos)} modules x 3 seeds): {wall:.1f} s")
     from benchmarks.lifecycle import ConfigError
 
