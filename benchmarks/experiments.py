@@ -85,17 +85,44 @@ def compose_run(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=overrides)
 
 
+def run_differences(run_dir: Path, overrides: list[str]) -> dict[str, tuple[Any, Any]]:
+    """{setting: (the run's, today's)} between a run directory's ``config.yaml`` and the config ``overrides`` compose
+    today; locations (``out_dir``, ``eval_cache_dir``, ...) and settings newer than the run do not count. A directory
+    without ``config.yaml`` has none."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return {}
+    diffs = config_differences(OmegaConf.load(saved_path), compose_run(overrides), None)
+    return {k: v for k, v in diffs.items() if k != "eval_cache_dir"}
+
+
+def copy_finished_run(run_dir: Path, overrides: list[str], sources: list[str]) -> Path | None:
+    """``reuse_from``: the first finished run ``<source>/runs/<label>/s<seed>/`` of another experiment directory
+    whose settings are this run's (`run_differences` empty), copied whole into ``run_dir`` (an unfinished
+    ``run_dir`` without a checkpoint is replaced); None when no source has it. A run with other settings is
+    never taken: the copy is the run this experiment would have made."""
+    import shutil
+
+    for source in sources:
+        candidate = Path(source) / "runs" / run_dir.parent.name / run_dir.name
+        if not (candidate / "eval.json").exists() or run_differences(candidate, overrides):
+            continue
+        staging = run_dir.with_name(run_dir.name + ".copying")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(candidate, staging)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        staging.rename(run_dir)  # whole or not at all: an interrupted copy leaves no eval.json in run_dir
+        return candidate
+    return None
+
+
 def check_same_run(run_dir: Path, overrides: list[str]) -> None:
     """A run that an experiment reuses (finished) or resumes (checkpointed) must be the run it would start now: its
     ``config.yaml`` against the config ``overrides`` compose today. A tuning file changed since, or other
     overrides on the command line, would otherwise mix two settings under one label without a word; refused with
     one line naming the differences. Locations (``out_dir``, ``eval_cache_dir``) and settings newer than the run do
     not count."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    diffs = config_differences(OmegaConf.load(saved_path), compose_run(overrides), None)
-    diffs = {k: v for k, v in diffs.items() if k != "eval_cache_dir"}
+    diffs = run_differences(run_dir, overrides)
     if diffs:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diffs.items())
         raise ConfigError(
@@ -121,6 +148,10 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         sweep["runs"] = leaderboard.expand_grid(sweep)
     extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
     seeds = experiment_seeds(cfg, sweep)
+    reuse_from = [str(Path(d).absolute()) for d in (cfg.get("reuse_from") or [])]
+    for d in reuse_from:
+        if not (Path(d) / "runs").is_dir():
+            raise ConfigError(f"reuse_from={d}: not an experiment directory (no runs/ in it)")
     cache_dir = cfg.get("eval_cache_dir") or Path(cfg.out_dir) / ".eval_cache"  # one base evaluation for all runs
     runs = []
     todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
@@ -141,6 +172,9 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         if latest_checkpoint(run_dir / "checkpoints") is not None:
             check_same_run(run_dir, over)
             over.append(quoted_override("resume", run_dir))
+        elif (source := copy_finished_run(run_dir, over, reuse_from)) is not None:
+            print(f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: copied from {source}", flush=True)
+            continue
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
     timings = (
@@ -249,7 +283,8 @@ def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:
 
 
 def _is_seeds(override: str) -> bool:
-    return override.split("=", 1)[0].lstrip("+~") in ("seed", "seeds")
+    """An override that the experiment itself takes (its seeds, the directories it copies from), not its runs."""
+    return override.split("=", 1)[0].lstrip("+~") in ("seed", "seeds", "reuse_from")
 
 
 def quoted_override(key: str, value: Any) -> str:

@@ -391,9 +391,9 @@ def _claim_diagonal(runs, c):
         r = by[lab]
         vals = {}
         for s in r.get("seed_runs", [r]):
-            w = s["eval"].get("win_rate_vs_base_by_reward", {})
-            if own in w and other in w:
-                vals[s["eval"]["seed"]] = w[own]["win_rate"] - w[other]["win_rate"]
+            own_w, other_w = _win_under(s, own), _win_under(s, other)
+            if own_w is not None and other_w is not None:
+                vals[s["eval"]["seed"]] = own_w - other_w
         diffs.append(vals)
     seeds = sorted(set.intersection(*[set(d) for d in diffs])) if diffs else []
     return (
@@ -401,6 +401,17 @@ def _claim_diagonal(runs, c):
         0.0,
         "mean over rows of (win under own − under other) > 0",
     )
+
+
+def _win_under(run: dict, reward: str) -> float | None:
+    """Win rate vs base under ``reward``: ``win_rate_vs_base_by_reward`` (``eval.rewards``), or the headline win rate
+    when ``reward`` is the evaluation's own reward (``eval.reward``, gold by default)."""
+    by = run["eval"].get("win_rate_vs_base_by_reward", {})
+    if reward in by:
+        return float(by[reward]["win_rate"])
+    cfg = run.get("config")
+    eval_reward = cfg.get("eval", {}).get("reward", "gold") if cfg is not None else "gold"
+    return float(run["eval"]["win_rate_vs_base"]) if reward == eval_reward else None
 
 
 def _claim_s8(runs, c):

@@ -62,6 +62,10 @@ class RunConfig:
     eval_cache_dir: str | None = None
     """The cross-run evaluation cache (``eval.cache=true``); None = ``<out_dir>/.eval_cache``. An experiment's runs
     share the experiment's root cache."""
+    reuse_from: list[str] = field(default_factory=list)
+    """Experiments: other experiment directories whose finished runs are copied in instead of trained again, when a
+    run there has this run's label, seed and settings (`benchmarks.experiments.copy_finished_run`); e.g.
+    ``experiment=paper_claims reuse_from=[<leaderboard dir>]`` takes the DPO, SFT, DRaFT and AlignProp runs."""
     jobs: int = 1
     """Experiments (``experiment=<name>`` with a sweep, the leaderboard): how many runs train at once, each a
     ``python -m benchmarks.run`` process with ⌊CPU cores / jobs⌋ threads (`benchmarks.experiments.run_processes`).

@@ -109,6 +109,47 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     assert len(again) == 3 * len(algos) - 4  # nothing ran
 
 
+def test_an_experiment_copies_the_finished_runs_of_another_with_the_same_settings(tmp_path):
+    """``reuse_from=[<dir>]``: a run there with this run's label, seed and settings is copied, not trained again; one
+    with other settings is never taken; a directory that is not an experiment's is refused."""
+    cfg = compose_cfg(["experiment=table2", *TINY, f"out_dir={tmp_path}", "jobs=1", "seeds=[0]"])
+    runs = [{"label": "dpo", "overrides": ["algo=dpo", "train.steps=3"]}]
+    cfg = OmegaConf.merge(cfg, {"sweep": {"runs": runs, "section": "head_to_head"}})
+    overrides = [*TINY, f"out_dir={tmp_path}"]
+    trained = []
+
+    def counting(sub, run_dir):
+        trained.append(run_dir)
+        return run_one(sub, run_dir=run_dir)
+
+    experiments.run(cfg, counting, exp_dir=tmp_path / "a", overrides=overrides)
+    assert len(trained) == 1
+    again = OmegaConf.merge(cfg, {"reuse_from": [str(tmp_path / "a")]})
+    experiments.run(again, counting, exp_dir=tmp_path / "b", overrides=overrides)
+    assert len(trained) == 1  # copied
+    a, b = (json.loads((tmp_path / d / "runs/dpo/s0/eval.json").read_text()) for d in "ab")
+    assert a == b and (tmp_path / "b/runs/dpo/s0/checkpoints").is_dir()
+    experiments.run(again, counting, exp_dir=tmp_path / "c", overrides=[*overrides, "train.lr=0.01"])
+    assert len(trained) == 2  # other settings: trained, not copied
+    with pytest.raises(experiments.ConfigError, match="not an experiment directory"):
+        experiments.run(OmegaConf.merge(cfg, {"reuse_from": [str(tmp_path)]}), counting, exp_dir=tmp_path / "d")
+
+
+def test_paper_claims_shares_its_dpo_sft_draft_alignprop_runs_with_the_leaderboard():
+    """The claims' runs of the leaderboard's modules compose to the leaderboard's runs (so ``reuse_from`` can take
+    them): the same settings, not merely the same algorithm."""
+    from benchmarks.lifecycle import config_differences
+
+    def specs(name: str) -> dict[str, list[str]]:
+        sweep = OmegaConf.to_container(compose_cfg([f"experiment={name}"]).sweep, resolve=True)
+        runs = leaderboard.expand_grid(sweep) if sweep.get("grid") else sweep["runs"]
+        return {r["label"]: [*r["overrides"], f"label={r['label']}"] for r in runs}
+
+    claims, board = specs("paper_claims"), specs("leaderboard")
+    for label in ("dpo", "sft", "draft", "alignprop"):
+        assert config_differences(compose_cfg(claims[label]), compose_cfg(board[label]), None) == {}, label
+
+
 def test_paper_claims_end_to_end(tmp_path):
     cfg = compose_cfg(["experiment=paper_claims", *TINY, f"out_dir={tmp_path}", "jobs=1"])  # run_one injected
     sweep = OmegaConf.to_container(cfg.sweep)
