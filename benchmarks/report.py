@@ -195,6 +195,15 @@ def _plt():
     return plt
 
 
+def group_colours(groups) -> dict:
+    """One distinct colour per group: matplotlib's 10-colour cycle, or tab20's 20 colours for more groups (the
+    cycle would give two of the leaderboard's 16 modules the same colour)."""
+    if len(groups) <= 10:
+        return {k: f"C{i}" for i, k in enumerate(groups)}
+    cmap = _plt().get_cmap("tab20")
+    return {k: cmap(i % 20) for i, k in enumerate(groups)}
+
+
 def plot_curves(groups, out: Path) -> Path | None:
     """Gold and proxy reward (the periodic evaluations in metrics.jsonl) against each budget axis."""
     series = [
@@ -204,7 +213,7 @@ def plot_curves(groups, out: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(2, len(BUDGET_AXES), figsize=(4 * len(BUDGET_AXES), 6.5), squeeze=False)
-    colours = {k: f"C{i}" for i, k in enumerate(groups)}
+    colours = group_colours(groups)
     for row, (metric, label) in enumerate(
         [("eval/gold_reward_trained", "gold reward"), ("eval/proxy_reward_trained", "proxy reward")]
     ):
@@ -246,13 +255,14 @@ def plot_scatter(
     base_y: str | None = None,
 ) -> Path | None:
     pts = []
-    for i, (key, rs) in enumerate(groups.items()):
+    colours = group_colours(groups)
+    for key, rs in groups.items():
         for r in rs:
             e = r["eval"]
             if x_key in e and y_key in e:
                 x = e[x_key] - (e.get(base_x, 0.0) if base_x else 0.0)
                 y = e[y_key] - (e.get(base_y, 0.0) if base_y else 0.0)
-                pts.append((key, x, y, f"C{i}"))
+                pts.append((key, x, y, colours[key]))
     if not pts:
         return None
     plt = _plt()

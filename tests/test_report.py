@@ -135,3 +135,11 @@ def test_report_groups_by_config_minus_seed_and_never_writes_into_a_run(tmp_path
     assert (out / "report.md").exists()
     with pytest.raises(SystemExit, match="is a run directory; refusing to write into it"):
         report_main([str(runs), "--out", str(runs / "dpo-10-s0")])
+
+
+def test_every_group_of_a_large_comparison_gets_its_own_colour():
+    from benchmarks.report import group_colours
+
+    for n in (3, 10, 16, 20):
+        colours = group_colours({("shapes", f"algo{i}"): [] for i in range(n)})
+        assert len({str(c) for c in colours.values()}) == n
