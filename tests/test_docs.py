@@ -567,9 +567,9 @@ KNOWN_TYPED = {
         "93.8%",
     },
     # "On a flow-matching base": the printouts of `benchmarks.prepare world=shapes(_flow)` (stage=grid) and of
-    # `benchmarks.run algo=dpo world=shapes_flow seeds=3` (and of the timing runs), pasted by hand next to their commands.
+    # `benchmarks.run algo=dpo world=shapes_flow seeds=3` (and the timing runs), pasted by hand beside their commands.
     "algos/dpo.md": {
-        # the cold-cache shapes_flow run (`python -m benchmarks.run algo=dpo world=shapes_flow out_dir=<new dir> ...`)
+        # the cold-cache run (`python -m benchmarks.run algo=dpo world=shapes_flow out_dir=<new dir> ...`)
         "116.2",
         "151.1",
         "231.0",
