@@ -581,8 +581,8 @@ KNOWN_TYPED = {
         "0.50390625",
         "3.1771247386932373",
         "4.130190372467041",
-        # `OMP_NUM_THREADS=1 python -m benchmarks.run algo=dpo world=shapes_flow seeds=3` (the timing runs repeat 64.1%,
-        # 57.4%, 70.3%)
+        # `OMP_NUM_THREADS=1 python -m benchmarks.run algo=dpo world=shapes_flow seeds=3` (the timing runs repeat
+        # 64.1%, 57.4%, 70.3%)
         "1.265",
         "1.396",
         "1.729",
