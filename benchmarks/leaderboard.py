@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import protocol
-from benchmarks.tune import NO_GAIN
+from benchmarks.tune import EDGE, NO_GAIN
 from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.intervals import t_interval
 
@@ -241,6 +241,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         record["convergence"][name] = {"gold": gold_d, "last_step_share": share, "plateaued": flat}
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
     lines += not_improved(runs, budgets[-1])
+    lines += tuning_summary(runs)
     lines += [
         "",
         "Means over seeds with Student-t 95% intervals over seeds; the final win rates are pooled over seeds and "
@@ -283,6 +284,33 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
     if not lines:
         return []
     return ["", "### Rows that do not improve their own reward", "", *lines]
+
+
+def tuning_summary(runs: list[dict]) -> list[str]:
+    """A section naming, for each trained row, the sweep behind its settings and the knobs whose chosen value lies at
+    the edge of that sweep's grid (where the optimum may lie outside it): how far each row's tuning can be trusted."""
+    lines = [
+        "",
+        "### The tuning behind each row",
+        "",
+        "| algo | tuning sweep | chosen value at the edge of its grid in |",
+    ]
+    lines.append("|---|---|---|")
+    for r in runs:
+        e = r["eval"]
+        name = e.get("label") or e["algo"]
+        if e.get("algo") in NO_TRAINING:
+            lines.append(f"| {name} | – (trains nothing) | – |")
+            continue
+        page = tuning_page(str(e.get("world", "")), str(e["algo"]))
+        if page is None:
+            lines.append(f"| {name} | none on this world | – |")
+            continue
+        text = page.read_text()
+        at = text.index(EDGE) + len(EDGE) if EDGE in text else -1
+        edge = text[at:].split(":", 1)[0].strip() if at >= 0 else "neither knob"
+        lines.append(f"| {name} | [{page.stem}](tuning/{page.name}) | {edge} |")
+    return lines
 
 
 def tuning_page(world: str, algo: str) -> Path | None:

@@ -173,6 +173,9 @@ def check_trial(run: dict[str, Any] | None, trial: dict[str, Any], run_dir: Path
 
 NO_GAIN = "No trial raised the proxy reward above the base model's"
 """How a sweep page says that no trial beat the base (read back by `benchmarks.leaderboard.not_improved`)."""
+EDGE = "The chosen trial is at the edge of the grid in"
+"""How a sweep page says that a knob's chosen value is its grid's first or last (read back by
+`benchmarks.leaderboard.tuning_summary`)."""
 RULE = (
     "highest mean proxy reward of the trained policy over the tuning seeds (gold never consulted); trials within "
     "tune.tie_tol of it: the smallest KL to the base"
@@ -237,7 +240,7 @@ def write_outputs(cfg: DictConfig, record: dict[str, Any], conf_dir: Path, docs_
         ),
         *(
             [
-                f"The chosen trial is at the edge of the grid in {' and '.join(edge)}: the optimum may lie outside "
+                f"{EDGE} {' and '.join(edge)}: the optimum may lie outside "
                 "it; the same command run again centres a new grid on the chosen values.",
                 "",
             ]

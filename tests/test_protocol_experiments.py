@@ -356,3 +356,26 @@ def test_the_leaderboard_says_why_a_row_does_not_improve_its_own_reward(tmp_path
     assert "[its tuning sweep](tuning/shapes_dpo.md) raised the proxy reward on the tuning seed" in dpo_flow
     assert "no tuning sweep on this world" in dpo_toy
     assert leaderboard.not_improved(runs[2:4], 19200) == []
+
+
+def test_the_leaderboard_names_the_knobs_chosen_at_the_edge_of_each_rows_grid(tmp_path, monkeypatch):
+    """Each trained row names its sweep and the knobs whose chosen value is its grid's first or last (read back from
+    the sentence `benchmarks.tune` writes, `tune.EDGE`); a row without a sweep or that trains nothing says so."""
+    from benchmarks.tune import EDGE
+
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "shapes_ddpo.md").write_text(f"x\n\n{EDGE} learning rate and train.batch_size: the ...\n")
+    (tmp_path / "tuning" / "shapes_dpo.md").write_text("Chosen: trial 5.\n")
+    monkeypatch.setattr(leaderboard, "DOCS", tmp_path)
+    runs = [
+        {"eval": {"algo": a, "world": w}}
+        for a, w in (("ddpo", "shapes"), ("dpo", "shapes_flow"), ("best_of_n", "shapes"), ("kto", "toy2d"))
+    ]
+    lines = leaderboard.tuning_summary(runs)
+    assert lines[1] == "### The tuning behind each row"
+    assert lines[5:] == [
+        "| ddpo | [shapes_ddpo](tuning/shapes_ddpo.md) | learning rate and train.batch_size |",
+        "| dpo | [shapes_dpo](tuning/shapes_dpo.md) | neither knob |",
+        "| best_of_n | – (trains nothing) | – |",
+        "| kto | none on this world | – |",
+    ]
