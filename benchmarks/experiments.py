@@ -372,9 +372,10 @@ def section_table1(runs: list[dict], params: dict[str, Any], out: Path) -> list[
 
 
 def section_head_to_head(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
-    """The comparison table (each configuration's seeds grouped: t-intervals over seeds, win rates pooled over seeds
-    and captions), Table 1 on the merged runs, and the figures."""
-    groups = report.group([s for r in runs for s in r.get("seed_runs", [r])])
+    """The comparison table (each label's seeds grouped: t-intervals over seeds, win rates pooled over seeds and
+    captions), Table 1 on the merged runs, and the figures. Grouped by the experiment's labels, as Table 1 and the
+    leaderboard are: a seed copied from another experiment (``reuse_from``) stays in its label's group."""
+    groups = {(r["eval"]["world"], _label(r)): r.get("seed_runs", [r]) for r in runs}
     budgets = sorted({int(s["eval"].get("unet_nfe", 0)) for rs in groups.values() for s in rs})
     lines = [report.table(groups), "", f"Training UNet NFEs per run: {budgets}.", ""]
     lines += ["### Table 1 (measured on these runs)", "", *section_table1(runs, params, out), ""]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import protocol
+from benchmarks.lifecycle import ConfigError
 from benchmarks.tune import EDGE, NO_GAIN
 from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.intervals import t_interval
@@ -50,7 +51,15 @@ def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
 
     grid = sweep["grid"]
     algos = sorted(ALGOS) if grid.get("algos", "all") == "all" else list(grid["algos"])
-    budget = max(float(b) for b in sweep.get("params", {}).get("budgets", [19200]))
+    budgets = sorted(float(b) for b in sweep.get("params", {}).get("budgets", [19200]))
+    budget, points = budgets[-1], int(grid.get("eval_points", 4))
+    off = [b for b in budgets[:-1] if points < 1 or abs(b * points / budget - round(b * points / budget)) > 1e-9]
+    if off:
+        raise ConfigError(
+            f"sweep.params.budgets: {', '.join(f'{b:g}' for b in off)} is not on the learning curve of {points} "
+            f"evaluation(s) up to {budget:g} NFEs (every {budget / max(points, 1):g}): the table at that level would "
+            f"have no evaluation; choose sweep.grid.eval_points so that {budget:g}/eval_points divides each budget"
+        )
     extra = list(grid.get("overrides", []))
     runs = []
     for algo in algos:
@@ -58,7 +67,7 @@ def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
             runs.append({"label": algo, "overrides": [f"algo={algo}", *extra]})
             continue
         over = [f"algo={algo}", "budget.kind=nfe", f"budget.amount={budget:g}", "train.steps=1000000000"]
-        over += [f"train.eval_points={int(grid.get('eval_points', 4))}", *extra]
+        over += [f"train.eval_points={points}", *extra]
         runs.append({"label": algo, "overrides": over})
     return runs
 
@@ -78,63 +87,84 @@ def is_pair_based(algo: str) -> bool:
         return False
 
 
-def pairs_cost_per_pair(world: str, num_inference_steps: int = 20) -> tuple[float, float]:
-    """(UNet NFEs, reward/label queries) spent to make one training pair of ``world``'s shipped pair set.
+PAIRS_SAMPLING_STEPS = 20
+"""Sampling steps of the base-model images in shapes' shipped pair set (`worlds/shapes/prepare.py`)."""
+
+
+def pairs_cost_per_pair(world: str) -> tuple[float, float, float]:
+    """(UNet NFEs, reward/label queries) spent to make one training pair of ``world``'s shipped pair set, and the
+    number of pairs in it (inf where pairs are drawn afresh).
 
     shapes (``assets/shapes_pairs/pairs_stats.json``): a fraction ``generator_mix.base_model`` of the images was
-    sampled by the base model (``num_inference_steps`` NFEs each), the rest rendered (no UNet); both images of every
+    sampled by the base model (`PAIRS_SAMPLING_STEPS` NFEs each), the rest rendered (no UNet); both images of every
     drawn pair were scored by the gold reward to draw its label (ties redrawn: ``train_ties_dropped`` extra pairs).
     shapes_flow trains on the same pair set. toy2d: pairs are data draws (no UNet) labelled by the reward (2 queries a
     pair)."""
     if world not in ("shapes", "shapes_flow"):
-        return 0.0, 2.0
+        return 0.0, 2.0, math.inf
     import rlkit_diffusion.worlds
 
     assets = Path(rlkit_diffusion.worlds.__file__).parent / "assets"
     stats = json.loads((assets / "shapes_pairs" / "pairs_stats.json").read_text())
     drawn = stats["train_pairs"] + stats.get("train_ties_dropped", 0)
     per_pair_drawn = drawn / stats["train_pairs"]
-    nfe = 2 * stats["generator_mix"].get("base_model", 0.0) * num_inference_steps * per_pair_drawn
-    return float(nfe), float(2 * per_pair_drawn)
+    nfe = 2 * stats["generator_mix"].get("base_model", 0.0) * PAIRS_SAMPLING_STEPS * per_pair_drawn
+    return float(nfe), float(2 * per_pair_drawn), float(stats["train_pairs"])
 
 
 def data_cost(run: dict[str, Any]) -> dict[str, float] | None:
-    """The NFEs and label queries behind the pairs a pair-based run consumed (updates × pairs per update, at most the
-    pair set), or None for an on-policy run."""
+    """The NFEs and label queries behind the pairs a pair-based run consumed — pairs drawn (updates × pairs per
+    update over all processes), at most the pair set: a pair drawn again cost nothing more to make — or None for an
+    on-policy run."""
     e, cfg = run["eval"], run.get("config")
     if not is_pair_based(e.get("algo", "")):
         return None
-    batch = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) if cfg is not None else 0
-    steps = int(cfg.world.get("num_inference_steps", 20)) if cfg is not None else 20
-    nfe, queries = pairs_cost_per_pair(e.get("world", ""), steps)
-    pairs = e.get("updates", 0) * batch
+    procs = int(e.get("environment", {}).get("num_processes", 1) or 1)  # train.batch_size is per process
+    batch = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) * procs if cfg is not None else 0
+    nfe, queries, pair_set = pairs_cost_per_pair(e.get("world", ""))
+    pairs = min(e.get("updates", 0) * batch, pair_set)
     return {"pairs": float(pairs), "data_nfe": nfe * pairs, "label_queries": queries * pairs}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Leaderboard
 # --------------------------------------------------------------------------------------------------------------
-def at_budget(run: dict[str, Any], key: str, level: float) -> float:
-    """``key`` at ``level`` training NFEs: the final evaluation when the run ended there (within a batch: ≤ 10%
-    over), else the first learning-curve evaluation at ≥ ``level``; NaN when the run never got there."""
+def at_budget(run: dict[str, Any], key: str, level: float, top: bool = False) -> float:
+    """``key`` at ``level`` training NFEs. The run's final evaluation when ``level`` is its own budget (``top``) or
+    when it ended within one training step of ``level``; else the learning-curve evaluation logged within one step at
+    or past ``level`` (a step's NFEs: ``unet_nfe / updates``); NaN when there is none — never a later point."""
     e = run["eval"]
     final = float(e.get("unet_nfe", 0))
-    if e.get("algo") in NO_TRAINING or level * 0.98 <= final <= level * 1.1:
+    step = final / max(float(e.get("updates", 0) or 0), 1.0)  # NFEs of one training step
+    if e.get("algo") in NO_TRAINING or (top and final >= level * 0.98) or level * 0.98 <= final < level + step:
         return float(e.get(key, math.nan))
     for m in run.get("metrics", []):
-        if f"eval/{key}" in m and m.get("budget/nfe", 0) >= level * 0.98:
+        if f"eval/{key}" in m and level * 0.98 <= m.get("budget/nfe", -1.0) < level + step:
             return float(m[f"eval/{key}"])
     return math.nan
 
 
-def plateau(run: dict[str, Any]) -> float:
-    """|gold(final) − gold(previous curve point)| / |gold(final) − gold(base)|: the last step's share of the gain."""
-    e = run["eval"]
-    pts = [m["eval/gold_reward_trained"] for m in run.get("metrics", []) if "eval/gold_reward_trained" in m]
-    if len(pts) < 2:
+def plateau(seeds: list[dict[str, Any]]) -> float:
+    """The last learning-curve step's share of the total gain, on the row's seed-mean gold curve:
+    |gold(last) − gold(previous)| / max(|gold(last) − gold(base)|, noise), where noise is the half-width of the
+    final gold reward's 95% interval (caption bootstrap, mean over seeds): a run that never moved is flat, not
+    "still moving" by a ratio of two small numbers. NaN with fewer than two curve points."""
+    curves = [
+        [m["eval/gold_reward_trained"] for m in s.get("metrics", []) if "eval/gold_reward_trained" in m] for s in seeds
+    ]
+    n = min((len(c) for c in curves), default=0)
+    if n < 2:
         return math.nan
-    gain = abs(pts[-1] - e["gold_reward_base"])
-    return abs(pts[-1] - pts[-2]) / gain if gain > 0 else math.nan
+    mean = np.mean([c[:n] for c in curves], axis=0)  # (n,) seed-mean curve
+    base = float(np.mean([s["eval"]["gold_reward_base"] for s in seeds]))
+    halves = [
+        (s["eval"]["gold_reward_trained_ci_high"] - s["eval"]["gold_reward_trained_ci_low"]) / 2
+        for s in seeds
+        if "gold_reward_trained_ci_high" in s["eval"]
+    ]
+    noise = float(np.mean(halves)) if halves else 0.0
+    scale = max(abs(mean[-1] - base), noise)
+    return float(abs(mean[-1] - mean[-2]) / scale) if scale > 0 else 0.0
 
 
 def _cell(values: list[float], fmt: str = "{:.3f}") -> tuple[str, dict[str, float]]:
@@ -169,14 +199,15 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         for r in runs:
             seeds = r.get("seed_runs", [r])
             e = r["eval"]
-            gold, gold_d = _cell([at_budget(s, "gold_reward_trained", level) for s in seeds])
-            win, win_d = _cell([at_budget(s, "win_rate_vs_base", level) for s in seeds], "{:.1%}")
+            top = level == budgets[-1]
+            gold, gold_d = _cell([at_budget(s, "gold_reward_trained", level, top) for s in seeds])
+            win, win_d = _cell([at_budget(s, "win_rate_vs_base", level, top) for s in seeds], "{:.1%}")
             if level == budgets[-1] or e.get("algo") in NO_TRAINING:  # the final evaluation: pooled win rate
                 pooled = protocol.pooled_win_rate(seeds)
                 if pooled is not None:
                     win_d = dict(zip(("mean", "ci_low", "ci_high"), pooled))
                     win = protocol.fmt_ci(win_d, "{:.1%}") + " (pooled)"
-            kl, kl_d = _cell([at_budget(s, "kl_to_ref", level) for s in seeds], "{:.1f}")
+            kl, kl_d = _cell([at_budget(s, "kl_to_ref", level, top) for s in seeds], "{:.1f}")
             own = _own_reward_win(seeds) if level == budgets[-1] else ("–", None)
             costs = [data_cost(s) for s in seeds]
             nfe_c = "–" if costs[0] is None else f"{np.mean([c['data_nfe'] for c in costs]):,.0f}"
@@ -232,11 +263,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         name = r["eval"].get("label") or r["eval"]["algo"]
         gold, gold_d = _cell([s["eval"].get("gold_reward_trained", math.nan) for s in seeds])
         kl, _ = _cell([s["eval"].get("kl_to_ref", math.nan) for s in seeds], "{:.1f}")
-        share = (
-            float(np.nanmean([plateau(s) for s in seeds]))
-            if any(math.isfinite(plateau(s)) for s in seeds)
-            else math.nan
-        )
+        share = plateau(seeds)
         flat = "–" if not math.isfinite(share) else ("yes" if share <= tol else "no: still moving")
         record["convergence"][name] = {"gold": gold_d, "last_step_share": share, "plateaued": flat}
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
@@ -246,10 +273,12 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         "",
         "Means over seeds with Student-t 95% intervals over seeds; the final win rates are pooled over seeds and "
         "captions (two-way cluster bootstrap). Lower budget levels are the learning-curve evaluation of the same "
-        f"runs at that budget fraction (fewer draws per caption). Plateaued = the last curve step moved gold by ≤ "
-        f"{tol:.0%} of the total gain. Data cost = the UNet NFEs and label queries that generated and labelled the "
-        "pairs a pair-based run consumed (`benchmarks.leaderboard.data_cost`); on-policy runs pay inside their "
-        "training NFEs / reward queries.",
+        f"runs at that budget fraction (fewer draws per caption). Plateaued = on the seed-mean curve, the last step "
+        f"moved gold by ≤ {tol:.0%} of the total gain (or of the final gold's interval half-width, if the gain is "
+        "smaller). The reward a row optimises is its pairs' labels for pair-based rows (the data's labels: gold on "
+        "shapes) and the training reward for the others. Data cost = the UNet NFEs and label queries that generated "
+        "and labelled the pairs a pair-based run drew, at most the pair set (`benchmarks.leaderboard.data_cost`); "
+        "on-policy runs pay inside their training NFEs / reward queries.",
     ]
     write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record)
     return lines
@@ -265,7 +294,7 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
         if e.get("algo") in NO_TRAINING:
             continue
         text, d = _own_reward_win(r.get("seed_runs", [r]))
-        if d is None or d["ci_low"] > 0.5:
+        if d is None or not math.isfinite(d["ci_low"]) or d["ci_low"] > 0.5:
             continue
         name, page = e.get("label") or e["algo"], tuning_page(str(e.get("world", "")), str(e["algo"]))
         if page is None:
@@ -278,7 +307,8 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
                 "reporting seeds do not confirm"
             )
         lines.append(
-            f"- **{name}** does not improve the reward it optimises at {budget:,.0f} NFEs (win rate by it {text}): "
+            f"- **{name}** is not shown to improve the reward it optimises at {budget:,.0f} NFEs (win rate by it "
+            f"{text}, the interval's lower end at or below 50%): "
             f"{why}."
         )
     if not lines:
@@ -326,17 +356,49 @@ def tuning_page(world: str, algo: str) -> Path | None:
     return page if page.exists() else None
 
 
+def optimised_reward(run: dict) -> str:
+    """The reward a run optimises: for a pair-based run the reward behind its pairs' labels (``labels=<reward>``;
+    ``data``: the world's preference data, whose stand-in in the evaluation is its own reward, ``eval.reward``), for
+    the others the training reward (``reward``)."""
+    cfg = run.get("config")
+    if cfg is None:
+        return "gold"
+    eval_reward = str(cfg.get("eval", {}).get("reward", "gold"))
+    labels = cfg.get("algo", {}).get("labels")
+    if labels is not None:
+        return eval_reward if labels == "data" else str(labels)
+    return str(cfg.get("reward", eval_reward))
+
+
 def _own_reward_win(seeds: list[dict]) -> tuple[str, dict | None]:
-    """Win rate vs base under the reward the run optimised (``cfg.reward``, from ``win_rate_vs_base_by_reward``)."""
-    vals = []
-    for s in seeds:
-        name = s["config"].get("reward") if s.get("config") is not None else None
-        by = s["eval"].get("win_rate_vs_base_by_reward", {})
-        if name in by:
-            vals.append(by[name]["win_rate"])
+    """Win rate vs base under the reward the runs optimised (`optimised_reward`): pooled over seeds and captions
+    (two-way cluster bootstrap) when ``per_sample.npz`` holds its rows (the evaluation's reward, or the proxy), else a
+    t-interval over seeds, and for a single seed its own caption interval."""
+    name = optimised_reward(seeds[0])
+    cfg = seeds[0].get("config")
+    eval_reward = str(cfg.get("eval", {}).get("reward", "gold")) if cfg is not None else "gold"
+    train_reward = str(cfg.get("reward", "proxy")) if cfg is not None else "proxy"
+    key = "wins" if name == eval_reward else ("proxy_wins" if name == train_reward else None)  # per_sample.npz rows
+    pooled = protocol.pooled_win_rate(seeds, key=key) if key and all("dir" in x for x in seeds) else None
+    if pooled is not None:
+        d = dict(zip(("mean", "ci_low", "ci_high"), pooled)) | {"n": len(seeds), "reward": name}
+        return protocol.fmt_ci(d, "{:.1%}") + f" ({name})", d
+    vals = [_win_under(s, name) for s in seeds]
+    vals = [v for v in vals if v is not None]
     if not vals:
         return "–", None
-    return _cell(vals, "{:.1%}")
+    if len(vals) == 1:  # one seed: its caption-bootstrap interval
+        s = seeds[0]["eval"]
+        by = s.get("win_rate_vs_base_by_reward", {}).get(name)
+        lo, hi = (
+            (by["ci_low"], by["ci_high"])
+            if by
+            else (s.get("win_rate_vs_base_ci_low"), s.get("win_rate_vs_base_ci_high"))
+        )
+        d = {"mean": vals[0], "ci_low": float(lo), "ci_high": float(hi), "n": 1, "reward": name}
+        return protocol.fmt_ci(d, "{:.1%}") + f" ({name})", d
+    text, d = _cell(vals, "{:.1%}")
+    return text + f" ({name})", d | {"reward": name}
 
 
 # --------------------------------------------------------------------------------------------------------------

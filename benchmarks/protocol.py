@@ -88,16 +88,17 @@ def load_per_sample(run_dir: Path) -> dict[str, np.ndarray] | None:
         return {k: z[k] for k in z.files}
 
 
-def pooled_win_rate(runs: list[dict[str, Any]], split: str = "train", n: int = 1000, seed: int = 0):
+def pooled_win_rate(runs: list[dict[str, Any]], split: str = "train", n: int = 1000, seed: int = 0, key: str = "wins"):
     """Win rate vs base pooled over the runs' (seed, caption, draw) rows: ``(mean, ci_low, ci_high)`` with the
-    two-way cluster bootstrap (captions shared across seeds, seeds resampled too); None without ``per_sample.npz``.
+    two-way cluster bootstrap (captions shared across seeds, seeds resampled too); None when a run has no
+    ``per_sample.npz`` or no ``key`` rows in it (``wins``: under the evaluation's reward; ``proxy_wins``: the proxy's).
     """
     values, clusters, groups = [], [], []
     for g, r in enumerate(runs):
         rows = load_per_sample(r["dir"])
-        if rows is None or f"{split}/wins" not in rows:
+        if rows is None or f"{split}/{key}" not in rows:
             return None
-        w = rows[f"{split}/wins"].astype(np.float64)
+        w = rows[f"{split}/{key}"].astype(np.float64)
         values.append(w)
         clusters.append(caption_clusters(len(w), int(rows["samples_per_prompt"])))
         groups.append(np.full(len(w), g))

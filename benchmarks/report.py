@@ -82,11 +82,20 @@ def load_run(run: Path) -> dict[str, Any] | None:
         return None
     metrics = []
     if (run / "metrics.jsonl").exists():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                metrics.append(json.loads(line))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        metrics = last_logged(rows)
     config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else None
     return {"dir": run, "eval": ev, "metrics": metrics, "config": config}
+
+
+def last_logged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """metrics.jsonl rows with each (step, kind) logged once — the last time, in step order. A resumed run appends
+    again the rows it logged after its last checkpoint (the log is append-only); the curves and the budget readers
+    must see each training row and each learning-curve evaluation once, as the finished run computed them."""
+    last: dict[tuple[Any, bool], dict[str, Any]] = {}
+    for r in rows:
+        last[(r.get("step"), any(k.startswith("eval/") for k in r))] = r
+    return sorted(last.values(), key=lambda r: (r.get("step") is None, r.get("step") or 0))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

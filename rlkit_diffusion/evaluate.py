@@ -46,7 +46,9 @@ Metric formulas (all rewards are the world's ``gold`` reward unless named ``prox
   = β log π_θ/π_ref estimated with ``implicit_draws`` shared (t, ε) draws (`rlkit_diffusion.preference`);
   ``reward_acc_<name>``: the same for each explicit reward model. The accuracy does not depend on β; the margin is in
   the algorithm's own β.
-* ``per_sample`` / ``heldout_per_sample``: the per-row arrays (``wins``, ``gold_trained``, ``gold_base``, ``kl``;
+* ``per_sample`` / ``heldout_per_sample``: the per-row arrays (``wins``, ``gold_trained``, ``gold_base``, ``kl``,
+  ``proxy_wins`` — the win/tie/loss under the training reward, ``reward=`` (the proxy by default) — when the world
+  has it;
   caption-major) behind the means — the runner saves them as ``per_sample.npz`` (pooling seeds needs the rows).
 * ``inference_nfe_per_sample``: UNet evaluations spent sampling one evaluation sample (the inference cost of Table 1;
   N× the base's for best-of-N), ``inference_reward_queries_per_sample`` likewise for reward calls.
@@ -472,10 +474,12 @@ def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, c
         out[f"{pre}win_rate_by_category"] = category_win_rates(wins, prompts, categories, cfg)
     out.update(_summary(f"{pre}gold_reward_base", base["gold"], cfg))
     out.update(_summary(f"{pre}gold_reward_trained", r_t, cfg))
+    proxy_wins = {}
     if base["proxy"] is not None:
         out.update(_summary(f"{pre}proxy_reward_base", base["proxy"], cfg))
         proxy_trained = score(world, proxy, s["x0"], prompts, cfg.batch_size)
         out.update(_summary(f"{pre}proxy_reward_trained", proxy_trained, cfg))
+        proxy_wins = {"proxy_wins": win_rate(proxy_trained, base["proxy"])}  # (B,) the same rows under the proxy
     out[f"{pre}kl_to_ref"] = float(s["kl"].mean()) if "kl" in s else float(getattr(sampler, "kl_to_ref", "nan"))
     if "kl" in s:
         kl = s["kl"].double().cpu().numpy()
@@ -498,6 +502,7 @@ def _evaluate_split(world, policy, base_policy, cfg: EvalConfig, split, plist, c
         "wins": wins,
         "gold_trained": r_t,
         "gold_base": base["gold"],
+        **proxy_wins,
         **({"kl": s["kl"].double().cpu().numpy()} if "kl" in s else {}),
     }
     return out

@@ -4,6 +4,7 @@ paper-claims table."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -351,7 +352,9 @@ def test_the_leaderboard_says_why_a_row_does_not_improve_its_own_reward(tmp_path
     lines = leaderboard.not_improved(runs, 19200)
     assert lines[:3] == ["", "### Rows that do not improve their own reward", ""]
     dpok, dpo_flow, dpo_toy = lines[3:]
-    assert dpok.startswith("- **dpok** does not improve the reward it optimises at 19,200 NFEs (win rate by it 50.0%")
+    assert dpok.startswith(
+        "- **dpok** is not shown to improve the reward it optimises at 19,200 NFEs (win rate by it 50.0%"
+    )
     assert "no trial of [its tuning sweep](tuning/shapes_dpok.md) raised the proxy reward" in dpok
     assert "[its tuning sweep](tuning/shapes_dpo.md) raised the proxy reward on the tuning seed" in dpo_flow
     assert "no tuning sweep on this world" in dpo_toy
@@ -379,3 +382,99 @@ def test_the_leaderboard_names_the_knobs_chosen_at_the_edge_of_each_rows_grid(tm
         "| best_of_n | – (trains nothing) | – |",
         "| kto | none on this world | – |",
     ]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The leaderboard's readers on hand-made runs
+# ------------------------------------------------------------------------------------------------------------------
+def _curve_run(points, final, unet_nfe=19200.0, updates=30, **ev):
+    """A run whose learning curve is ``points`` = [(budget/nfe, gold)], final gold ``final``."""
+    metrics = [{"step": i, "budget/nfe": nfe, "eval/gold_reward_trained": g} for i, (nfe, g) in enumerate(points)]
+    e = {"algo": "ddpo", "unet_nfe": unet_nfe, "updates": updates, "gold_reward_trained": final, **ev}
+    return {"eval": e, "metrics": metrics}
+
+
+def test_at_budget_reads_only_the_evaluation_at_that_level():
+    """A level between curve points has no value (never a later point); the top budget is the final evaluation even
+    when the last step overshot it by more than 10%."""
+    run = _curve_run([(48000, 5.0), (96000, 6.0), (144000, 6.5), (192000, 6.9)], 7.0, unet_nfe=192000, updates=300)
+    assert math.isnan(leaderboard.at_budget(run, "gold_reward_trained", 19200))  # 48,000 is not 19,200
+    assert leaderboard.at_budget(run, "gold_reward_trained", 96000) == 6.0
+    assert leaderboard.at_budget(run, "gold_reward_trained", 192000, top=True) == 7.0
+    coarse = _curve_run([(1792, 4.2), (3584, 4.4)], 4.5, unet_nfe=3584, updates=2)  # one step: 1,792 NFEs, 19% over
+    assert leaderboard.at_budget(coarse, "gold_reward_trained", 3000, top=True) == 4.5
+    assert leaderboard.at_budget(coarse, "gold_reward_trained", 1500) == 4.2  # the point within a step of 1,500
+
+
+def test_the_plateau_share_is_on_the_seed_mean_curve_and_a_flat_run_is_flat():
+    ci = {"gold_reward_base": 1.0, "gold_reward_trained_ci_low": 0.95, "gold_reward_trained_ci_high": 1.05}
+    flat = [_curve_run([(1, 1.02), (2, 0.99), (3, 1.001)], 1.001, **ci)]
+    assert leaderboard.plateau(flat) == pytest.approx(0.011 / 0.05)  # noise floor, not 0.011 / 0.001
+    moving = [
+        _curve_run([(1, 2.0), (2, 3.0), (3, 5.0)], 5.0, **ci),
+        _curve_run([(1, 2.0), (2, 3.0), (3, 3.0)], 3.0, **ci),
+    ]
+    assert leaderboard.plateau(moving) == pytest.approx((4.0 - 3.0) / (4.0 - 1.0))  # mean curve 2, 3, 4
+    assert math.isnan(leaderboard.plateau([_curve_run([(1, 2.0)], 2.0, **ci)]))
+
+
+def test_the_reward_a_row_optimises_and_its_win_rate():
+    """Pair-based rows optimise their pairs' labels (``data``: the evaluation's reward, whose win rate is the
+    headline), the others the training reward; one seed keeps its caption interval and is not listed as not
+    improving when that interval is above ½."""
+    dpo = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"labels": "data"}})}
+    ai = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"labels": "proxy"}})}
+    ddpo = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"name": "ddpo"}})}
+    assert [leaderboard.optimised_reward(r) for r in (dpo, ai, ddpo)] == ["gold", "proxy", "proxy"]
+    one = {
+        **dpo,
+        "eval": {
+            "algo": "dpo",
+            "world": "shapes",
+            "win_rate_vs_base": 0.9,
+            "win_rate_vs_base_ci_low": 0.8,
+            "win_rate_vs_base_ci_high": 0.97,
+        },
+    }
+    text, d = leaderboard._own_reward_win([one])
+    assert d == {"mean": 0.9, "ci_low": 0.8, "ci_high": 0.97, "n": 1, "reward": "gold"} and text.endswith("(gold)")
+    assert leaderboard.not_improved([{"eval": one["eval"], "seed_runs": [one]}], 19200) == []
+
+
+def test_data_cost_counts_the_pairs_drawn_at_most_the_pair_set():
+    nfe, queries, pair_set = leaderboard.pairs_cost_per_pair("shapes")
+    cfg = OmegaConf.create({"train": {"batch_size": 16, "grad_accum": 1}})
+    run = {
+        "eval": {"algo": "dpo", "world": "shapes", "updates": 300, "environment": {"num_processes": 2}},
+        "config": cfg,
+    }
+    assert leaderboard.data_cost(run)["pairs"] == 300 * 16 * 2 and nfe > 0 and queries >= 2
+    run["eval"]["updates"] = 10**6
+    cost = leaderboard.data_cost(run)
+    assert cost["pairs"] == pair_set and cost["label_queries"] == pytest.approx(queries * pair_set)
+    assert leaderboard.data_cost({"eval": {"algo": "ddpo", "world": "shapes"}, "config": cfg}) is None
+
+
+def test_a_budget_off_the_learning_curve_is_refused():
+    from benchmarks.lifecycle import ConfigError
+
+    sweep = {"grid": {"algos": ["dpo"], "eval_points": 4}, "params": {"budgets": [19200, 192000]}}
+    with pytest.raises(ConfigError, match="19200 is not on the learning curve of 4 evaluation"):
+        leaderboard.expand_grid(sweep)
+    sweep["grid"]["eval_points"] = 10
+    (run,) = leaderboard.expand_grid(sweep)
+    assert "budget.amount=192000" in run["overrides"] and "train.eval_points=10" in run["overrides"]
+
+
+def test_a_resumed_runs_re_logged_rows_are_read_once():
+    from benchmarks.report import last_logged
+
+    rows = [
+        {"step": 10, "train/loss": 1.0},
+        {"step": 10, "eval/gold_reward_trained": 4.0, "budget/nfe": 100},
+        {"step": 20, "eval/gold_reward_trained": 4.5, "budget/nfe": 200},  # logged, then the run was killed
+        {"step": 20, "eval/gold_reward_trained": 4.6, "budget/nfe": 200},  # the resume logs it again
+        {"step": 30, "train/loss": 0.5},
+    ]
+    out = last_logged(rows)
+    assert [r.get("eval/gold_reward_trained") for r in out] == [None, 4.0, 4.6, None]
