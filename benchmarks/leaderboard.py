@@ -187,6 +187,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
     levels = tuple(float(k) for k in params.get("kl_levels", protocol.KL_LEVELS))
     tol = float(params.get("plateau_tol", 0.1))
     record: dict[str, Any] = {"budgets": budgets, "kl_levels": levels, "rows": []}
+    pool_own = own_rows_everywhere(runs)
     lines = []
     for level in budgets:
         lines += [
@@ -208,7 +209,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
                     win_d = dict(zip(("mean", "ci_low", "ci_high"), pooled))
                     win = protocol.fmt_ci(win_d, "{:.1%}") + " (pooled)"
             kl, kl_d = _cell([at_budget(s, "kl_to_ref", level, top) for s in seeds], "{:.1f}")
-            own = _own_reward_win(seeds) if level == budgets[-1] else ("–", None)
+            own = _own_reward_win(seeds, pool_own) if level == budgets[-1] else ("–", None)
             costs = [data_cost(s) for s in seeds]
             nfe_c = "–" if costs[0] is None else f"{np.mean([c['data_nfe'] for c in costs]):,.0f}"
             q_c = "–" if costs[0] is None else f"{np.mean([c['label_queries'] for c in costs]):,.0f}"
@@ -267,7 +268,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         flat = "–" if not math.isfinite(share) else ("yes" if share <= tol else "no: still moving")
         record["convergence"][name] = {"gold": gold_d, "last_step_share": share, "plateaued": flat}
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
-    lines += not_improved(runs, budgets[-1])
+    lines += not_improved(runs, budgets[-1], pool_own)
     lines += tuning_summary(runs)
     lines += [
         "",
@@ -278,13 +279,19 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         "smaller). The reward a row optimises is its pairs' labels for pair-based rows (the data's labels: gold on "
         "shapes) and the training reward for the others. Data cost = the UNet NFEs and label queries that generated "
         "and labelled the pairs a pair-based run drew, at most the pair set (`benchmarks.leaderboard.data_cost`); "
-        "on-policy runs pay inside their training NFEs / reward queries.",
+        "on-policy runs pay inside their training NFEs / reward queries. "
+        + (
+            "The win rates by the own reward are pooled over seeds and captions too."
+            if pool_own
+            else "The win rates by the own reward have t-intervals over seeds (some runs keep no per-sample rows "
+            "of that reward to pool)."
+        ),
     ]
     write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record)
     return lines
 
 
-def not_improved(runs: list[dict], budget: float) -> list[str]:
+def not_improved(runs: list[dict], budget: float, pool: bool = True) -> list[str]:
     """One line per trained row whose win rate by its own reward does not clear ½ (its interval's lower end ≤ 50%):
     what was measured, and the evidence of its tuning sweep (`tuning_page`) — did any trial of the sweep raise the
     proxy reward above the base on the tuning seed?"""
@@ -293,7 +300,7 @@ def not_improved(runs: list[dict], budget: float) -> list[str]:
         e = r["eval"]
         if e.get("algo") in NO_TRAINING:
             continue
-        text, d = _own_reward_win(r.get("seed_runs", [r]))
+        text, d = _own_reward_win(r.get("seed_runs", [r]), pool)
         if d is None or not math.isfinite(d["ci_low"]) or d["ci_low"] > 0.5:
             continue
         name, page = e.get("label") or e["algo"], tuning_page(str(e.get("world", "")), str(e["algo"]))
@@ -370,16 +377,38 @@ def optimised_reward(run: dict) -> str:
     return str(cfg.get("reward", eval_reward))
 
 
-def _own_reward_win(seeds: list[dict]) -> tuple[str, dict | None]:
-    """Win rate vs base under the reward the runs optimised (`optimised_reward`): pooled over seeds and captions
-    (two-way cluster bootstrap) when ``per_sample.npz`` holds its rows (the evaluation's reward, or the proxy), else a
-    t-interval over seeds, and for a single seed its own caption interval."""
-    name = optimised_reward(seeds[0])
-    cfg = seeds[0].get("config")
+def _own_rows_key(seeds: list[dict]) -> str | None:
+    """The ``per_sample.npz`` rows of the reward the runs optimised: ``wins`` (the evaluation's reward) or
+    ``proxy_wins`` (the training reward); None for another reward."""
+    name, cfg = optimised_reward(seeds[0]), seeds[0].get("config")
     eval_reward = str(cfg.get("eval", {}).get("reward", "gold")) if cfg is not None else "gold"
     train_reward = str(cfg.get("reward", "proxy")) if cfg is not None else "proxy"
-    key = "wins" if name == eval_reward else ("proxy_wins" if name == train_reward else None)  # per_sample.npz rows
-    pooled = protocol.pooled_win_rate(seeds, key=key) if key and all("dir" in x for x in seeds) else None
+    return "wins" if name == eval_reward else ("proxy_wins" if name == train_reward else None)
+
+
+def own_rows_everywhere(runs: list[dict]) -> bool:
+    """Whether every seed of every trained row keeps the per-sample rows of the reward it optimises (runs evaluated
+    before ``proxy_wins`` was kept do not): the own-reward win rates are pooled for all rows or for none, so that one
+    column holds one kind of interval."""
+    for r in runs:
+        seeds = r.get("seed_runs", [r])
+        if r["eval"].get("algo") in NO_TRAINING:
+            continue
+        key = _own_rows_key(seeds)
+        for x in seeds:
+            rows = protocol.load_per_sample(x["dir"]) if "dir" in x else None
+            if key is None or rows is None or f"train/{key}" not in rows:
+                return False
+    return True
+
+
+def _own_reward_win(seeds: list[dict], pool: bool = True) -> tuple[str, dict | None]:
+    """Win rate vs base under the reward the runs optimised (`optimised_reward`): pooled over seeds and captions
+    (two-way cluster bootstrap) when ``pool`` and ``per_sample.npz`` holds its rows, else a t-interval over seeds,
+    and for a single seed its own caption interval."""
+    name = optimised_reward(seeds[0])
+    key = _own_rows_key(seeds)
+    pooled = protocol.pooled_win_rate(seeds, key=key) if pool and key and all("dir" in x for x in seeds) else None
     if pooled is not None:
         d = dict(zip(("mean", "ci_low", "ci_high"), pooled)) | {"n": len(seeds), "reward": name}
         return protocol.fmt_ci(d, "{:.1%}") + f" ({name})", d

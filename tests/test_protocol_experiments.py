@@ -91,8 +91,11 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     record = json.loads((tmp_path / "docs" / "lb.json").read_text())
     assert "At 1,500 training UNet NFEs" in md and "At 3,000 training UNet NFEs" in md
     assert "At matched KL" in md and "At convergence" in md and "not reached" in md
+    assert "The win rates by the own reward are pooled over seeds and captions too." in md  # per_sample keeps them
     rows = {(r["algo"], r["budget_nfe"]): r for r in record["rows"]}
     assert rows[("dpo", 3000.0)]["seeds"] == [0, 1, 2]
+    assert rows[("ddpo", 3000.0)]["win_rate_own_reward"]["reward"] == "proxy"  # on-policy: the training reward
+    assert rows[("dpo", 3000.0)]["win_rate_own_reward"]["reward"] == "gold"  # pairs labelled by toy2d's data
     assert rows[("dpo", 3000.0)]["data_cost"]["label_queries"] > 0  # off-policy: pairs were labelled
     assert rows[("ddpo", 3000.0)]["data_cost"] is None
     win = rows[("dpo", 3000.0)]["win_rate"]
