@@ -105,7 +105,17 @@ def plan_resume(cfg: DictConfig, overrides: list[str] | None) -> tuple[DictConfi
 def train_run(cfg, s: Settings, algo, ctx: AlgoContext, run_dir, resume_from, logger: MetricLogger) -> dict[str, Any]:
     """THE training loop (with the learning-curve evaluation), or nothing for an evaluation-only run."""
     main = ctx.accelerator.is_main_process
-    curve_cfg = EvalConfig(**{**vars(s.eval), "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4)})
+    # The learning curve: the training split at a quarter of the draws, no held-out split, no implicit-reward
+    # accuracy (what the curves, the budget tables and matched KL read; the final evaluation has everything). Its
+    # generators are its own, so it leaves training alone (tests/test_train.py).
+    curve_cfg = EvalConfig(
+        **{
+            **vars(s.eval),
+            "samples_per_prompt": max(1, s.eval.samples_per_prompt // 4),
+            "heldout": False,
+            "implicit_pairs": 0,
+        }
+    )
     caches: list[Any] = []  # the base's cache, opened at the first evaluation (keyed by the base weights then)
 
     def eval_fn(update: int) -> dict[str, float]:

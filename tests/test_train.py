@@ -117,3 +117,22 @@ def test_eval_points_fall_at_budget_fractions_of_any_kind():
     out = train(_NaNAfter(-1), ctx, cfg, budget=BudgetConfig("nfe", 80), progress=False, eval_fn=eval_fn)
     assert calls == [3, 5, 8, 10]  # NFE 24 ≥ 20, 40 ≥ 40, 64 ≥ 60, 80 ≥ 80
     assert out["train_nfe"] == 80 and out["updates"] == 10
+
+
+def test_learning_curve_evaluations_leave_training_alone(tmp_path):
+    """A run with 3 curve evaluations ends exactly where the same run without them does (the evaluation draws from
+    its own generators), and its curve rows hold the training split only (no held-out split, no implicit accuracy)."""
+    import json
+
+    from tests.helpers import run_toy
+
+    small = ["algo=ddpo", "train.steps=6", "eval.samples_per_prompt=8", "eval.bootstrap=50", "eval.max_prompts=6"]
+    small += ["eval.implicit_pairs=16", "eval.implicit_draws=2", "report=false"]
+    a, _ = run_toy(tmp_path, small, name="a")
+    b, b_dir = run_toy(tmp_path, [*small, "train.eval_points=3"], name="b")
+    for key in ("gold_reward_trained", "win_rate_vs_base", "kl_to_ref", "heldout_win_rate_vs_base"):
+        assert a[key] == b[key], key
+    rows = [json.loads(line) for line in (b_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in rows if "eval/gold_reward_trained" in r]
+    assert len(curve) == 3 and all("eval/kl_to_ref" in r and "eval/win_rate_vs_base" in r for r in curve)
+    assert not any(k.startswith(("eval/heldout_", "eval/implicit")) for r in curve for k in r)
