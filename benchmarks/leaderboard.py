@@ -209,7 +209,8 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
                     win_d = dict(zip(("mean", "ci_low", "ci_high"), pooled))
                     win = protocol.fmt_ci(win_d, "{:.1%}") + " (pooled)"
             kl, kl_d = _cell([at_budget(s, "kl_to_ref", level, top) for s in seeds], "{:.1f}")
-            own = _own_reward_win(seeds, pool_own) if level == budgets[-1] else ("–", None)
+            trains = e.get("algo") not in NO_TRAINING  # an inference-time row optimises no weights
+            own = _own_reward_win(seeds, pool_own) if level == budgets[-1] and trains else ("–", None)
             costs = [data_cost(s) for s in seeds]
             nfe_c = "–" if costs[0] is None else f"{np.mean([c['data_nfe'] for c in costs]):,.0f}"
             q_c = "–" if costs[0] is None else f"{np.mean([c['label_queries'] for c in costs]):,.0f}"
@@ -247,8 +248,9 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
             if not c or not c["reached"]:
                 cells.append("not reached" if c else "no KL (inference-time)")
             else:
+                seeds_text = f"{c['reached']} seed" + ("s" if c["reached"] > 1 else "")
                 cells.append(
-                    f"{protocol.fmt_ci(c['gold'])} / {protocol.fmt_ci(c['win_rate'], '{:.1%}')} ({c['reached']} seeds)"
+                    f"{protocol.fmt_ci(c['gold'])} / {protocol.fmt_ci(c['win_rate'], '{:.1%}')} ({seeds_text})"
                 )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
@@ -320,7 +322,7 @@ def not_improved(runs: list[dict], budget: float, pool: bool = True) -> list[str
         )
     if not lines:
         return []
-    return ["", "### Rows that do not improve their own reward", "", *lines]
+    return ["", "### Rows not shown to improve their own reward", "", *lines]
 
 
 def tuning_summary(runs: list[dict]) -> list[str]:

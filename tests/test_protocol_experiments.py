@@ -353,7 +353,7 @@ def test_the_leaderboard_says_why_a_row_does_not_improve_its_own_reward(tmp_path
         row("dpo", "toy2d_flow", [0.3, 0.4, 0.5]),  # a tuning file, no sweep page
     ]
     lines = leaderboard.not_improved(runs, 19200)
-    assert lines[:3] == ["", "### Rows that do not improve their own reward", ""]
+    assert lines[:3] == ["", "### Rows not shown to improve their own reward", ""]
     dpok, dpo_flow, dpo_toy = lines[3:]
     assert dpok.startswith(
         "- **dpok** is not shown to improve the reward it optimises at 19,200 NFEs (win rate by it 50.0%"
