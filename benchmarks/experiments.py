@@ -54,6 +54,8 @@ from benchmarks.lifecycle import ConfigError, config_differences
 from benchmarks.wiring import hydra_output_dir
 from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 
+LOCATIONS = ("out_dir", "eval_cache_dir", "resume", "device", "report", "logger", "jobs")
+"""Overrides that say where or how a run is carried out, not what it is: left out of the command a page names."""
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
 Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
@@ -186,7 +188,11 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
         mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]
         runs.append(protocol.merge_seeds(mine))
-    lines = SECTIONS[sweep["section"]](runs, sweep.get("params", {}), exp_dir)
+    shown = [o for o in extra if o.split("=", 1)[0].lstrip("+~") not in LOCATIONS and not o.startswith("hydra.")]
+    shown += ["reuse_from=[<dir>]"] if reuse_from else []
+    command = " ".join(["python -m benchmarks.run", f"experiment={cfg.experiment}", *shown])
+    params = {**sweep.get("params", {}), "command": command}  # the pages name the command that wrote them
+    lines = SECTIONS[sweep["section"]](runs, params, exp_dir)
     rows = protocol.aggregate(seed_runs, tuple(sweep.get("params", {}).get("kl_levels", protocol.KL_LEVELS)))
     atomic_write_json(exp_dir / "aggregate.json", rows)
     wall = time.perf_counter() - t0

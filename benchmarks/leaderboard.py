@@ -173,12 +173,23 @@ def _cell(values: list[float], fmt: str = "{:.3f}") -> tuple[str, dict[str, floa
     return protocol.fmt_ci(d, fmt), d
 
 
-def write_page(path: Path, docs_out: str | None, title: str, lines: list[str], record: Any) -> None:
-    """A section's Markdown page ``# title`` + ``lines`` and its record (``.json`` next to it), at ``path`` and, if
-    given, at ``docs_out`` too."""
+def write_page(
+    path: Path, docs_out: str | None, title: str, lines: list[str], record: Any, runs: list[dict], params: dict
+) -> None:
+    """A section's Markdown page ``# title``, the line naming the command that wrote it (``params["command"]``, set
+    by `benchmarks.experiments.run`) with its runs' count and run time, then ``lines``; its record (``.json`` next
+    to it, with the same provenance) at ``path`` and, if given, at ``docs_out`` too."""
+    seeds = [s for r in runs for s in r.get("seed_runs", [r])]
+    wall = sum(float(s["eval"].get("wall_s", 0.0)) for s in seeds)
+    head = (
+        f"Written by `{params.get('command', 'python -m benchmarks.run experiment=<name>')}`: {len(seeds)} runs, "
+        f"{wall / 3600:.2f} h of run time (the sum of each run's build + train + evaluate wall seconds; the command "
+        "trains `jobs` runs at once)."
+    )
+    record = {**record, "command": params.get("command"), "runs": len(seeds), "runs_wall_s": wall}
     for page in [path, *([Path(docs_out)] if docs_out else [])]:
         page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+        page.write_text(f"# {title}\n\n{head}\n\n" + "\n".join(lines) + "\n")
         atomic_write_json(page.with_suffix(".json"), record, default=float)
 
 
@@ -289,7 +300,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
             "of that reward to pool)."
         ),
     ]
-    write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record)
+    write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record, runs, params)
     return lines
 
 
@@ -606,5 +617,6 @@ def section_paper_claims(runs: list[dict], params: dict[str, Any], out: Path) ->
         "",
         *rules,
     ]
-    write_page(out / "paper_claims.md", params.get("docs_out"), "The paper's claims, measured", lines, record)
+    title = "The paper's claims, measured"
+    write_page(out / "paper_claims.md", params.get("docs_out"), title, lines, {"claims": record}, runs, params)
     return lines

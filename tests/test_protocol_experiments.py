@@ -92,6 +92,10 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     assert "At 1,500 training UNet NFEs" in md and "At 3,000 training UNet NFEs" in md
     assert "At matched KL" in md and "At convergence" in md and "not reached" in md
     assert "The win rates by the own reward are pooled over seeds and captions too." in md  # per_sample keeps them
+    # The page names the command that wrote it (without locations) and its runs' run time.
+    shown = " ".join(o for o in TINY if o != "report=false")  # where/how a run is carried out is not shown
+    assert f"Written by `python -m benchmarks.run experiment=leaderboard {shown}`: 12 runs, " in md
+    assert str(tmp_path) not in md and record["runs"] == 12 and record["runs_wall_s"] > 0
     rows = {(r["algo"], r["budget_nfe"]): r for r in record["rows"]}
     assert rows[("dpo", 3000.0)]["seeds"] == [0, 1, 2]
     assert rows[("ddpo", 3000.0)]["win_rate_own_reward"]["reward"] == "proxy"  # on-policy: the training reward
@@ -177,7 +181,7 @@ def test_paper_claims_end_to_end(tmp_path):
     experiments.run(cfg, run_one, exp_dir=tmp_path / "pc", overrides=[*TINY, f"out_dir={tmp_path}"])
     wall = time.perf_counter() - t0
     md = (tmp_path / "docs" / "claims.md").read_text()
-    record = json.loads((tmp_path / "docs" / "claims.json").read_text())
+    record = json.loads((tmp_path / "docs" / "claims.json").read_text())["claims"]
     assert len(record) == len(claims)
     assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") for r in record)
     assert "| DPO beats the base model | §5.1 |" in md and "Decision rule" in md
