@@ -618,6 +618,9 @@ KNOWN_TYPED = {
 # docs/tuning/ pages are sweep records written or printed by a command (`benchmarks.tune`, `benchmarks.sweep_toy2d`,
 # `benchmarks.sweep_toy2d_offpolicy`): every number on them is that command's output, and the page must name it.
 GENERATED_DIRS = {"tuning"}
+# Pages an experiment writes whole (`docs_out` of benchmarks/conf/experiment/leaderboard.yaml and paper_claims.yaml):
+# every number on them is that command's output, and the page names the command on its second line.
+GENERATED_PAGES = {"leaderboard.md", "leaderboard_flow.md", "paper_claims.md"}
 EXEMPT_PAGES = {"perf.md"}
 
 
@@ -656,6 +659,9 @@ def test_no_typed_run_numbers(page: Path):
         pytest.skip(f"{name}: exempt (typed from a printout; see EXEMPT_PAGES)")
     if name.split("/")[0] in GENERATED_DIRS:
         assert "python -m benchmarks." in page.read_text(), f"{name}: a sweep record must name the command"
+        return
+    if name in GENERATED_PAGES:
+        assert page.read_text().split("\n")[2].startswith("Written by `python -m benchmarks.run experiment="), name
         return
     assert typed_numbers(page.read_text()) == KNOWN_TYPED.get(name, set())
 
