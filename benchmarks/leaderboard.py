@@ -376,14 +376,23 @@ def tuning_page(world: str, algo: str) -> Path | None:
     return page if page.exists() else None
 
 
+def eval_and_train_rewards(run: dict) -> tuple[str, str]:
+    """(the evaluation's reward ``eval.reward``, the training reward ``reward``) of a run's config (gold, proxy
+    without one)."""
+    cfg = run.get("config")
+    if cfg is None:
+        return "gold", "proxy"
+    return str(cfg.get("eval", {}).get("reward", "gold")), str(cfg.get("reward", "proxy"))
+
+
 def optimised_reward(run: dict) -> str:
     """The reward a run optimises: for a pair-based run the reward behind its pairs' labels (``labels=<reward>``;
-    ``data``: the world's preference data, whose stand-in in the evaluation is its own reward, ``eval.reward``), for
-    the others the training reward (``reward``)."""
+    ``data``: the world's preference data, whose stand-in in the evaluation is its own reward, ``eval.reward``),
+    for the others the training reward (``reward``)."""
     cfg = run.get("config")
     if cfg is None:
         return "gold"
-    eval_reward = str(cfg.get("eval", {}).get("reward", "gold"))
+    eval_reward = eval_and_train_rewards(run)[0]
     labels = cfg.get("algo", {}).get("labels")
     if labels is not None:
         return eval_reward if labels == "data" else str(labels)
@@ -393,9 +402,7 @@ def optimised_reward(run: dict) -> str:
 def _own_rows_key(seeds: list[dict]) -> str | None:
     """The ``per_sample.npz`` rows of the reward the runs optimised: ``wins`` (the evaluation's reward) or
     ``proxy_wins`` (the training reward); None for another reward."""
-    name, cfg = optimised_reward(seeds[0]), seeds[0].get("config")
-    eval_reward = str(cfg.get("eval", {}).get("reward", "gold")) if cfg is not None else "gold"
-    train_reward = str(cfg.get("reward", "proxy")) if cfg is not None else "proxy"
+    name, (eval_reward, train_reward) = optimised_reward(seeds[0]), eval_and_train_rewards(seeds[0])
     return "wins" if name == eval_reward else ("proxy_wins" if name == train_reward else None)
 
 
@@ -541,9 +548,7 @@ def _win_under(run: dict, reward: str) -> float | None:
     by = run["eval"].get("win_rate_vs_base_by_reward", {})
     if reward in by:
         return float(by[reward]["win_rate"])
-    cfg = run.get("config")
-    eval_reward = cfg.get("eval", {}).get("reward", "gold") if cfg is not None else "gold"
-    return float(run["eval"]["win_rate_vs_base"]) if reward == eval_reward else None
+    return float(run["eval"]["win_rate_vs_base"]) if reward == eval_and_train_rewards(run)[0] else None
 
 
 def _claim_s8(runs, c):
