@@ -376,6 +376,11 @@ def tuning_page(world: str, algo: str) -> Path | None:
     return page if page.exists() else None
 
 
+DATA_LABELS = ("data", "pairs")
+"""``labels`` values that mean the world's own preference data (DPO family: ``data``; KTO: ``pairs``, the same pairs
+taken apart), as opposed to a reward model's name (AI feedback)."""
+
+
 def eval_and_train_rewards(run: dict) -> tuple[str, str]:
     """(the evaluation's reward ``eval.reward``, the training reward ``reward``) of a run's config (gold, proxy
     without one)."""
@@ -387,7 +392,7 @@ def eval_and_train_rewards(run: dict) -> tuple[str, str]:
 
 def optimised_reward(run: dict) -> str:
     """The reward a run optimises: for a pair-based run the reward behind its pairs' labels (``labels=<reward>``;
-    ``data``: the world's preference data, whose stand-in in the evaluation is its own reward, ``eval.reward``),
+    `DATA_LABELS`: the world's preference data, whose stand-in in the evaluation is its own reward, ``eval.reward``),
     for the others the training reward (``reward``)."""
     cfg = run.get("config")
     if cfg is None:
@@ -395,7 +400,7 @@ def optimised_reward(run: dict) -> str:
     eval_reward = eval_and_train_rewards(run)[0]
     labels = cfg.get("algo", {}).get("labels")
     if labels is not None:
-        return eval_reward if labels == "data" else str(labels)
+        return eval_reward if labels in DATA_LABELS else str(labels)
     return str(cfg.get("reward", eval_reward))
 
 

@@ -432,7 +432,8 @@ def test_the_reward_a_row_optimises_and_its_win_rate():
     dpo = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"labels": "data"}})}
     ai = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"labels": "proxy"}})}
     ddpo = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"name": "ddpo"}})}
-    assert [leaderboard.optimised_reward(r) for r in (dpo, ai, ddpo)] == ["gold", "proxy", "proxy"]
+    kto = {"config": OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"labels": "pairs"}})}
+    assert [leaderboard.optimised_reward(r) for r in (dpo, ai, ddpo, kto)] == ["gold", "proxy", "proxy", "gold"]
     one = {
         **dpo,
         "eval": {
