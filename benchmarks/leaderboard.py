@@ -437,12 +437,12 @@ def _own_reward_win(seeds: list[dict], pool: bool = True) -> tuple[str, dict | N
     if pooled is not None:
         d = dict(zip(("mean", "ci_low", "ci_high"), pooled)) | {"n": len(seeds), "reward": name}
         return protocol.fmt_ci(d, "{:.1%}") + f" ({name})", d
-    vals = [_win_under(s, name) for s in seeds]
-    vals = [v for v in vals if v is not None]
+    held = [(x, v) for x in seeds if (v := _win_under(x, name)) is not None]  # the seeds that report it
+    vals = [v for _, v in held]
     if not vals:
         return "–", None
     if len(vals) == 1:  # one seed: its caption-bootstrap interval
-        s = seeds[0]["eval"]
+        s = held[0][0]["eval"]
         by = s.get("win_rate_vs_base_by_reward", {}).get(name)
         lo, hi = (
             (by["ci_low"], by["ci_high"])

@@ -447,6 +447,19 @@ def test_the_reward_a_row_optimises_and_its_win_rate():
     text, d = leaderboard._own_reward_win([one])
     assert d == {"mean": 0.9, "ci_low": 0.8, "ci_high": 0.97, "n": 1, "reward": "gold"} and text.endswith("(gold)")
     assert leaderboard.not_improved([{"eval": one["eval"], "seed_runs": [one]}], 19200) == []
+    cfg = OmegaConf.create({"reward": "proxy", "eval": {"reward": "gold"}, "algo": {"name": "ddpo"}})
+    silent = {"config": cfg, "eval": {"algo": "ddpo", "win_rate_vs_base": 0.5}}  # no proxy win rate recorded
+    says = {
+        "config": cfg,
+        "eval": {"win_rate_vs_base_by_reward": {"proxy": {"win_rate": 0.7, "ci_low": 0.6, "ci_high": 0.8}}},
+    }
+    assert leaderboard._own_reward_win([silent, says])[1] == {
+        "mean": 0.7,
+        "ci_low": 0.6,
+        "ci_high": 0.8,
+        "n": 1,
+        "reward": "proxy",
+    }  # the interval of the seed that reports it
 
 
 def test_data_cost_counts_the_pairs_drawn_at_most_the_pair_set():
