@@ -44,6 +44,11 @@ ALGOS = list(ALGO_REGISTRY)  # every registered algorithm, in the registry's ord
 HEAD_TO_HEAD = REPO_ROOT / "benchmarks" / "conf" / "experiment" / "head_to_head.yaml"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BLOCK = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+SEEDS_LEGEND = (
+    "mean [Student-t 95% interval over seeds]; win rates pooled over every seed's captions and draws with the "
+    "cluster bootstrap over captions and seeds; costs (steps, seconds, NFEs) as mean (min–max); a value every "
+    "seed shares stands alone"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,21 +87,41 @@ def _values(results: list[dict[str, Any]], key: str) -> list[float] | None:
     return vals if len(vals) == len(results) and vals else None
 
 
-def fmt(results: list[dict[str, Any]], key: str, spec: str = ".3f", pct: bool = False, ci: bool = False) -> str:
-    """One number, as a percentage if ``pct``: several seeds give the mean and its Student-t 95% interval over
-    seeds; a single seed gives its value, with its own 95% CI (``<key>_ci_low/_ci_high``) if ``ci``."""
+def fmt(
+    results: list[dict[str, Any]],
+    key: str,
+    spec: str = ".3f",
+    pct: bool = False,
+    ci: bool = False,
+    counter: bool = False,
+    pooled: tuple[float, float, float] | None = None,
+) -> str:
+    """One number, as a percentage if ``pct``. A single seed gives its value, with its own 95% CI
+    (``<key>_ci_low/_ci_high``) if ``ci``. Several seeds give: the value alone when every seed has the same one;
+    ``pooled`` (mean, low, high) when given (the win rates: every seed's rows pooled, caption-cluster bootstrap);
+    the mean and the min–max over seeds for a ``counter`` (steps, seconds, NFEs: a cost, not an estimate);
+    otherwise the mean and its Student-t 95% interval over seeds."""
     vals = _values(results, key)
     if vals is None:
         return "n/a"
     scale, unit = (100.0, "%") if pct else (1.0, "")
-    mean = statistics.fmean(vals) * scale
-    text = f"{mean:{spec}}{unit}"
+
+    def num(x: float) -> str:
+        return f"{x * scale:{spec}}{unit}"
+
+    if len(vals) > 1 and pooled is not None:
+        mean, lo, hi = pooled
+        return f"{num(mean)} [{num(lo)}, {num(hi)}]"
+    text = num(statistics.fmean(vals))
+    if len(vals) > 1 and len({num(v) for v in vals}) == 1:
+        return num(vals[0])
+    if len(vals) > 1 and counter:
+        return f"{text} ({num(min(vals))}–{num(max(vals))})"
     if len(vals) > 1:
         _, lo, hi = t_interval(vals)
-        text += f" [{lo * scale:{spec}}{unit}, {hi * scale:{spec}}{unit}]"
+        text += f" [{num(lo)}, {num(hi)}]"
     elif ci and _values(results, f"{key}_ci_low") is not None:
-        lo, hi = results[0][f"{key}_ci_low"] * scale, results[0][f"{key}_ci_high"] * scale
-        text += f" [{lo:{spec}}{unit}, {hi:{spec}}{unit}]"
+        text += f" [{num(results[0][f'{key}_ci_low'])}, {num(results[0][f'{key}_ci_high'])}]"
     return text
 
 
@@ -104,17 +129,25 @@ def arrow(results: list[dict[str, Any]], base: str, trained: str, spec: str = ".
     return f"{fmt(results, base, spec)} → {fmt(results, trained, spec)}"
 
 
-def algo_table(results: list[dict[str, Any]], config: Any, commands: list[str], regen: str) -> str:
-    """The per-algorithm block: one row per metric of ``eval.json``."""
+def algo_table(
+    results: list[dict[str, Any]],
+    config: Any,
+    commands: list[str],
+    regen: str,
+    pooled: dict[str, tuple[float, float, float]] | None = None,
+) -> str:
+    """The per-algorithm block: one row per metric of ``eval.json``; ``pooled`` maps ``train``/``heldout`` to the
+    win rate pooled over the seeds' rows (`pooled_wins`)."""
     world = results[0]["world"]
+    pooled = pooled or {}
     rows = [
         (
             "win rate vs base, training prompts (gold reward, 95% CI)",
-            fmt(results, "win_rate_vs_base", ".1f", True, True),
+            fmt(results, "win_rate_vs_base", ".1f", True, True, pooled=pooled.get("train")),
         ),
         (
             "win rate vs base, held-out prompts",
-            fmt(results, "heldout_win_rate_vs_base", ".1f", True, True),
+            fmt(results, "heldout_win_rate_vs_base", ".1f", True, True, pooled=pooled.get("heldout")),
         ),
         ("gold reward, base → trained", arrow(results, "gold_reward_base", "gold_reward_trained")),
     ]
@@ -141,17 +174,17 @@ def algo_table(results: list[dict[str, Any]], config: Any, commands: list[str], 
     if _values(results, "implicit_acc"):
         rows.append(("implicit-reward accuracy on validation pairs", fmt(results, "implicit_acc", ".3f")))
     rows += [
-        ("optimizer steps", fmt(results, "updates", ".0f")),
-        ("training wall seconds", fmt(results, "train_wall_s", ".1f")),
-        ("UNet evaluations during training", fmt(results, "unet_nfe", ".0f")),
-        ("reward queries during training", fmt(results, "reward_queries", ".0f")),
-        ("UNet evaluations per generated sample", fmt(results, "inference_nfe_per_sample", ".0f")),
+        ("optimizer steps", fmt(results, "updates", ".0f", counter=True)),
+        ("training wall seconds", fmt(results, "train_wall_s", ".1f", counter=True)),
+        ("UNet evaluations during training", fmt(results, "unet_nfe", ".0f", counter=True)),
+        ("reward queries during training", fmt(results, "reward_queries", ".0f", counter=True)),
+        ("UNet evaluations per generated sample", fmt(results, "inference_nfe_per_sample", ".0f", counter=True)),
     ]
     seeds = ", ".join(str(r["seed"]) for r in results)
     lines = [
         START,
         f"Measured on `world={world}` (seed{'s' if len(results) > 1 else ''} {seeds}"
-        + ("; mean [Student-t 95% interval over seeds]" if len(results) > 1 else "")
+        + (f"; {SEEDS_LEGEND}" if len(results) > 1 else "")
         + f") by `{regen}`, which ran:",
         "",
         "```",
@@ -166,8 +199,16 @@ def algo_table(results: list[dict[str, Any]], config: Any, commands: list[str], 
     return "\n".join(lines)
 
 
-def summary_table(all_results: dict[str, list[dict[str, Any]]], world: str, regen: str) -> str:
-    """The head-to-head block of docs/README.md: one row per algorithm."""
+def summary_table(
+    all_results: dict[str, list[dict[str, Any]]],
+    world: str,
+    regen: str,
+    pooled: dict[str, dict[str, tuple[float, float, float]]] | None = None,
+) -> str:
+    """The head-to-head block of docs/README.md: one row per algorithm (``pooled``: per algorithm, as
+    `algo_table`'s)."""
+    pooled = pooled or {}
+    several = any(len(r) > 1 for r in all_results.values())
     has_opt = any(_values(r, "distance_to_optimum_trained") for r in all_results.values())
     head = ["algorithm", "win rate vs base", "held-out win rate", "gold reward (trained)"]
     head += ["distance to p*"] if has_opt else []
@@ -175,7 +216,7 @@ def summary_table(all_results: dict[str, list[dict[str, Any]]], world: str, rege
     lines = [
         START,
         f"Measured on `world={world}` by `{regen}` (each algorithm at the repository's defaults and tuning; "
-        "per-algorithm commands and all metrics in its page).",
+        "per-algorithm commands and all metrics in its page)." + (f" Several seeds: {SEEDS_LEGEND}." if several else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -183,20 +224,36 @@ def summary_table(all_results: dict[str, list[dict[str, Any]]], world: str, rege
     for name, res in all_results.items():
         row = [
             f"[{name}](algos/{name}.md)",
-            fmt(res, "win_rate_vs_base", ".1f", True),
-            fmt(res, "heldout_win_rate_vs_base", ".1f", True),
+            fmt(res, "win_rate_vs_base", ".1f", True, pooled=pooled.get(name, {}).get("train")),
+            fmt(res, "heldout_win_rate_vs_base", ".1f", True, pooled=pooled.get(name, {}).get("heldout")),
             fmt(res, "gold_reward_trained"),
         ]
         row += [fmt(res, "distance_to_optimum_trained")] if has_opt else []
         row += [
             fmt(res, "kl_to_ref", ".3g"),
-            fmt(res, "updates", ".0f"),
-            fmt(res, "train_wall_s", ".1f"),
-            fmt(res, "inference_nfe_per_sample", ".0f"),
+            fmt(res, "updates", ".0f", counter=True),
+            fmt(res, "train_wall_s", ".1f", counter=True),
+            fmt(res, "inference_nfe_per_sample", ".0f", counter=True),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines.append(END)
     return "\n".join(lines)
+
+
+def pooled_wins(run_dirs: list[Path]) -> dict[str, tuple[float, float, float]]:
+    """``{split: (mean, low, high)}``: the win rate vs base over every seed's (caption, draw) rows, with the two-way
+    cluster bootstrap over captions and seeds (`benchmarks.protocol.pooled_win_rate`, as the leaderboard reports
+    it); empty when fewer than two runs, or a run without ``per_sample.npz``."""
+    from benchmarks.protocol import pooled_win_rate
+
+    if len(run_dirs) < 2:
+        return {}
+    out = {}
+    for split in ("train", "heldout"):
+        got = pooled_win_rate([{"dir": d} for d in run_dirs], split)
+        if got is not None:
+            out[split] = got
+    return out
 
 
 def replace_block(path: Path, block: str) -> None:
@@ -342,6 +399,7 @@ def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -
         raise SystemExit(f"--experiment: no runs under {exp_dir / 'runs'}")
     name, specs = experiment_specs(exp_dir)
     collected: dict[str, list[dict[str, Any]]] = {}
+    pooled: dict[str, dict[str, tuple[float, float, float]]] = {}
     world = "?"
     for algo in algos:
         dirs = seed_run_dirs(exp_dir / "runs" / algo)
@@ -350,17 +408,18 @@ def render_experiment(exp_dir: Path, algos: list[str], docs: Path, regen: str) -
             continue
         runs = [load_run(d) for d in dirs]
         results, config = [r["eval"] for r in runs], runs[0]["config"]
+        wins = pooled[algo] = pooled_wins(dirs)
         world = str(config.world.name)
         seeds = ", ".join(str(r["seed"]) for r in results)
         command = " ".join(["python -m benchmarks.run", f"world={world}", *specs.get(algo, [f"algo={algo}"])])
         note = f"# the runs of: python -m benchmarks.run experiment={name} world={world} (seeds {seeds}), each:"
-        block = algo_table(results, config, [note, f"{command} seed=<s>"], regen)
+        block = algo_table(results, config, [note, f"{command} seed=<s>"], regen, wins)
         block = block.replace(", which ran:", ", from the runs of:")
         replace_block(docs / "algos" / f"{algo}.md", block)
         collected[algo] = results
     if collected:  # one experiment is one comparison: its summary is rewritten even when a module is missing
         missing = [a for a in ALGOS if a not in collected]
-        block = summary_table(collected, world, regen).replace(
+        block = summary_table(collected, world, regen, pooled).replace(
             "(each algorithm at the repository's defaults and tuning;",
             f"(the runs of `python -m benchmarks.run experiment={name}`: every module at the same training "
             "budget in UNet NFEs, best_of_n paying at inference instead;",

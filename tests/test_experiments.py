@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,22 @@ def test_docs_tables_render_from_a_head_to_head_experiment(tmp_path):
     assert "experiment=leaderboard world=shapes (seeds 0, 1)" in page and "budget.amount=19200" in page
     assert "| win rate vs base, training prompts (gold reward, 95% CI) | 65.0% [1.5%, 128.5%] |" in page
     assert "| [kto](algos/kto.md) | 65.0% [1.5%, 128.5%] |" in (docs / "README.md").read_text()
+    # Costs are not estimates: a value every seed shares stands alone, differing ones give mean (min–max).
+    assert "| UNet evaluations during training | 19200 |" in page
+    # With per_sample.npz, the win rates are the leaderboard's: every seed's rows pooled (seed 0 wins 6 of 8
+    # draws, seed 1 wins 2 of 8: 50.0%), the interval from the cluster bootstrap (inside [0%, 100%]).
+    for seed, wins, wall in ((0, [1, 1, 1, 1, 1, 1, 0, 0], 60.0), (1, [1, 1, 0, 0, 0, 0, 0, 0], 90.0)):
+        d = lb / "runs" / "kto" / f"s{seed}"
+        np.savez(d / "per_sample.npz", samples_per_prompt=np.array(2), **{"train/wins": np.array(wins, bool)})
+        ev = json.loads((d / "eval.json").read_text())
+        (d / "eval.json").write_text(json.dumps({**ev, "train_wall_s": wall}))
+    assert docs_tables_main([*argv[:4], "kto", "--experiment", str(lb), "--docs-dir", str(docs)]) == 0
+    page = (docs / "algos" / "kto.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| win rate vs base, training prompts"))
+    mean, lo, hi = (float(x) for x in re.findall(r"(-?[0-9.]+)%", row.split("|")[2]))
+    assert mean == 50.0 and 0.0 <= lo < 50.0 < hi <= 100.0
+    assert "| training wall seconds | 75.0 (60.0–90.0) |" in page
+    assert "| win rate vs base, held-out prompts | 58.0% |" in page  # no held-out rows stored: seeds' values
 
 
 def test_init_from_with_zero_steps_re_evaluates_a_finished_run(tmp_path):
