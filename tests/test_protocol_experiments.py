@@ -156,6 +156,19 @@ def test_paper_claims_shares_its_dpo_sft_draft_alignprop_runs_with_the_leaderboa
     claims, board = specs("paper_claims"), specs("leaderboard")
     for label in ("dpo", "sft", "draft", "alignprop"):
         assert config_differences(compose_cfg(claims[label]), compose_cfg(board[label]), None) == {}, label
+    # experiment=beta_sweep scales the learning rate with 1/β (β·lr of the shapes DPO tuning held within the
+    # rounding of its lr values), and its β/4 and 4β runs are the claims' (so they are shared the same way).
+    sweep = specs("beta_sweep")
+    tuned = compose_cfg(["algo=dpo"])
+    product = float(tuned.algo.beta) * float(tuned.train.lr)
+    for label, overrides in sweep.items():
+        cfg = compose_cfg(overrides)
+        assert float(cfg.algo.beta) * float(cfg.train.lr) == pytest.approx(product, rel=0.01), label
+    assert len({float(compose_cfg(o).algo.beta) for o in sweep.values()}) == len(sweep) >= 3
+    for label in ("dpo_beta250", "dpo_beta4000"):
+        assert config_differences(compose_cfg(claims[label]), compose_cfg(sweep[label]), None) == {}, label
+    edit = specs("sdedit")["dpo_sdedit"]  # experiment=sdedit's run is the claims' SDEdit run
+    assert config_differences(compose_cfg(claims["dpo_sdedit"]), compose_cfg(edit), None) == {}
 
 
 def test_paper_claims_end_to_end(tmp_path):
