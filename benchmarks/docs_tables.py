@@ -45,9 +45,9 @@ HEAD_TO_HEAD = REPO_ROOT / "benchmarks" / "conf" / "experiment" / "head_to_head.
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BLOCK = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
 SEEDS_LEGEND = (
-    "mean [Student-t 95% interval over seeds]; win rates pooled over every seed's captions and draws with the "
-    "cluster bootstrap over captions and seeds; costs (steps, seconds, NFEs) as mean (min–max); a value every "
-    "seed shares stands alone"
+    "mean [Student-t 95% interval over seeds, cut to the metric's range]; win rates pooled over every seed's "
+    "captions and draws with the cluster bootstrap over captions and seeds; costs (steps, seconds, NFEs) as mean "
+    "(min–max); a value every seed shares stands alone"
 )
 
 
@@ -118,7 +118,7 @@ def fmt(
     if len(vals) > 1 and counter:
         return f"{text} ({num(min(vals))}–{num(max(vals))})"
     if len(vals) > 1:
-        _, lo, hi = t_interval(vals)
+        _, lo, hi = t_interval(vals, key)
         text += f" [{num(lo)}, {num(hi)}]"
     elif ci and _values(results, f"{key}_ci_low") is not None:
         text += f" [{num(results[0][f'{key}_ci_low'])}, {num(results[0][f'{key}_ci_high'])}]"
@@ -216,7 +216,8 @@ def summary_table(
     lines = [
         START,
         f"Measured on `world={world}` by `{regen}` (each algorithm at the repository's defaults and tuning; "
-        "per-algorithm commands and all metrics in its page)." + (f" Several seeds: {SEEDS_LEGEND}." if several else ""),
+        "per-algorithm commands and all metrics in its page)."
+        + (f" Several seeds: {SEEDS_LEGEND}." if several else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

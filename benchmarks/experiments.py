@@ -548,7 +548,7 @@ def section_flow_vs_eps(runs: list[dict], params: dict[str, Any], out: Path) -> 
     from rlkit_diffusion.intervals import t_interval
 
     def interval(r: dict[str, Any], key: str) -> str:
-        m, lo, hi = t_interval([s["eval"][key] for s in r["seed_runs"]])
+        m, lo, hi = t_interval([s["eval"][key] for s in r["seed_runs"]], key)
         return f"{_num(m)} [{_num(lo)}, {_num(hi)}]"
 
     lines = [

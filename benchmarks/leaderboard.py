@@ -167,8 +167,8 @@ def plateau(seeds: list[dict[str, Any]]) -> float:
     return float(abs(mean[-1] - mean[-2]) / scale) if scale > 0 else 0.0
 
 
-def _cell(values: list[float], fmt: str = "{:.3f}") -> tuple[str, dict[str, float]]:
-    m, lo, hi = t_interval(values)
+def _cell(values: list[float], fmt: str = "{:.3f}", key: str | None = None) -> tuple[str, dict[str, float]]:
+    m, lo, hi = t_interval(values, key)
     d = {"mean": m, "ci_low": lo, "ci_high": hi, "n": sum(math.isfinite(v) for v in values)}
     return protocol.fmt_ci(d, fmt), d
 
@@ -213,13 +213,13 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
             e = r["eval"]
             top = level == budgets[-1]
             gold, gold_d = _cell([at_budget(s, "gold_reward_trained", level, top) for s in seeds])
-            win, win_d = _cell([at_budget(s, "win_rate_vs_base", level, top) for s in seeds], "{:.1%}")
+            win, win_d = _cell([at_budget(s, "win_rate_vs_base", level, top) for s in seeds], "{:.1%}", "win_rate")
             if level == budgets[-1] or e.get("algo") in NO_TRAINING:  # the final evaluation: pooled win rate
                 pooled = protocol.pooled_win_rate(seeds)
                 if pooled is not None:
                     win_d = dict(zip(("mean", "ci_low", "ci_high"), pooled))
                     win = protocol.fmt_ci(win_d, "{:.1%}") + " (pooled)"
-            kl, kl_d = _cell([at_budget(s, "kl_to_ref", level, top) for s in seeds], "{:.1f}")
+            kl, kl_d = _cell([at_budget(s, "kl_to_ref", level, top) for s in seeds], "{:.1f}", "kl_to_ref")
             trains = e.get("algo") not in NO_TRAINING  # an inference-time row optimises no weights
             own = _own_reward_win(seeds, pool_own) if level == budgets[-1] and trains else ("–", None)
             costs = [data_cost(s) for s in seeds]
@@ -276,7 +276,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         seeds = r.get("seed_runs", [r])
         name = r["eval"].get("label") or r["eval"]["algo"]
         gold, gold_d = _cell([s["eval"].get("gold_reward_trained", math.nan) for s in seeds])
-        kl, _ = _cell([s["eval"].get("kl_to_ref", math.nan) for s in seeds], "{:.1f}")
+        kl, _ = _cell([s["eval"].get("kl_to_ref", math.nan) for s in seeds], "{:.1f}", "kl_to_ref")
         share = plateau(seeds)
         flat = "–" if not math.isfinite(share) else ("yes" if share <= tol else "no: still moving")
         record["convergence"][name] = {"gold": gold_d, "last_step_share": share, "plateaued": flat}
@@ -285,10 +285,12 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
     lines += tuning_summary(runs)
     lines += [
         "",
-        "Means over seeds with Student-t 95% intervals over seeds; the final win rates are pooled over seeds and "
-        "captions (two-way cluster bootstrap). Lower budget levels are the learning-curve evaluation of the same "
-        f"runs at that budget fraction (fewer draws per caption). Plateaued = on the seed-mean curve, the last step "
-        f"moved gold by ≤ {tol:.0%} of the total gain (or of the final gold's interval half-width, if the gain is "
+        "Means over seeds with Student-t 95% intervals over seeds, cut to the metric's range (a win rate in [0, 1], "
+        "a KL ≥ 0: with three seeds the t-interval can pass those bounds, the true value cannot); the final win "
+        "rates are pooled over seeds and captions (two-way cluster bootstrap). Lower budget levels are the "
+        "learning-curve evaluation of the same runs at that budget fraction (fewer draws per caption). Plateaued = "
+        f"on the seed-mean curve, the last step moved gold by ≤ {tol:.0%} of the total gain (or of the final gold's "
+        "interval half-width, if the gain is "
         "smaller). The reward a row optimises is its pairs' labels for pair-based rows (the data's labels: gold on "
         "shapes) and the training reward for the others. Data cost = the UNet NFEs and label queries that generated "
         "and labelled the pairs a pair-based run drew, at most the pair set (`benchmarks.leaderboard.data_cost`); "
@@ -451,7 +453,7 @@ def _own_reward_win(seeds: list[dict], pool: bool = True) -> tuple[str, dict | N
         )
         d = {"mean": vals[0], "ci_low": float(lo), "ci_high": float(hi), "n": 1, "reward": name}
         return protocol.fmt_ci(d, "{:.1%}") + f" ({name})", d
-    text, d = _cell(vals, "{:.1%}")
+    text, d = _cell(vals, "{:.1%}", "win_rate")
     return text + f" ({name})", d | {"reward": name}
 
 
@@ -489,7 +491,7 @@ def _claim_win(runs, c) -> tuple[tuple[float, float, float], float, str]:
     pooled = protocol.pooled_win_rate(r.get("seed_runs", [r]), "heldout" if key.startswith("heldout_") else "train")
     if pooled is not None and len(r.get("seed_runs", [r])) > 1:
         return pooled, 0.5, "pooled win rate vs base (caption × seed bootstrap) > 50%"
-    return t_interval(list(_seed_values(r, key).values())), 0.5, f"{key} > 50% (t over seeds)"
+    return t_interval(list(_seed_values(r, key).values()), key), 0.5, f"{key} > 50% (t over seeds)"
 
 
 def _claim_diff(runs, c):
@@ -560,7 +562,7 @@ def _claim_s8(runs, c):
     r = _by_label(runs)[c["run"]]
     vals = list(_seed_values(r, "s8_base_draws_for_half").values())
     need = float(c.get("threshold", 10))
-    return t_interval(vals), need, f"base draws for P(best-of-n base beats DPO) = ½ (S8), > {need:g}"
+    return t_interval(vals, "draws"), need, f"base draws for P(best-of-n base beats DPO) = ½ (S8), > {need:g}"
 
 
 def _claim_overopt(runs, c):

@@ -66,7 +66,7 @@ def report_lines(name: str, runs: list[dict[str, Any]], reward: str) -> list[str
             f"{r['last_quarter']:.3f} (last), slope {r['slope']:+.5f}/update (p {r['slope_p']:.2g})"
         )
     if len(runs) > 1:
-        w, s = t_interval([r["win"] for r in runs]), t_interval([r["slope"] for r in runs])
+        w, s = t_interval([r["win"] for r in runs], "win_rate"), t_interval([r["slope"] for r in runs])
         above = sum(r["win_low"] > 0.5 for r in runs)
         lines.append(
             f"  over {len(runs)} seeds: win by {reward} {w[0]:.1%} [{w[1]:.1%}, {w[2]:.1%}] (t); {above}/{len(runs)} "

@@ -125,7 +125,7 @@ def aggregate(runs: list[dict[str, Any]], kl_levels: tuple[float, ...] = KL_LEVE
     for (world, algo, label, budget), rs in group_by_config(runs).items():
         metrics = {}
         for k in numeric_keys(rs):
-            m, lo, hi = t_interval([r["eval"].get(k) for r in rs])
+            m, lo, hi = t_interval([r["eval"].get(k) for r in rs], k)
             metrics[k] = {"mean": m, "ci_low": lo, "ci_high": hi, "n": sum(k in r["eval"] for r in rs)}
         pooled = {}
         for split in ("train", "heldout"):
@@ -190,7 +190,7 @@ def matched_kl(runs: list[dict[str, Any]], levels: tuple[float, ...] = KL_LEVELS
         cell: dict[str, Any] = {}
         for name in ("gold", "win_rate"):
             vals = [value_at_kl(p["kl"], p[name], level) for p in paths]
-            m, lo, hi = t_interval(vals)
+            m, lo, hi = t_interval(vals, name)
             cell[name] = {"mean": m, "ci_low": lo, "ci_high": hi}
             cell["reached"] = sum(math.isfinite(v) for v in vals)
         out[f"{level:g}"] = cell
@@ -217,7 +217,7 @@ def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {**first, "seed_runs": runs, "eval": {**first["eval"], "n_seeds": 1}}
     ev: dict[str, Any] = dict(first["eval"])
     for k in numeric_keys(runs):
-        m, lo, hi = t_interval([r["eval"].get(k) for r in runs])
+        m, lo, hi = t_interval([r["eval"].get(k) for r in runs], k)
         ev[k] = m
         if f"{k}_ci_low" in first["eval"] or k in ("unet_nfe", "wall_s"):
             ev[f"{k}_ci_low"], ev[f"{k}_ci_high"] = lo, hi

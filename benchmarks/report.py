@@ -171,7 +171,7 @@ def table(groups: dict[tuple[str, str], list[dict]]) -> str:
     for (world, algo), rs in groups.items():
         cells = []
         for key, _, fmt in cols:
-            m, lo, hi = t_interval([r["eval"].get(key) for r in rs])
+            m, lo, hi = t_interval([r["eval"].get(key) for r in rs], key)
             cells.append(fmt_ci({"mean": m, "ci_low": lo, "ci_high": hi}, fmt))
         pooled = pooled_win_rate(rs)
         cells.append("–" if pooled is None else fmt_ci(dict(zip(("mean", "ci_low", "ci_high"), pooled)), "{:.1%}"))

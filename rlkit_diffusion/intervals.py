@@ -12,7 +12,10 @@ evaluated under every seed, so a caption's effect is shared across seeds).
   ``groups`` (optional) its seed. A replicate draws caption weights v_c and seed weights w_s (multinomial counts)
   and reports Σ_{s,c} w_s v_c S[s,c] / Σ_{s,c} w_s v_c N[s,c], S/N = per-(seed, caption) sums/counts.
 * `caption_clusters`: the caption label of each row of a caption-major evaluation.
-* `t_interval`: mean and Student-t 95% interval over seeds (one number per seed).
+* `t_interval`: mean and Student-t 95% interval over seeds (one number per seed), cut to the metric's range
+  (`metric_range`: a win rate or an accuracy lies in [0, 1], a KL, a diversity or a cost is ≥ 0). With three seeds
+  the t-interval of a rate can reach past 0 or 1; the true value cannot, so the interval intersected with the range
+  covers it at least as often as the uncut one.
 """
 
 from __future__ import annotations
@@ -86,8 +89,26 @@ def t_quantile(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def t_interval(values: list[float] | np.ndarray) -> tuple[float, float, float]:
-    """``(mean, low, high)``: Student-t 95% interval of the mean over seeds; a single seed gives (x, nan, nan)."""
+_UNIT = ("win_rate", "_acc", "implicit_acc", "s8_p_")
+_NONNEGATIVE = ("kl", "diversity", "distance", "nfe", "queries", "wall_s", "updates", "best_of_n_equivalent", "draws")
+
+
+def metric_range(key: str | None) -> tuple[float, float]:
+    """The values an evaluation metric named ``key`` can take (as `evaluate` names them, with or without a
+    ``heldout_`` prefix): [0, 1] for win rates, accuracies and probabilities, [0, ∞) for KLs, diversities, costs and
+    draw counts, the real line otherwise (rewards, margins) and for ``None``."""
+    if key is None:
+        return -math.inf, math.inf
+    if any(u in key for u in _UNIT):
+        return 0.0, 1.0
+    if any(n in key for n in _NONNEGATIVE):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def t_interval(values: list[float] | np.ndarray, key: str | None = None) -> tuple[float, float, float]:
+    """``(mean, low, high)``: Student-t 95% interval of the mean over seeds, cut to `metric_range` of ``key`` (the
+    metric's name; None: not cut); a single seed gives (x, nan, nan)."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
@@ -95,4 +116,5 @@ def t_interval(values: list[float] | np.ndarray) -> tuple[float, float, float]:
     if len(v) < 2:
         return m, float("nan"), float("nan")
     half = t_quantile(len(v) - 1) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return m, m - half, m + half
+    low, high = metric_range(key)
+    return m, max(m - half, low), min(m + half, high)

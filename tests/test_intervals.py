@@ -10,6 +10,7 @@ from rlkit_diffusion.intervals import (
     cluster_bootstrap_ci,
     cluster_bootstrap_means,
     cluster_weights,
+    metric_range,
     t_interval,
     t_quantile,
 )
@@ -88,3 +89,18 @@ def test_t_interval():
     assert np.isnan(t_interval([1.0])[1])
     assert t_quantile(30) == pytest.approx(2.042, abs=2e-3)
     assert t_quantile(100) == pytest.approx(1.984, abs=2e-3)
+
+
+def test_t_interval_is_cut_to_the_metrics_range():
+    """Three seeds' win rates 0.1, 0.5, 0.9: the t-interval reaches below 0 and above 1, the cut one stops at the
+    range (the mean is unchanged); a KL stops at 0 only; a reward (no range) is not cut."""
+    wins = [0.1, 0.5, 0.9]
+    m, lo, hi = t_interval(wins)
+    assert lo < 0.0 and hi > 1.0
+    assert t_interval(wins, "win_rate_vs_base") == (m, 0.0, 1.0)
+    assert t_interval(wins, "heldout_win_rate_vs_base")[1:] == (0.0, 1.0)
+    kl = t_interval([1.0, 50.0, 300.0], "kl_to_ref")
+    assert kl[1] == 0.0 and kl[2] == t_interval([1.0, 50.0, 300.0])[2]
+    assert t_interval([-3.0, 0.0, 9.0], "gold_reward_trained") == t_interval([-3.0, 0.0, 9.0])
+    assert metric_range("implicit_acc") == metric_range("reward_acc_proxy") == (0.0, 1.0)
+    assert metric_range("s8_base_draws_for_half")[0] == 0.0 and metric_range("implicit_margin")[0] == -np.inf
