@@ -621,7 +621,7 @@ KNOWN_TYPED = {
 GENERATED_DIRS = {"tuning"}
 # Pages an experiment writes whole (`docs_out` of benchmarks/conf/experiment/leaderboard.yaml and paper_claims.yaml):
 # every number on them is that command's output, and the page names the command on its second line.
-GENERATED_PAGES = {"leaderboard.md", "leaderboard_flow.md", "paper_claims.md"}
+GENERATED_PAGES = {"leaderboard.md", "leaderboard_flow.md", "leaderboard_10x.md", "paper_claims.md"}
 EXEMPT_PAGES = {"perf.md"}
 
 
