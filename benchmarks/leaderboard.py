@@ -504,19 +504,49 @@ def _claim_diff(runs, c):
     )
 
 
-def _claim_beta(runs, c):
-    """β controls KL (KL at the smallest β − KL at the largest β > 0) and reward has an interior optimum."""
+def _betas_in_order(runs, c) -> list[str]:
+    """The claim's labels (``c["runs"]``) sorted by their ``algo.beta``."""
     by = _by_label(runs)
-    labels = c["runs"]
-    betas = [float(_cfg_value(by[lab], "algo.beta")) for lab in labels]
-    order = [lab for _, lab in sorted(zip(betas, labels))]
-    kl_drop = _paired_diff(by[order[0]], by[order[-1]], "kl_to_ref")
-    golds = [np.nanmean(list(_seed_values(by[lab], "gold_reward_trained").values())) for lab in order]
-    interior = 0 < int(np.argmax(golds)) < len(order) - 1
-    rule = "KL(smallest β) − KL(largest β) > 0 (paired by seed) and the best mean gold at an interior β"
-    if not interior and verdict(kl_drop[1], kl_drop[2], 0.0) == "holds":
-        return kl_drop, math.inf, rule + " — no interior optimum"
-    return kl_drop, 0.0, rule
+    return [lab for _, lab in sorted((float(_cfg_value(by[lab], "algo.beta")), lab) for lab in c["runs"])]
+
+
+def _claim_beta_kl(runs, c):
+    """β controls the KL: KL at the smallest β − KL at the largest β, paired by seed, > 0."""
+    by, order = _by_label(runs), _betas_in_order(runs, c)
+    return (
+        _paired_diff(by[order[0]], by[order[-1]], "kl_to_ref"),
+        0.0,
+        "KL(smallest β) − KL(largest β), paired by seed, > 0",
+    )
+
+
+def _claim_beta_interior(runs, c):
+    """Reward has an interior optimum in β: per seed, the best gold of the interior βs − the best gold of the two
+    end βs, > 0 (t over seeds)."""
+    by, order = _by_label(runs), _betas_in_order(runs, c)
+    gold = {lab: _seed_values(by[lab], "gold_reward_trained") for lab in order}
+    seeds = sorted(set.intersection(*(set(v) for v in gold.values())))
+    diffs = [max(gold[lab][s] for lab in order[1:-1]) - max(gold[order[0]][s], gold[order[-1]][s]) for s in seeds]
+    rule = "per seed, best gold at an interior β − best gold at the smallest or largest β, > 0 (t over seeds)"
+    return t_interval(diffs), 0.0, rule
+
+
+def _claim_diff_at_kl(runs, c):
+    """``run`` − ``other`` in gold reward where each seed's learning curve reaches ``level`` nats of KL to the base
+    (`protocol.value_at_kl`), paired by seed, > 0; a seed whose curve does not reach it is left out."""
+    by, level = _by_label(runs), float(c.get("level", 25.0))
+
+    def at_level(r: dict) -> dict[int, float]:
+        out = {}
+        for s in r.get("seed_runs", [r]):
+            path = protocol.kl_path(s)
+            out[s["eval"]["seed"]] = protocol.value_at_kl(path["kl"], path["gold"], level)
+        return out
+
+    va, vb = at_level(by[c["run"]]), at_level(by[c["other"]])
+    diffs = [va[s] - vb[s] for s in sorted(set(va) & set(vb)) if math.isfinite(va[s] - vb[s])]
+    rule = f"{c['run']} − {c['other']} in gold reward at {level:g} nats of KL to the base (each seed's curve), > 0"
+    return t_interval(diffs), 0.0, rule
 
 
 def _claim_table2(runs, c):
@@ -596,7 +626,9 @@ def _cfg_value(run: dict, key: str) -> Any:
 CLAIM_RULES = {
     "win": _claim_win,
     "diff": _claim_diff,
-    "beta": _claim_beta,
+    "diff_at_kl": _claim_diff_at_kl,
+    "beta_kl": _claim_beta_kl,
+    "beta_interior": _claim_beta_interior,
     "table2": _claim_table2,
     "diagonal": _claim_diagonal,
     "s8": _claim_s8,

@@ -181,10 +181,10 @@ def test_paper_claims_end_to_end(tmp_path):
         {"label": "dpo_b80", "overrides": ["algo=dpo", "train.steps=4", "algo.beta=80", "train.lr=2.5e-4"]},
         {"label": "draft", "overrides": ["algo=draft", "train.steps=2"]},
     ]
-    keep = {"win", "diff", "beta", "table2", "s8", "overopt"}
+    keep = {"win", "diff", "diff_at_kl", "beta_kl", "beta_interior", "table2", "s8", "overopt"}
     claims = [c for c in sweep["params"]["claims"] if c["rule"] in keep and c.get("run") != "dpo_sdedit"]
     for c in claims:
-        if c["rule"] == "beta":
+        if c["rule"] in ("beta_kl", "beta_interior"):
             c["runs"] = ["dpo_b5", "dpo", "dpo_b80"]
         if c["rule"] == "overopt":
             c["others"] = ["draft"]
@@ -198,8 +198,9 @@ def test_paper_claims_end_to_end(tmp_path):
     assert len(record) == len(claims)
     assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") for r in record)
     assert "| DPO beats the base model | §5.1 |" in md and "Decision rule" in md
-    beta = next(r for r in record if r["rule"] == "beta")
-    assert beta["measured"]["ci_low"] <= beta["measured"]["mean"] <= beta["measured"]["ci_high"]
+    for rule in ("beta_kl", "beta_interior"):
+        beta = next(r for r in record if r["rule"] == rule)
+        assert beta["measured"]["ci_low"] <= beta["measured"]["mean"] <= beta["measured"]["ci_high"]
     print(f"\npaper_claims tiny (5 runs x 3 seeds): {wall:.1f} s")
 
 
@@ -512,3 +513,41 @@ def test_a_resumed_runs_re_logged_rows_are_read_once():
     ]
     out = last_logged(rows)
     assert [r.get("eval/gold_reward_trained") for r in out] == [None, 4.0, 4.6, None]
+
+
+def test_claims_at_matched_kl_and_the_two_beta_claims_golden():
+    """The claim rules on hand-made runs: gold at 25 nats interpolated on each seed's (KL, gold) path; β's KL drop
+    and its interior optimum as two claims, each paired by seed."""
+
+    def run(label: str, per_seed: dict[int, dict], beta: float = 1.0) -> dict:
+        seeds = [
+            {"eval": {"seed": s, "label": label, "algo": "dpo", "gold_reward_base": 4.0, "win_rate_vs_base": 0.6, **e}}
+            for s, e in per_seed.items()
+        ]
+        return {"eval": seeds[0]["eval"], "seed_runs": seeds, "config": OmegaConf.create({"algo": {"beta": beta}})}
+
+    # a: (0, 4) → (50, 5): 4.5 at 25 nats; b: (0, 4) → (100, 5): 4.25; on both seeds.
+    a = run("a", {s: {"kl_to_ref": 50.0, "gold_reward_trained": 5.0} for s in (0, 1)})
+    b = run("b", {s: {"kl_to_ref": 100.0, "gold_reward_trained": 5.0} for s in (0, 1)})
+    (m, lo, hi), threshold, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, b], {"run": "a", "other": "b", "level": 25})
+    assert (m, lo, hi, threshold) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25), 0.0)
+    # A level one of them never reaches: no pair, no interval (inconclusive, never a guess).
+    (m, _, _), _, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, b], {"run": "a", "other": "b", "level": 75})
+    assert math.isnan(m)
+    # β 1, 2, 3: gold per seed (1, 1), (3, 2), (2, 2.5): interior − best end = 1 and −0.5; KL (10, 12) − (4, 4).
+    b1 = run(
+        "b1",
+        {0: {"gold_reward_trained": 1.0, "kl_to_ref": 10.0}, 1: {"gold_reward_trained": 1.0, "kl_to_ref": 12.0}},
+        1,
+    )
+    b2 = run(
+        "b2", {0: {"gold_reward_trained": 3.0, "kl_to_ref": 6.0}, 1: {"gold_reward_trained": 2.0, "kl_to_ref": 6.0}}, 2
+    )
+    b3 = run(
+        "b3", {0: {"gold_reward_trained": 2.0, "kl_to_ref": 4.0}, 1: {"gold_reward_trained": 2.5, "kl_to_ref": 4.0}}, 3
+    )
+    claim = {"runs": ["b3", "b1", "b2"]}  # any order: sorted by algo.beta
+    (m, lo, hi), _, _ = leaderboard.CLAIM_RULES["beta_interior"]([b1, b2, b3], claim)
+    assert m == pytest.approx(0.25) and lo < 0 < hi
+    (m, lo, hi), _, _ = leaderboard.CLAIM_RULES["beta_kl"]([b1, b2, b3], claim)
+    assert m == pytest.approx(7.0) and lo < 7.0 < hi
