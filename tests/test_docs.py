@@ -339,9 +339,6 @@ PAPER_NUMBERS = {"2.048", "55.5%"}
 KNOWN_TYPED = {
     # The paper's Fig. S4 means (quoted from the paper, not measured here).
     "protocol.md": {"13.7", "25.6"},
-    # "What the runs show": the DDPO 5x-budget run and the β-sweep's gold rewards are not in the pasted sections
-    # (rounded differently or from a run outside them), and one wall time.
-    "experiments.md": {"14.5", "4.22", "4.36", "4.71", "5.97", "6.52", "6.574", "6.68", "6.686", "6.72"},
     # Printouts of `python -m benchmarks.diagnose_pg` (ddpo.md's diagnosis) and of the toy2d sweeps, pasted by hand
     # into prose and code blocks next to the command that prints them (a page has one docs_tables block only).
     "algos/ddpo.md": {
