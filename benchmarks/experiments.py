@@ -56,6 +56,8 @@ from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, lat
 
 LOCATIONS = ("out_dir", "eval_cache_dir", "resume", "device", "report", "logger", "jobs")
 """Overrides that say where or how a run is carried out, not what it is: left out of the command a page names."""
+SWEEP_LOCATIONS = ("sweep.params.docs_out",)
+"""Sweep overrides that say where the page goes (the command a page names keeps the others: they change its runs)."""
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
 Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
@@ -148,7 +150,8 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     exp_dir.mkdir(parents=True, exist_ok=True)
     if sweep.get("grid"):  # leaderboard: the run list is every module (benchmarks.leaderboard.expand_grid)
         sweep["runs"] = leaderboard.expand_grid(sweep)
-    extra = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
+    task = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
+    extra = [o for o in task if not _is_sweep(o)]  # what every run takes; the sweep's own settings are not a run's
     seeds = experiment_seeds(cfg, sweep)
     reuse_from = [str(Path(d).absolute()) for d in (cfg.get("reuse_from") or [])]
     for d in reuse_from:
@@ -188,7 +191,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
         mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]
         runs.append(protocol.merge_seeds(mine))
-    shown = [o for o in extra if o.split("=", 1)[0].lstrip("+~") not in LOCATIONS and not o.startswith("hydra.")]
+    shown = [o for o in task if _key(o) not in LOCATIONS + SWEEP_LOCATIONS and not o.startswith("hydra.")]
     shown += ["reuse_from=[<dir>]"] if reuse_from else []
     command = " ".join(["python -m benchmarks.run", f"experiment={cfg.experiment}", *shown])
     params = {**sweep.get("params", {}), "command": command}  # the pages name the command that wrote them
@@ -288,9 +291,20 @@ def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:
     return seeds
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _is_seeds(override: str) -> bool:
     """An override that the experiment itself takes (its seeds, the directories it copies from), not its runs."""
-    return override.split("=", 1)[0].lstrip("+~") in ("seed", "seeds", "reuse_from")
+    return _key(override) in ("seed", "seeds", "reuse_from")
+
+
+def _is_sweep(override: str) -> bool:
+    """An override of the experiment's sweep (``sweep.grid.algos=[...]``, ``sweep.params.budgets=[...]``,
+    ``sweep.params.docs_out=...``): it changes the run list or the page, and is no setting of a run (a run's config
+    has no ``sweep``, so passing it on would fail every run)."""
+    return _key(override) == "sweep" or _key(override).startswith("sweep.")
 
 
 def quoted_override(key: str, value: Any) -> str:

@@ -551,3 +551,25 @@ def test_claims_at_matched_kl_and_the_two_beta_claims_golden():
     assert m == pytest.approx(0.25) and lo < 0 < hi
     (m, lo, hi), _, _ = leaderboard.CLAIM_RULES["beta_kl"]([b1, b2, b3], claim)
     assert m == pytest.approx(7.0) and lo < 7.0 < hi
+
+
+def test_sweep_overrides_on_the_command_line_are_the_experiments_not_its_runs(tmp_path):
+    """``experiment=leaderboard sweep.grid.algos=[...] sweep.params.docs_out=...`` (the documented flow-rows and
+    10x commands): the sweep keys change the run list and the page, and are not passed to the runs (a run's config
+    has no ``sweep``: passing them on failed every run); the page names the command with the run-changing keys and
+    without the page's location."""
+    out = tmp_path / "docs" / "flow.md"
+    cli = [*TINY, f"out_dir={tmp_path}", "sweep.grid.algos=[dpo]", f"sweep.params.docs_out={out}", "seeds=1"]
+    cli += ["sweep.params.budgets=[400]", "sweep.grid.eval_points=1", "train.batch_size=4"]
+    cfg = compose_cfg(["experiment=leaderboard", "jobs=1", *cli])
+    assert list(cfg.sweep.grid.algos) == ["dpo"] and cfg.sweep.params.docs_out == str(out)
+    seen = []
+
+    def recording(sub, run_dir):
+        seen.append(sub)
+        return run_one(sub, run_dir=run_dir)
+
+    experiments.run(cfg, recording, exp_dir=tmp_path / "lb", overrides=cli)
+    assert len(seen) == 1 and seen[0].sweep is None
+    page = out.read_text()
+    assert "sweep.grid.algos=[dpo]" in page.split("\n")[2] and "docs_out" not in page.split("\n")[2]
