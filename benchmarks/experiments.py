@@ -50,7 +50,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import leaderboard, protocol, report
-from benchmarks.lifecycle import ConfigError, config_differences
+from benchmarks.lifecycle import EXPERIMENT_SOURCE_ENV, ConfigError, config_differences, source_fingerprint
 from benchmarks.wiring import hydra_output_dir
 from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 
@@ -182,11 +182,19 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             continue
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
-    timings = (
-        run_processes(pending, jobs, tag=str(cfg.experiment))
-        if jobs > 1
-        else run_in_process(pending, run_one, tag=str(cfg.experiment))
-    )
+    # Every run, in this process or another, refuses to start if the code changed since the experiment started
+    # (lifecycle.check_experiment_source): one experiment's runs are made by one version of the code.
+    outer = os.environ.get(EXPERIMENT_SOURCE_ENV)
+    os.environ[EXPERIMENT_SOURCE_ENV] = outer or source_fingerprint()["source_sha256"]
+    try:
+        timings = (
+            run_processes(pending, jobs, tag=str(cfg.experiment))
+            if jobs > 1
+            else run_in_process(pending, run_one, tag=str(cfg.experiment))
+        )
+    finally:
+        if outer is None:
+            os.environ.pop(EXPERIMENT_SOURCE_ENV, None)
     seed_runs = [report.load_run(run_dir) for run_dir in run_dirs]
     for spec in sweep["runs"]:  # one record per label: mean over seeds, pooled win rates (benchmarks.protocol)
         mine = [r for r in seed_runs if (r["eval"].get("label") or r["eval"]["algo"]) == spec["label"]]

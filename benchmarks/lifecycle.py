@@ -11,13 +11,20 @@ resume, and hold a resumed run to its own config.
   one line listing the differences, except the budget (``train.steps``, ``budget.amount``) and the layout over
   processes (``train.batch_size``, ``train.parallel``) named in ``resume_override=[...]``, which is recorded in
   the run's ``resumes.jsonl`` and in its ``config.yaml``.
+* `source_fingerprint`: which code made a run — the SHA-256 of the project's Python and YAML sources, with the git
+  commit and whether the checkout had uncommitted changes — recorded in every ``eval.json``; an experiment passes
+  its own to the runs it starts, and a run started after the code changed under the experiment is refused
+  (`check_experiment_source`), so one experiment's runs never mix two versions of the code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +54,48 @@ LAYOUT_KEYS = ("train.batch_size", "train.parallel")
 NOT_IDENTITY = ("resume", "resume_override", "out_dir", "report", "device")  # may differ on resume
 BUDGET_KINDS = ("steps", "nfe", "reward_queries", "wall_s")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+SOURCE_DIRS = ("rlkit_diffusion", "algos", "envs", "benchmarks")
+"""The packages whose sources make a run (tests, docs and data do not)."""
+EXPERIMENT_SOURCE_ENV = "RLKIT_EXPERIMENT_SOURCE"
+"""Set by an experiment for the run processes it starts: the `source_fingerprint` SHA-256 at its start."""
+
+
+def source_fingerprint(root: Path | None = None) -> dict[str, Any]:
+    """``{"source_sha256", "commit", "dirty"}`` of the checkout at ``root`` (default: this one): the hash of every
+    ``*.py`` and ``*.yaml`` below `SOURCE_DIRS` (relative path and bytes, in path order), the git commit and whether
+    tracked files differ from it (None for both outside a git checkout)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    files = sorted(f for d in SOURCE_DIRS for ext in ("*.py", "*.yaml") for f in (root / d).rglob(ext))
+    for f in files:
+        if "__pycache__" not in f.parts:
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"source_sha256": digest.hexdigest(), "commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def check_experiment_source(current: str) -> None:
+    """Refuse a run started by an experiment (`EXPERIMENT_SOURCE_ENV` set) whose code is no longer the code the
+    experiment started with: its runs would mix two versions without saying so."""
+    expected = os.environ.get(EXPERIMENT_SOURCE_ENV)
+    if expected and expected != current:
+        raise ConfigError(
+            f"the code changed under the running experiment (sources {expected[:12]} at its start, {current[:12]} "
+            "now): this run would mix two versions of the code in one experiment. Restore the checkout, or run the "
+            "experiment command again to continue with this code (finished runs keep the code recorded in their "
+            "eval.json, environment.code)"
+        )
 
 
 class ConfigError(ValueError):

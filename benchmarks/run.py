@@ -28,11 +28,13 @@ from algos import algo_config_class, build_algo
 from benchmarks.eval_schema import SCHEMA_VERSION
 from benchmarks.lifecycle import (
     ConfigError,
+    check_experiment_source,
     is_finished,
     record_resume,
     resolve_run,
     resume_checkpoint,
     resume_config,
+    source_fingerprint,
     validate,
 )
 from benchmarks.wiring import (
@@ -167,8 +169,10 @@ def evaluate_run(cfg: DictConfig, s: Settings, algo, ctx: AlgoContext, run_dir: 
     return metrics
 
 
-def eval_record(cfg: DictConfig, metrics: dict, summary: dict, num_processes: int, t_start: float) -> dict[str, Any]:
-    """The contents of eval.json (benchmarks/eval_schema.py)."""
+def eval_record(
+    cfg: DictConfig, metrics: dict, summary: dict, num_processes: int, t_start: float, code: dict | None = None
+) -> dict[str, Any]:
+    """The contents of eval.json (benchmarks/eval_schema.py); ``code``: the `source_fingerprint` at the start."""
     return {
         "schema_version": SCHEMA_VERSION,
         "algo": cfg.algo.name,
@@ -187,6 +191,7 @@ def eval_record(cfg: DictConfig, metrics: dict, summary: dict, num_processes: in
             "torch": torch.__version__,
             "argv": sys.argv,
             "num_processes": num_processes,  # the effective batch is per-process batch × this
+            **({"code": code} if code else {}),  # which sources made the run (lifecycle.source_fingerprint)
         },
     }
 
@@ -203,6 +208,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     t_start = time.perf_counter()
     phases = Phases()
     validate(cfg)  # before any work: nothing is built and no directory is made for a bad config
+    code = source_fingerprint()
+    check_experiment_source(code["source_sha256"])  # a run started by an experiment runs the experiment's code
     resume_from = None
     if cfg.resume:
         cfg, run_dir, resume_from, extend = plan_resume(cfg, overrides)
@@ -264,7 +271,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
         return {}
     metrics = evaluate_run(cfg, s, algo, ctx, run_dir)
     phases.end("evaluate")
-    result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start)
+    result = eval_record(cfg, metrics, summary, accelerator.num_processes, t_start, code)
     save_eval(result, run_dir)
     logger.log_final(result, run_dir)
     logger.close()

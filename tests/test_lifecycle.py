@@ -363,3 +363,32 @@ def test_lifecycle_fuzz(uninterrupted, tmp_path_factory):
     assert len(groups) == 2 and all(
         {r["config"].train.steps for r in rs} == {rs[0]["config"].train.steps} for rs in groups.values()
     )
+
+
+def test_source_fingerprint_names_the_code_and_an_experiment_refuses_a_changed_one(tmp_path, monkeypatch):
+    """Every eval.json records which sources made it; a run started by an experiment whose code changed since the
+    experiment started is refused before any work (two versions of the code would mix in one experiment)."""
+    import shutil
+
+    from benchmarks.lifecycle import EXPERIMENT_SOURCE_ENV, source_fingerprint
+
+    # The hash covers the packages' sources: a one-byte edit changes it, a file elsewhere (docs) does not.
+    tree = tmp_path / "tree"
+    for d in ("rlkit_diffusion", "algos", "envs", "benchmarks"):
+        (tree / d).mkdir(parents=True)
+        (tree / d / "m.py").write_text("x = 1\n")
+    first = source_fingerprint(tree)
+    (tree / "README.md").write_text("docs\n")
+    assert source_fingerprint(tree)["source_sha256"] == first["source_sha256"]
+    (tree / "algos" / "m.py").write_text("x = 2\n")
+    assert source_fingerprint(tree)["source_sha256"] != first["source_sha256"]
+    assert first["commit"] is None and first["dirty"] is None  # not a git checkout
+    shutil.rmtree(tree)
+
+    small = ["train.steps=2", "eval.samples_per_prompt=8", "eval.heldout=false", "eval.bootstrap=20"]
+    result, _ = run_toy(tmp_path, small, name="ok")
+    assert result["environment"]["code"]["source_sha256"] == source_fingerprint()["source_sha256"]
+    monkeypatch.setenv(EXPERIMENT_SOURCE_ENV, "0" * 64)  # the experiment started with other code
+    with pytest.raises(ConfigError, match="the code changed under the running experiment"):
+        run_toy(tmp_path, small, name="refused")
+    assert not (tmp_path / "refused" / "eval.json").exists()
