@@ -8,7 +8,8 @@ Leaderboard (``sweep.grid``: algos × one training budget, ``train.eval_points``
 * **equal training NFEs** at each of ``params.budgets`` (the lower levels are read off the learning curve at that
   budget fraction — the same run, constant learning rate — the top level is the final evaluation);
 * **matched KL**: gold reward and win rate interpolated along each seed's (KL, gold) path at ``params.kl_levels``
-  (`benchmarks.protocol.matched_kl`; "not reached" when a run never moves that far);
+  (`benchmarks.protocol.matched_kl`; "not reached or not resolved" when a run never moves that far, or its curve
+  has no evaluation near that level);
 * **at convergence**: the final evaluation, with ``plateau`` = the last learning-curve step changed the gold reward
   by less than ``params.plateau_tol`` (relative to the base→final gain) on average over seeds;
 * every number is a mean over seeds with a Student-t 95% interval over seeds; win rates are pooled over seeds and
@@ -257,7 +258,7 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         for k in levels:
             c = mk.get(f"{k:g}")
             if not c or not c["reached"]:
-                cells.append("not reached" if c else "no KL (inference-time)")
+                cells.append("not reached or not resolved" if c else "no KL (inference-time)")
             else:
                 seeds_text = f"{c['reached']} seed" + ("s" if c["reached"] > 1 else "")
                 cells.append(
@@ -480,18 +481,26 @@ def _seed_values(run: dict, key: str) -> dict[int, float]:
     return {s["eval"]["seed"]: float(s["eval"].get(key, math.nan)) for s in run.get("seed_runs", [run])}
 
 
-def _paired_diff(a: dict, b: dict, key: str, key_b: str | None = None) -> tuple[float, float, float]:
+def _t(values: list[float], key: str | None = None) -> tuple[float, float, float, int]:
+    """(mean, low, high, n): the t-interval over the finite values and how many there were (a claim states its n,
+    so that an interval over two seeds is not read as one over three)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return (*t_interval(finite, key), len(finite))
+
+
+def _paired_diff(a: dict, b: dict, key: str, key_b: str | None = None) -> tuple[float, float, float, int]:
     va, vb = _seed_values(a, key), _seed_values(b, key_b or key)
-    return t_interval([va[s] - vb[s] for s in sorted(set(va) & set(vb))])
+    return _t([va[s] - vb[s] for s in sorted(set(va) & set(vb))])
 
 
-def _claim_win(runs, c) -> tuple[tuple[float, float, float], float, str]:
+def _claim_win(runs, c):
     r = _by_label(runs)[c["run"]]
     key = c.get("key", "win_rate_vs_base")
-    pooled = protocol.pooled_win_rate(r.get("seed_runs", [r]), "heldout" if key.startswith("heldout_") else "train")
-    if pooled is not None and len(r.get("seed_runs", [r])) > 1:
-        return pooled, 0.5, "pooled win rate vs base (caption × seed bootstrap) > 50%"
-    return t_interval(list(_seed_values(r, key).values()), key), 0.5, f"{key} > 50% (t over seeds)"
+    seeds = r.get("seed_runs", [r])
+    pooled = protocol.pooled_win_rate(seeds, "heldout" if key.startswith("heldout_") else "train")
+    if pooled is not None and len(seeds) > 1:
+        return (*pooled, len(seeds)), 0.5, "pooled win rate vs base (caption × seed bootstrap) > 50%"
+    return _t(list(_seed_values(r, key).values()), key), 0.5, f"{key} > 50% (t over seeds)"
 
 
 def _claim_diff(runs, c):
@@ -511,29 +520,31 @@ def _betas_in_order(runs, c) -> list[str]:
 
 
 def _claim_beta_kl(runs, c):
-    """β controls the KL: KL at the smallest β − KL at the largest β, paired by seed, > 0."""
+    """β controls the KL: it falls at every step of β — the smallest of the adjacent drops KL(β_i) − KL(β_{i+1}),
+    paired by seed (the adjacent pair whose mean drop is smallest), > 0."""
     by, order = _by_label(runs), _betas_in_order(runs, c)
-    return (
-        _paired_diff(by[order[0]], by[order[-1]], "kl_to_ref"),
-        0.0,
-        "KL(smallest β) − KL(largest β), paired by seed, > 0",
-    )
+    drops = [_paired_diff(by[a], by[b], "kl_to_ref") for a, b in zip(order, order[1:])]
+    rule = "KL falls at every step of β: the smallest adjacent drop KL(β_i) − KL(β_i+1), paired by seed, > 0"
+    return min(drops, key=lambda d: d[0]), 0.0, rule
 
 
 def _claim_beta_interior(runs, c):
-    """Reward has an interior optimum in β: per seed, the best gold of the interior βs − the best gold of the two
-    end βs, > 0 (t over seeds)."""
+    """Reward has an interior optimum in β: per seed, the best ``key`` (default gold) of the interior βs − the best
+    of the two end βs, > 0 (t over seeds)."""
     by, order = _by_label(runs), _betas_in_order(runs, c)
-    gold = {lab: _seed_values(by[lab], "gold_reward_trained") for lab in order}
-    seeds = sorted(set.intersection(*(set(v) for v in gold.values())))
-    diffs = [max(gold[lab][s] for lab in order[1:-1]) - max(gold[order[0]][s], gold[order[-1]][s]) for s in seeds]
-    rule = "per seed, best gold at an interior β − best gold at the smallest or largest β, > 0 (t over seeds)"
-    return t_interval(diffs), 0.0, rule
+    if len(order) < 3:
+        raise ValueError(f"an interior optimum needs at least 3 values of β, got {len(order)}")
+    key = c.get("key", "gold_reward_trained")
+    vals = {lab: _seed_values(by[lab], key) for lab in order}
+    seeds = sorted(set.intersection(*(set(v) for v in vals.values())))
+    diffs = [max(vals[lab][s] for lab in order[1:-1]) - max(vals[order[0]][s], vals[order[-1]][s]) for s in seeds]
+    rule = f"per seed, best {key} at an interior β − best at the smallest or largest β, > 0 (t over seeds)"
+    return _t(diffs), 0.0, rule
 
 
 def _claim_diff_at_kl(runs, c):
     """``run`` − ``other`` in gold reward where each seed's learning curve reaches ``level`` nats of KL to the base
-    (`protocol.value_at_kl`), paired by seed, > 0; a seed whose curve does not reach it is left out."""
+    (`protocol.value_at_kl`), paired by seed, > 0; a seed whose curve does not reach or resolve it is left out."""
     by, level = _by_label(runs), float(c.get("level", 25.0))
 
     def at_level(r: dict) -> dict[int, float]:
@@ -544,9 +555,11 @@ def _claim_diff_at_kl(runs, c):
         return out
 
     va, vb = at_level(by[c["run"]]), at_level(by[c["other"]])
-    diffs = [va[s] - vb[s] for s in sorted(set(va) & set(vb)) if math.isfinite(va[s] - vb[s])]
-    rule = f"{c['run']} − {c['other']} in gold reward at {level:g} nats of KL to the base (each seed's curve), > 0"
-    return t_interval(diffs), 0.0, rule
+    rule = (
+        f"{c['run']} − {c['other']} in gold reward at {level:g} nats of KL to the base (each seed's curve, evaluated "
+        f"within a factor {protocol.RESOLVE_RATIO:g} of the level), > 0"
+    )
+    return _t([va[s] - vb[s] for s in sorted(set(va) & set(vb))]), 0.0, rule
 
 
 def _claim_table2(runs, c):
@@ -573,7 +586,7 @@ def _claim_diagonal(runs, c):
         diffs.append(vals)
     seeds = sorted(set.intersection(*[set(d) for d in diffs])) if diffs else []
     return (
-        t_interval([np.mean([d[s] for d in diffs]) for s in seeds]),
+        _t([np.mean([d[s] for d in diffs]) for s in seeds]),
         0.0,
         "mean over rows of (win under own − under other) > 0",
     )
@@ -589,29 +602,40 @@ def _win_under(run: dict, reward: str) -> float | None:
 
 
 def _claim_s8(runs, c):
+    """S8: the base draws n at which P(best of n base draws beats one trained draw) = ½, > ``threshold``. A seed
+    whose evaluation never reaches ½ within its draws per caption m is censored (the value is m, a lower bound):
+    with a threshold at or above a censored seed's m the claim cannot be decided (no interval, inconclusive)."""
     r = _by_label(runs)[c["run"]]
-    vals = list(_seed_values(r, "s8_base_draws_for_half").values())
-    need = float(c.get("threshold", 10))
-    return t_interval(vals, "draws"), need, f"base draws for P(best-of-n base beats DPO) = ½ (S8), > {need:g}"
+    vals = _seed_values(r, "s8_base_draws_for_half")
+    censored = _seed_values(r, "s8_base_draws_for_half_censored")
+    need = float(c.get("threshold", 1))
+    rule = f"base draws for P(best-of-n base beats DPO) = ½ (S8), > {need:g}"
+    capped = [vals[s] for s in vals if censored.get(s, 0.0) == 1.0]
+    if capped and need >= min(capped):
+        m, _, _, n = _t(list(vals.values()), "draws")
+        return (m, math.nan, math.nan, n), need, rule + f" — censored at {min(capped):g} draws: not decidable"
+    return _t(list(vals.values()), "draws"), need, rule
 
 
 def _claim_overopt(runs, c):
-    """At matched proxy gain DRaFT/AlignProp gain less gold than DPO: (gold gain / proxy gain) DPO − other > 0."""
+    """Reward backprop over-optimises the proxy relative to DPO: gold gain per unit of proxy gain, ``run`` (DPO on
+    the proxy's labels: every row optimises the proxy) − the mean of ``others`` (DRaFT, AlignProp), paired by seed,
+    > 0. A seed whose proxy did not rise has no ratio and is left out (n says how many remain)."""
     by = _by_label(runs)
 
     def ratio(r: dict) -> dict[int, float]:
         g, p = _seed_values(r, "gold_reward_trained"), _seed_values(r, "proxy_reward_trained")
         gb, pb = _seed_values(r, "gold_reward_base"), _seed_values(r, "proxy_reward_base")
-        return {s: (g[s] - gb[s]) / (p[s] - pb[s]) if p[s] != pb[s] else math.nan for s in g}
+        return {s: (g[s] - gb[s]) / (p[s] - pb[s]) if p[s] > pb[s] else math.nan for s in g}
 
     base = ratio(by[c["run"]])
     diffs = []
     for other in c["others"]:
         ro = ratio(by[other])
         diffs.append({s: base[s] - ro[s] for s in base if s in ro})
-    seeds = sorted(set.intersection(*[set(d) for d in diffs]))
+    seeds = sorted(set.intersection(*[set(d) for d in diffs])) if diffs else []
     return (
-        t_interval([np.mean([d[s] for d in diffs]) for s in seeds]),
+        _t([np.mean([d[s] for d in diffs]) for s in seeds]),
         0.0,
         (f"gold gain per unit proxy gain: {c['run']} − mean of {', '.join(c['others'])} > 0 (paired by seed)"),
     )
@@ -638,26 +662,34 @@ CLAIM_RULES = {
 
 def section_paper_claims(runs: list[dict], params: dict[str, Any], out: Path) -> list[str]:
     lines = [
-        "| claim | section | the paper's number | measured: mean [95% CI over seeds] | verdict |",
+        "| claim | section | the paper's number | measured: mean [95% CI over seeds] (n) | verdict |",
         "|---|---|---|---|---|",
     ]
     rules, record = [], []
     for c in params["claims"]:
         try:
-            (m, lo, hi), threshold, rule = CLAIM_RULES[c["rule"]](runs, c)
-        except KeyError as err:  # a run of the claim is not in this experiment
-            lines.append(f"| {c['claim']} | {c['section']} | {c['paper']} | – (run {err} missing) | inconclusive |")
-            continue
+            (m, lo, hi, n), threshold, rule = CLAIM_RULES[c["rule"]](runs, c)
+        except KeyError as err:  # a run (or a metric) the claim reads is not in this experiment
+            m = lo = hi = math.nan
+            n, threshold, rule = 0, math.nan, f"not measured: {err.args[0]!r} missing from this experiment's runs"
+        except (ValueError, TypeError, ZeroDivisionError) as err:  # a claim that cannot be computed stays a row
+            m = lo = hi = math.nan
+            n, threshold, rule = 0, math.nan, f"not measured: {err}"
         v = verdict(lo, hi, threshold)
         cell = protocol.fmt_ci({"mean": m, "ci_low": lo, "ci_high": hi}, c.get("fmt", "{:.3f}"))
+        if math.isfinite(m):
+            cell = f"{cell} ({n})"
+        else:
+            cell = f"– ({rule})" if rule.startswith("not measured") else "– (no seed measured)"
         lines.append(f"| {c['claim']} | {c['section']} | {c['paper']} | {cell} | {v} |")
         rules.append(f"* {c['claim']}: {rule}.")
-        record.append({**c, "measured": {"mean": m, "ci_low": lo, "ci_high": hi}, "verdict": v, "rule_text": rule})
+        measured = {"mean": m, "ci_low": lo, "ci_high": hi, "n": n}
+        record.append({**c, "measured": measured, "verdict": v, "rule_text": rule})
     lines += [
         "",
         "Decision rule: **holds** when the whole 95% interval is on the claim's side of its threshold, **does not "
         "hold** when the whole interval is on the other side, **inconclusive** otherwise (and always with one seed). "
-        "Per claim:",
+        "(n) is the number of seeds (or seed pairs) behind the interval. Per claim:",
         "",
         *rules,
     ]

@@ -9,7 +9,8 @@
   a two-way cluster bootstrap over captions and seeds (``pooled_win_rate``).
 * Matched KL (`value_at_kl`): each run's path (the base at KL 0, its learning-curve evaluations, its final
   evaluation) is interpolated linearly to fixed KL-to-base levels; a level the run never reaches is NaN ("not
-  reached"), never an extrapolation. Across seeds: mean and t-interval.
+  reached"), never an extrapolation, and so is a level between two points too far apart to resolve it
+  (`RESOLVE_RATIO`). Across seeds: mean and t-interval.
 """
 
 from __future__ import annotations
@@ -167,14 +168,25 @@ def kl_path(run: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"kl": a[:, 0], "gold": a[:, 1], "win_rate": a[:, 2]}
 
 
-def value_at_kl(kl: np.ndarray, values: np.ndarray, level: float) -> float:
-    """``values`` linearly interpolated where the path first reaches ``level`` nats; NaN when it never does."""
+RESOLVE_RATIO = 2.0
+"""`value_at_kl` interpolates only between measured points within this factor of the level (or from the base)."""
+
+
+def value_at_kl(kl: np.ndarray, values: np.ndarray, level: float, ratio: float = RESOLVE_RATIO) -> float:
+    """``values`` linearly interpolated where the path first reaches ``level`` nats; NaN when it never does, and NaN
+    when the two points around the level are too far apart to say what the path does there: the upper one above
+    ``ratio`` × level, or the lower one below level / ``ratio`` unless it is the base (KL 0, known exactly). A run
+    whose first evaluation is already at 600 nats has no measured value at 25 nats — the straight line from the base
+    is not one (found by review: SFT's "gold at 25 nats" was that chord)."""
     for i in range(1, len(kl)):
         lo, hi = kl[i - 1], kl[i]
-        if lo <= level <= hi and hi > lo:
+        if not lo <= level <= hi:
+            continue
+        if hi > ratio * level or (lo > 0 and lo < level / ratio):
+            return math.nan
+        if hi > lo:
             return float(values[i - 1] + (level - lo) / (hi - lo) * (values[i] - values[i - 1]))
-        if lo <= level <= hi:
-            return float(values[i])
+        return float(values[i])
     return math.nan
 
 

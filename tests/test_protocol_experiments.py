@@ -55,7 +55,9 @@ def _leaderboard_cfg(tmp_path, algos):
     sweep["grid"]["algos"] = algos
     sweep["grid"]["eval_points"] = 2
     sweep["grid"]["overrides"] = ["eval.rewards=[proxy]"]
-    sweep["params"].update(budgets=[1500, 3000], kl_levels=[0.5, 2.0, 1e6], docs_out=str(tmp_path / "docs" / "lb.md"))
+    sweep["params"].update(
+        budgets=[1500, 3000], kl_levels=[15.0, 30.0, 1e6], docs_out=str(tmp_path / "docs" / "lb.md")
+    )
     return OmegaConf.merge(cfg, {"sweep": sweep, "seeds": 3})
 
 
@@ -105,7 +107,7 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     win = rows[("dpo", 3000.0)]["win_rate"]
     assert win["ci_low"] <= win["mean"] <= win["ci_high"]
     assert record["matched_kl"]["dpo"]["1e+06"]["reached"] == 0  # never extrapolated: "not reached"
-    assert record["matched_kl"]["dpo"]["0.5"]["reached"] == 3
+    assert record["matched_kl"]["dpo"]["15"]["reached"] == 3  # every seed's curve has an evaluation near 15 nats
     section = (exp / "section.md").read_text()  # the head-to-head view of the same runs, each module's 3 seeds grouped
     assert "Head to head at 3,000 training UNet NFEs" in section and "### Table 1" in section
     assert "| toy2d | dpo | 3 |" in section and "| toy2d | best_of_n | 3 |" in section
@@ -187,7 +189,7 @@ def test_paper_claims_end_to_end(tmp_path):
         if c["rule"] in ("beta_kl", "beta_interior"):
             c["runs"] = ["dpo_b5", "dpo", "dpo_b80"]
         if c["rule"] == "overopt":
-            c["others"] = ["draft"]
+            c["run"], c["others"] = "dpo", ["draft"]
     sweep["params"].update(claims=claims, docs_out=str(tmp_path / "docs" / "claims.md"))
     cfg = OmegaConf.merge(cfg, {"sweep": sweep, "seeds": 3})
     t0 = time.perf_counter()
@@ -197,7 +199,7 @@ def test_paper_claims_end_to_end(tmp_path):
     record = json.loads((tmp_path / "docs" / "claims.json").read_text())["claims"]
     assert len(record) == len(claims)
     assert all(r["verdict"] in ("holds", "does not hold", "inconclusive") for r in record)
-    assert "| DPO beats the base model | §5.1 |" in md and "Decision rule" in md
+    assert "| DPO beats the base model | §5.2 |" in md and "Decision rule" in md
     for rule in ("beta_kl", "beta_interior"):
         beta = next(r for r in record if r["rule"] == rule)
         assert beta["measured"]["ci_low"] <= beta["measured"]["mean"] <= beta["measured"]["ci_high"]
@@ -212,8 +214,13 @@ def test_verdict_rule_and_matched_kl_interpolation():
     import numpy as np
 
     kl, gold = np.array([0.0, 10.0, 50.0]), np.array([1.0, 2.0, 4.0])
-    assert protocol.value_at_kl(kl, gold, 30.0) == pytest.approx(3.0)
-    assert np.isnan(protocol.value_at_kl(kl, gold, 60.0))
+    assert protocol.value_at_kl(kl, gold, 30.0, ratio=5.0) == pytest.approx(3.0)
+    assert np.isnan(protocol.value_at_kl(kl, gold, 60.0))  # never reached
+    # Resolution: 30 nats lies between points at 10 and 50 — more than a factor 2 below it: not measured.
+    assert np.isnan(protocol.value_at_kl(kl, gold, 30.0))
+    assert protocol.value_at_kl(kl, gold, 8.0) == pytest.approx(1.8)  # from the base (exact) to 10 ≤ 2 × 8
+    assert np.isnan(protocol.value_at_kl(kl, gold, 4.0))  # the chord from the base to 10 > 2 × 4
+    assert protocol.value_at_kl(np.array([0.0, 19.0, 31.0]), np.array([0.0, 1.9, 3.1]), 25.0) == pytest.approx(2.5)
 
 
 def test_tune_writes_the_tuning_file_and_its_table(tmp_path, monkeypatch):
@@ -515,9 +522,10 @@ def test_a_resumed_runs_re_logged_rows_are_read_once():
     assert [r.get("eval/gold_reward_trained") for r in out] == [None, 4.0, 4.6, None]
 
 
-def test_claims_at_matched_kl_and_the_two_beta_claims_golden():
-    """The claim rules on hand-made runs: gold at 25 nats interpolated on each seed's (KL, gold) path; β's KL drop
-    and its interior optimum as two claims, each paired by seed."""
+def test_claims_at_matched_kl_and_the_two_beta_claims_golden(tmp_path):
+    """The claim rules on hand-made runs: gold at 25 nats interpolated on each seed's (KL, gold) path, and not
+    measured when the curve has no evaluation near the level; β's KL drop at every step and its interior optimum;
+    S8 censoring; every claim states its n; a claim that cannot be computed stays a row."""
 
     def run(label: str, per_seed: dict[int, dict], beta: float = 1.0) -> dict:
         seeds = [
@@ -526,15 +534,19 @@ def test_claims_at_matched_kl_and_the_two_beta_claims_golden():
         ]
         return {"eval": seeds[0]["eval"], "seed_runs": seeds, "config": OmegaConf.create({"algo": {"beta": beta}})}
 
-    # a: (0, 4) → (50, 5): 4.5 at 25 nats; b: (0, 4) → (100, 5): 4.25; on both seeds.
+    # a: (0, 4) → (50, 5): 4.5 at 25 nats; b: (0, 4) → (40, 4.4): 4.25; on both seeds.
     a = run("a", {s: {"kl_to_ref": 50.0, "gold_reward_trained": 5.0} for s in (0, 1)})
-    b = run("b", {s: {"kl_to_ref": 100.0, "gold_reward_trained": 5.0} for s in (0, 1)})
-    (m, lo, hi), threshold, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, b], {"run": "a", "other": "b", "level": 25})
-    assert (m, lo, hi, threshold) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25), 0.0)
-    # A level one of them never reaches: no pair, no interval (inconclusive, never a guess).
-    (m, _, _), _, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, b], {"run": "a", "other": "b", "level": 75})
-    assert math.isnan(m)
-    # β 1, 2, 3: gold per seed (1, 1), (3, 2), (2, 2.5): interior − best end = 1 and −0.5; KL (10, 12) − (4, 4).
+    b = run("b", {s: {"kl_to_ref": 40.0, "gold_reward_trained": 4.4} for s in (0, 1)})
+    (m, lo, hi, n), threshold, _ = leaderboard.CLAIM_RULES["diff_at_kl"](
+        [a, b], {"run": "a", "other": "b", "level": 25}
+    )
+    assert (m, lo, hi, n, threshold) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25), 2, 0.0)
+    # c's first evaluation is at 600 nats: the straight line from the base is no measurement at 25 nats.
+    far = run("c", {s: {"kl_to_ref": 600.0, "gold_reward_trained": 6.0} for s in (0, 1)})
+    (m, _, _, n), _, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, far], {"run": "a", "other": "c", "level": 25})
+    assert math.isnan(m) and n == 0
+    # β 1, 2, 3: gold per seed (1, 1), (3, 2), (2, 2.5): interior − best end = 1 and −0.5. KL (10, 12), (6, 6), (4, 4):
+    # adjacent drops (4, 6) and (2, 2): the smaller one, 2.
     b1 = run(
         "b1",
         {0: {"gold_reward_trained": 1.0, "kl_to_ref": 10.0}, 1: {"gold_reward_trained": 1.0, "kl_to_ref": 12.0}},
@@ -547,10 +559,34 @@ def test_claims_at_matched_kl_and_the_two_beta_claims_golden():
         "b3", {0: {"gold_reward_trained": 2.0, "kl_to_ref": 4.0}, 1: {"gold_reward_trained": 2.5, "kl_to_ref": 4.0}}, 3
     )
     claim = {"runs": ["b3", "b1", "b2"]}  # any order: sorted by algo.beta
-    (m, lo, hi), _, _ = leaderboard.CLAIM_RULES["beta_interior"]([b1, b2, b3], claim)
-    assert m == pytest.approx(0.25) and lo < 0 < hi
-    (m, lo, hi), _, _ = leaderboard.CLAIM_RULES["beta_kl"]([b1, b2, b3], claim)
-    assert m == pytest.approx(7.0) and lo < 7.0 < hi
+    (m, lo, hi, n), _, _ = leaderboard.CLAIM_RULES["beta_interior"]([b1, b2, b3], claim)
+    assert m == pytest.approx(0.25) and lo < 0 < hi and n == 2
+    (m, lo, hi, n), _, _ = leaderboard.CLAIM_RULES["beta_kl"]([b1, b2, b3], claim)
+    assert (m, lo, hi, n) == (pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), 2)
+    # S8: a seed censored at m = 4 draws cannot decide a threshold of 4 (no interval), it can one of 1.
+    s8 = run(
+        "d",
+        {
+            s: {"s8_base_draws_for_half": v, "s8_base_draws_for_half_censored": float(v == 4.0)}
+            for s, v in ((0, 4.0), (1, 2.0), (2, 3.0))
+        },
+    )
+    (m, lo, hi, n), _, rule = leaderboard.CLAIM_RULES["s8"]([s8], {"run": "d", "threshold": 4})
+    assert m == pytest.approx(3.0) and math.isnan(lo) and "censored at 4 draws" in rule
+    (m, lo, hi, n), _, _ = leaderboard.CLAIM_RULES["s8"]([s8], {"run": "d", "threshold": 1})
+    assert lo < 3.0 < hi and n == 3
+    # A claim that cannot be computed (two βs: no interior) and one whose run is missing stay rows, inconclusive.
+    params = {
+        "claims": [
+            {"claim": "interior", "section": "S5", "paper": "p", "rule": "beta_interior", "runs": ["b1", "b3"]},
+            {"claim": "missing", "section": "§5.2", "paper": "p", "rule": "win", "run": "nowhere"},
+        ]
+    }
+    lines = leaderboard.section_paper_claims([b1, b3], params, tmp_path)
+    assert (
+        "| interior | S5 | p | – (not measured: an interior optimum needs at least 3 values of β, got 2) |" in lines[2]
+    )
+    assert "missing from this experiment's runs) | inconclusive |" in lines[3]
 
 
 def test_sweep_overrides_on_the_command_line_are_the_experiments_not_its_runs(tmp_path):
