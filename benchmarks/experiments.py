@@ -143,6 +143,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     """Run every run of ``cfg.sweep`` with ``run_one`` (`benchmarks.run.run`, passed in by the runner: this module
     does not import the runner), skipping complete ones, then write the section. Returns the wall seconds."""
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True)
     if sweep["section"] not in SECTIONS:
         raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
@@ -161,7 +162,14 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     runs = []
     todo = [(spec, seed) for spec in sweep["runs"] for seed in seeds]
     run_dirs = [exp_dir / "runs" / _slug(spec["label"]) / f"s{seed}" for spec, seed in todo]
+    finished_before = sum((d / "eval.json").exists() for d in run_dirs)
+
+    def this_invocation() -> dict[str, Any]:  # runs made now = finished now − finished before; copies counted apart
+        made_now = sum((d / "eval.json").exists() for d in run_dirs) - finished_before
+        return {"started": started, "wall_s": time.perf_counter() - t0, "trained": made_now - copied, "copied": copied}
+
     pending: list[tuple[str, Path, list[str]]] = []
+    copied = 0
     for i, ((spec, seed), run_dir) in enumerate(zip(todo, run_dirs, strict=True)):
         label = spec["label"]
         over = [*spec.get("overrides", []), *extra, label_override(label), f"seed={seed}"]
@@ -179,6 +187,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             over.append(quoted_override("resume", run_dir))
         elif (source := copy_finished_run(run_dir, over, reuse_from)) is not None:
             print(f"[{cfg.experiment}] run {i + 1}/{len(todo)}: {label} seed {seed}: copied from {source}", flush=True)
+            copied += 1
             continue
         pending.append((f"{label}/s{seed}", run_dir, over))
     jobs = int(cfg.get("jobs") or 1)
@@ -192,6 +201,13 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
             if jobs > 1
             else run_in_process(pending, run_one, tag=str(cfg.experiment))
         )
+    except BaseException:  # interrupted or failed: the invocation is still recorded (its runs, its wall time)
+        record = (
+            json.loads((exp_dir / "experiment.json").read_text()) if (exp_dir / "experiment.json").exists() else {}
+        )
+        record["invocations"] = [*previous_invocations(exp_dir), this_invocation()]
+        atomic_write_json(exp_dir / "experiment.json", record)
+        raise
     finally:
         if outer is None:
             os.environ.pop(EXPERIMENT_SOURCE_ENV, None)
@@ -202,7 +218,14 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     shown = [o for o in task if _key(o) not in LOCATIONS + SWEEP_LOCATIONS and not o.startswith("hydra.")]
     shown += ["reuse_from=[<dir>]"] if reuse_from else []
     command = " ".join(["python -m benchmarks.run", f"experiment={cfg.experiment}", *shown])
-    params = {**sweep.get("params", {}), "command": command}  # the pages name the command that wrote them
+    invocations = [*previous_invocations(exp_dir), this_invocation()]
+    made = sum(int(v.get("trained", 0)) + int(v.get("copied", 0)) for v in invocations)
+    params = {  # the pages name the command that wrote them, and its wall time when every run's is recorded
+        **sweep.get("params", {}),
+        "command": command,
+        "command_wall_s": sum(float(v["wall_s"]) for v in invocations) if made >= len(run_dirs) else None,
+        "invocations": len(invocations),
+    }
     lines = SECTIONS[sweep["section"]](runs, params, exp_dir)
     rows = protocol.aggregate(seed_runs, tuple(sweep.get("params", {}).get("kl_levels", protocol.KL_LEVELS)))
     atomic_write_json(exp_dir / "aggregate.json", rows)
@@ -228,6 +251,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         "run_wall_s": timings,
         "wall_s": wall,
         "runs_wall_s": runs_wall,
+        "invocations": [*invocations[:-1], {**invocations[-1], "wall_s": wall}],
     }
     atomic_write_json(exp_dir / "experiment.json", record)
     print(f"[{cfg.experiment}] section: {exp_dir / 'section.md'} ({wall:.0f} s)", flush=True)
@@ -297,6 +321,21 @@ def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:
     seeds = protocol.resolve_seeds(value if value is not None else sweep.get("seeds"))
     protocol.check_reporting_seeds(seeds)
     return seeds
+
+
+def previous_invocations(exp_dir: Path) -> list[dict[str, Any]]:
+    """The earlier invocations of the experiment command in ``exp_dir`` (``experiment.json``): each one's start, wall
+    seconds, runs trained and runs copied. A record written before invocations were kept counts as one invocation
+    with its ``wall_s`` and the runs it trained (``run_wall_s``)."""
+    f = exp_dir / "experiment.json"
+    if not f.exists():
+        return []
+    old = json.loads(f.read_text())
+    if "invocations" in old:
+        return list(old["invocations"])
+    if "wall_s" not in old:
+        return []
+    return [{"started": None, "wall_s": float(old["wall_s"]), "trained": len(old.get("run_wall_s", {}))}]
 
 
 def _key(override: str) -> str:

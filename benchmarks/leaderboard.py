@@ -182,12 +182,24 @@ def write_page(
     to it, with the same provenance) at ``path`` and, if given, at ``docs_out`` too."""
     seeds = [s for r in runs for s in r.get("seed_runs", [r])]
     wall = sum(float(s["eval"].get("wall_s", 0.0)) for s in seeds)
+    command_wall, k = params.get("command_wall_s"), int(params.get("invocations") or 1)
     head = (
         f"Written by `{params.get('command', 'python -m benchmarks.run experiment=<name>')}`: {len(seeds)} runs, "
         f"{wall / 3600:.2f} h of run time (the sum of each run's build + train + evaluate wall seconds; the command "
-        "trains `jobs` runs at once)."
+        "trains `jobs` runs at once); "
+        + (
+            f"the command's wall time {command_wall / 3600:.2f} h over {k} invocation{'s' if k > 1 else ''}."
+            if command_wall is not None
+            else "the command's wall time is not recorded for every run (runs made before invocations were kept)."
+        )
     )
-    record = {**record, "command": params.get("command"), "runs": len(seeds), "runs_wall_s": wall}
+    record = {
+        **record,
+        "command": params.get("command"),
+        "runs": len(seeds),
+        "runs_wall_s": wall,
+        "command_wall_s": command_wall,
+    }
     for page in [path, *([Path(docs_out)] if docs_out else [])]:
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(f"# {title}\n\n{head}\n\n" + "\n".join(lines) + "\n")

@@ -98,6 +98,16 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     shown = " ".join(o for o in TINY if o != "report=false")  # where/how a run is carried out is not shown
     assert f"Written by `python -m benchmarks.run experiment=leaderboard {shown}`: 12 runs, " in md
     assert str(tmp_path) not in md and record["runs"] == 12 and record["runs_wall_s"] > 0
+    # The command's wall time spans its invocations, the interrupted one included (it recorded itself: 4 runs).
+    invocations = json.loads((exp / "experiment.json").read_text())["invocations"]
+    assert [v["trained"] for v in invocations] == [4, 8] and all(v["copied"] == 0 for v in invocations)
+    assert 0 < record["command_wall_s"] <= wall and "wall time" in md and "over 2 invocations." in md
+    # A record from before invocations were kept (its wall_s, the runs it trained) counts as one invocation; when
+    # its runs do not add up to the experiment's, the page says the wall time is not recorded for every run.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "experiment.json").write_text(json.dumps({"wall_s": 9.0, "run_wall_s": {"dpo/s0": 5.0}}))
+    assert experiments.previous_invocations(legacy) == [{"started": None, "wall_s": 9.0, "trained": 1}]
     rows = {(r["algo"], r["budget_nfe"]): r for r in record["rows"]}
     assert rows[("dpo", 3000.0)]["seeds"] == [0, 1, 2]
     assert rows[("ddpo", 3000.0)]["win_rate_own_reward"]["reward"] == "proxy"  # on-policy: the training reward
