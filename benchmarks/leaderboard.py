@@ -574,6 +574,35 @@ def _claim_diff_at_kl(runs, c):
     return _t([va[s] - vb[s] for s in sorted(set(va) & set(vb))]), 0.0, rule
 
 
+def _gold_at_step(seed_run: dict, step: int) -> float:
+    """Gold reward after ``step`` optimizer steps: the final evaluation if the run made exactly that many, else its
+    learning-curve evaluation logged at that step (training captions, fewer draws); NaN when it has neither."""
+    if int(seed_run["eval"].get("updates", -1)) == step:
+        return float(seed_run["eval"]["gold_reward_trained"])
+    for m in seed_run.get("metrics", []):
+        if m.get("step") == step and "eval/gold_reward_trained" in m:
+            return float(m["eval/gold_reward_trained"])
+    return math.nan
+
+
+def _claim_diff_at_updates(runs, c):
+    """``run`` − ``other`` in gold reward after the same number of optimizer steps — ``run``'s own count (the
+    paper's matching: SFT trained "for the same length schedule as DPO"), paired by seed, > 0."""
+    by = _by_label(runs)
+    a, b = by[c["run"]].get("seed_runs", [by[c["run"]]]), by[c["other"]].get("seed_runs", [by[c["other"]]])
+    other = {s["eval"]["seed"]: s for s in b}
+    diffs = []
+    for s in a:
+        step = int(s["eval"]["updates"])
+        if s["eval"]["seed"] in other:
+            diffs.append(_gold_at_step(s, step) - _gold_at_step(other[s["eval"]["seed"]], step))
+    rule = (
+        f"{c['run']} − {c['other']} in gold reward after {c['run']}'s number of optimizer steps (for {c['other']} its "
+        "learning-curve evaluation at that step when it trained longer), paired by seed, > 0"
+    )
+    return _t(diffs), 0.0, rule
+
+
 def _claim_table2(runs, c):
     r = _by_label(runs)[c["run"]]
     diff = _paired_diff(r, r, "implicit_acc", c.get("versus", "reward_acc_proxy"))
@@ -663,6 +692,7 @@ CLAIM_RULES = {
     "win": _claim_win,
     "diff": _claim_diff,
     "diff_at_kl": _claim_diff_at_kl,
+    "diff_at_updates": _claim_diff_at_updates,
     "beta_kl": _claim_beta_kl,
     "beta_interior": _claim_beta_interior,
     "table2": _claim_table2,

@@ -193,7 +193,7 @@ def test_paper_claims_end_to_end(tmp_path):
         {"label": "dpo_b80", "overrides": ["algo=dpo", "train.steps=4", "algo.beta=80", "train.lr=2.5e-4"]},
         {"label": "draft", "overrides": ["algo=draft", "train.steps=2"]},
     ]
-    keep = {"win", "diff", "diff_at_kl", "beta_kl", "beta_interior", "table2", "s8", "overopt"}
+    keep = {"win", "diff", "diff_at_kl", "diff_at_updates", "beta_kl", "beta_interior", "table2", "s8", "overopt"}
     claims = [c for c in sweep["params"]["claims"] if c["rule"] in keep and c.get("run") != "dpo_sdedit"]
     for c in claims:
         if c["rule"] in ("beta_kl", "beta_interior"):
@@ -555,6 +555,16 @@ def test_claims_at_matched_kl_and_the_two_beta_claims_golden(tmp_path):
     far = run("c", {s: {"kl_to_ref": 600.0, "gold_reward_trained": 6.0} for s in (0, 1)})
     (m, _, _, n), _, _ = leaderboard.CLAIM_RULES["diff_at_kl"]([a, far], {"run": "a", "other": "c", "level": 25})
     assert math.isnan(m) and n == 0
+    # Equal optimizer steps: a made 300 (final gold 5); e trained 600 and logged gold 6 at step 300 on its curve.
+    a3 = run("a3", {s: {"updates": 300, "gold_reward_trained": 5.0} for s in (0, 1)})
+    e = run("e", {s: {"updates": 600, "gold_reward_trained": 7.0} for s in (0, 1)})
+    for seed_run in e["seed_runs"]:
+        seed_run["metrics"] = [
+            {"step": 150, "eval/gold_reward_trained": 5.5},
+            {"step": 300, "eval/gold_reward_trained": 6.0},
+        ]
+    (m, lo, hi, n), _, _ = leaderboard.CLAIM_RULES["diff_at_updates"]([a3, e], {"run": "a3", "other": "e"})
+    assert (m, lo, hi, n) == (pytest.approx(-1.0), pytest.approx(-1.0), pytest.approx(-1.0), 2)
     # β 1, 2, 3: gold per seed (1, 1), (3, 2), (2, 2.5): interior − best end = 1 and −0.5. KL (10, 12), (6, 6), (4, 4):
     # adjacent drops (4, 6) and (2, 2): the smaller one, 2.
     b1 = run(
