@@ -245,16 +245,9 @@ def pooled_wins(run_dirs: list[Path]) -> dict[str, tuple[float, float, float]]:
     """``{split: (mean, low, high)}``: the win rate vs base over every seed's (caption, draw) rows, with the two-way
     cluster bootstrap over captions and seeds (`benchmarks.protocol.pooled_win_rate`, as the leaderboard reports
     it); empty when fewer than two runs, or a run without ``per_sample.npz``."""
-    from benchmarks.protocol import pooled_win_rate
+    from benchmarks.protocol import pooled_win_rates
 
-    if len(run_dirs) < 2:
-        return {}
-    out = {}
-    for split in ("train", "heldout"):
-        got = pooled_win_rate([{"dir": d} for d in run_dirs], split)
-        if got is not None:
-            out[split] = got
-    return out
+    return pooled_win_rates([{"dir": d} for d in run_dirs]) if len(run_dirs) > 1 else {}
 
 
 def replace_block(path: Path, block: str) -> None:

@@ -169,8 +169,8 @@ def plateau(seeds: list[dict[str, Any]]) -> float:
 
 
 def _cell(values: list[float], fmt: str = "{:.3f}", key: str | None = None) -> tuple[str, dict[str, float]]:
-    m, lo, hi = t_interval(values, key)
-    d = {"mean": m, "ci_low": lo, "ci_high": hi, "n": sum(math.isfinite(v) for v in values)}
+    m, lo, hi, n = _t(values, key)
+    d = {"mean": m, "ci_low": lo, "ci_high": hi, "n": n}
     return protocol.fmt_ci(d, fmt), d
 
 
@@ -652,10 +652,10 @@ def _claim_s8(runs, c):
     need = float(c.get("threshold", 1))
     rule = f"base draws for P(best-of-n base beats DPO) = ½ (S8), > {need:g}"
     capped = [vals[s] for s in vals if censored.get(s, 0.0) == 1.0]
+    m, lo, hi, n = _t(list(vals.values()), "draws")
     if capped and need >= min(capped):
-        m, _, _, n = _t(list(vals.values()), "draws")
         return (m, math.nan, math.nan, n), need, rule + f" — censored at {min(capped):g} draws: not decidable"
-    return _t(list(vals.values()), "draws"), need, rule
+    return (m, lo, hi, n), need, rule
 
 
 def _claim_overopt(runs, c):

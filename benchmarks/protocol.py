@@ -108,6 +108,16 @@ def pooled_win_rate(runs: list[dict[str, Any]], split: str = "train", n: int = 1
     return float(v.mean()), lo, hi
 
 
+def pooled_win_rates(runs: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """``{split: (mean, low, high)}`` of `pooled_win_rate` for the ``train`` and ``heldout`` splits the runs have."""
+    out = {}
+    for split in ("train", "heldout"):
+        p = pooled_win_rate(runs, split)
+        if p is not None:
+            out[split] = p
+    return out
+
+
 def numeric_keys(runs: list[dict[str, Any]]) -> list[str]:
     """Top-level numeric metrics of eval.json (not intervals, not bookkeeping)."""
     skip = ("_ci_low", "_ci_high", "_censored")
@@ -128,11 +138,7 @@ def aggregate(runs: list[dict[str, Any]], kl_levels: tuple[float, ...] = KL_LEVE
         for k in numeric_keys(rs):
             m, lo, hi = t_interval([r["eval"].get(k) for r in rs], k)
             metrics[k] = {"mean": m, "ci_low": lo, "ci_high": hi, "n": sum(k in r["eval"] for r in rs)}
-        pooled = {}
-        for split in ("train", "heldout"):
-            p = pooled_win_rate(rs, split)
-            if p is not None:
-                pooled[split] = {"mean": p[0], "ci_low": p[1], "ci_high": p[2]}
+        pooled = {split: dict(zip(("mean", "ci_low", "ci_high"), p)) for split, p in pooled_win_rates(rs).items()}
         rows.append(
             {
                 "world": world,
@@ -238,10 +244,9 @@ def merge_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
             vals = [r["eval"].get(k) for r in runs]
             if all(isinstance(x, list) and len(x) == len(v) for x in vals):
                 ev[k] = [float(x) for x in np.mean(np.array(vals, dtype=np.float64), axis=0)]
-    for split, pre in (("train", ""), ("heldout", "heldout_")):
-        p = pooled_win_rate(runs, split)
-        if p is not None:
-            ev[f"{pre}win_rate_vs_base"], ev[f"{pre}win_rate_vs_base_ci_low"], ev[f"{pre}win_rate_vs_base_ci_high"] = p
+    for split, p in pooled_win_rates(runs).items():
+        pre = "" if split == "train" else "heldout_"
+        ev[f"{pre}win_rate_vs_base"], ev[f"{pre}win_rate_vs_base_ci_low"], ev[f"{pre}win_rate_vs_base_ci_high"] = p
     ev["n_seeds"] = len(runs)
     ev["seeds"] = [r["eval"].get("seed") for r in runs]
     return {**first, "eval": ev, "seed_runs": runs}

@@ -89,7 +89,7 @@ def t_quantile(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-_UNIT = ("win_rate", "_acc", "implicit_acc", "s8_p_")
+_UNIT = ("win_rate", "_acc", "s8_p_")  # "_acc": implicit_acc and reward_acc_*
 _NONNEGATIVE = ("kl", "diversity", "distance", "nfe", "queries", "wall_s", "updates", "best_of_n_equivalent", "draws")
 
 
