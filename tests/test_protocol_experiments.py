@@ -155,6 +155,62 @@ def test_an_experiment_copies_the_finished_runs_of_another_with_the_same_setting
         experiments.run(OmegaConf.merge(cfg, {"reuse_from": [str(tmp_path)]}), counting, exp_dir=tmp_path / "d")
 
 
+def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tmp_path):
+    """``benchmarks.records``: the finished runs' eval.json / metrics.jsonl / config.yaml and the experiment's record,
+    no checkpoint; copied back into a new directory the experiment continues there (finished runs reused, the rest
+    trained, the same numbers as the original) and its invocations extend the records'; a record that differs, or a
+    destination that is another experiment, is refused."""
+    from benchmarks import records
+
+    cfg = compose_cfg(["experiment=table2", *TINY, f"out_dir={tmp_path}", "jobs=1", "seeds=[0]"])
+    runs = [
+        {"label": "dpo", "overrides": ["algo=dpo", "train.steps=3"]},
+        {"label": "sft", "overrides": ["algo=sft", "train.steps=3"]},
+    ]
+    cfg = OmegaConf.merge(cfg, {"sweep": {"runs": runs, "section": "head_to_head"}})
+    overrides = [*TINY, f"out_dir={tmp_path}"]
+    trained = []
+
+    def counting(sub, run_dir):
+        trained.append(run_dir.parent.name)
+        return run_one(sub, run_dir=run_dir)
+
+    experiments.run(cfg, counting, exp_dir=tmp_path / "a", overrides=overrides)
+    assert (tmp_path / "a/runs/dpo/s0/checkpoints").is_dir()
+    done = records.keep(tmp_path / "a", tmp_path / "rec")
+    assert done["runs"] == 2 and done["unfinished"] == 0
+    kept = sorted(str(p.relative_to(tmp_path / "rec")) for p in (tmp_path / "rec").rglob("*") if p.is_file())
+    assert [k for k in kept if k.startswith("runs/")] == [
+        f"runs/{label}/s0/{name}" for label in ("dpo", "sft") for name in sorted(records.RUN_FILES)
+    ]
+    assert "experiment.json" in kept and "section.md" in kept and "aggregate.json" in kept
+    assert records.keep(tmp_path / "a", tmp_path / "rec")["added"] == 0  # again: nothing to write
+    # Another machine has the records with the SFT run missing (it was not finished when they were kept).
+    import shutil
+
+    shutil.rmtree(tmp_path / "rec/runs/sft")
+    records.keep(tmp_path / "rec", tmp_path / "work")
+    experiments.run(cfg, counting, exp_dir=tmp_path / "work", overrides=overrides)
+    assert trained == ["dpo", "sft", "sft"]  # DPO reused from the records, SFT trained again
+    a, work = (json.loads((tmp_path / d / "aggregate.json").read_text()) for d in ("a", "work"))
+    for row in (*a, *work):  # the seconds and the memory a run took are the machine's, not the run's numbers
+        row["metrics"] = {k: v for k, v in row["metrics"].items() if not k.endswith(("wall_s", "peak_mem_mb"))}
+    assert json.dumps(a) == json.dumps(work)  # the same numbers as the experiment that never moved (NaN included)
+    calls = json.loads((tmp_path / "work/experiment.json").read_text())["invocations"]
+    assert len(calls) == 2 and calls[0] == json.loads((tmp_path / "a/experiment.json").read_text())["invocations"][0]
+    assert records.keep(tmp_path / "work", tmp_path / "rec")["runs"] == 2  # kept back: the records continue
+    with pytest.raises(experiments.ConfigError, match="not an earlier state"):
+        records.keep(tmp_path / "a", tmp_path / "rec")  # the old directory's history is not the records' any more
+    (tmp_path / "rec/runs/dpo/s0/eval.json").write_text("{}")
+    with pytest.raises(experiments.ConfigError, match=r"differ from .*runs/dpo/s0/eval.json"):
+        records.keep(tmp_path / "work", tmp_path / "rec")
+    with pytest.raises(experiments.ConfigError, match="not an experiment directory"):
+        records.keep(tmp_path / "rec/runs", tmp_path / "x")
+    with pytest.raises(experiments.ConfigError, match="outside"):
+        records.keep(tmp_path / "work", tmp_path / "work/records")
+    assert records.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
 def test_paper_claims_shares_its_dpo_sft_draft_alignprop_runs_with_the_leaderboard():
     """The claims' runs of the leaderboard's modules compose to the leaderboard's runs (so ``reuse_from`` can take
     them): the same settings, not merely the same algorithm."""
