@@ -16,6 +16,8 @@ kept                                  why
 ``*.md``, ``*.json`` at the top       the section and the pages the experiment wrote, with their records
 ====================================  ============================================================================
 
+The section's figures (``*.png``) are not kept: running the experiment's command on the records draws them again.
+
 Only finished runs (an ``eval.json``) are kept; an unfinished run's checkpoint stays where it is. Because the records
 are themselves an experiment directory, the one command works both ways:
 
