@@ -174,6 +174,34 @@ def _cell(values: list[float], fmt: str = "{:.3f}", key: str | None = None) -> t
     return protocol.fmt_ci(d, fmt), d
 
 
+def code_versions(seed_runs: list[dict[str, Any]]) -> dict[str, int]:
+    """How many runs each version of the code made: ``{"<commit[:7]> (sources <sha[:12]>)": runs}`` from each
+    ``eval.json``'s ``environment.code`` (``"not recorded"`` for runs from before it was), in first-seen order. An
+    experiment continued under newer code (another session, `benchmarks.records`) has more than one."""
+    counts: dict[str, int] = {}
+    for r in seed_runs:
+        code = r["eval"].get("environment", {}).get("code") or {}
+        if code.get("source_sha256"):
+            commit = (code.get("commit") or "outside git")[:7] + ("+changes" if code.get("dirty") else "")
+            key = f"{commit} (sources {code['source_sha256'][:12]})"
+        else:
+            key = "not recorded"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def code_sentence(versions: dict[str, int], runs: int) -> str:
+    """The page's sentence naming the code behind its runs (`code_versions`)."""
+    if len(versions) == 1:
+        (key,) = versions
+        return "The code of every run: not recorded." if key == "not recorded" else f"Every run's code: {key}."
+    listed = "; ".join(f"{key}: {n}" for key, n in versions.items())
+    return (
+        f"Its {runs} runs were made by {len(versions)} versions of the code (runs per version: {listed}; each "
+        "run's `eval.json` names its own, `environment.code`)."
+    )
+
+
 def write_page(
     path: Path, docs_out: str | None, title: str, lines: list[str], record: Any, runs: list[dict], params: dict
 ) -> None:
@@ -193,13 +221,16 @@ def write_page(
             else "the command's wall time is not recorded for every run (runs made before invocations were kept)."
         )
     )
+    versions = code_versions(seeds)
     record = {
         **record,
         "command": params.get("command"),
         "runs": len(seeds),
         "runs_wall_s": wall,
         "command_wall_s": command_wall,
+        "code": versions,
     }
+    head += " " + code_sentence(versions, len(seeds))
     for page in [path, *([Path(docs_out)] if docs_out else [])]:
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(f"# {title}\n\n{head}\n\n" + "\n".join(lines) + "\n")

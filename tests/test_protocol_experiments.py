@@ -98,6 +98,7 @@ def test_leaderboard_end_to_end_and_resumable(tmp_path):
     shown = " ".join(o for o in TINY if o != "report=false")  # where/how a run is carried out is not shown
     assert f"Written by `python -m benchmarks.run experiment=leaderboard {shown}`: 12 runs, " in md
     assert str(tmp_path) not in md and record["runs"] == 12 and record["runs_wall_s"] > 0
+    assert "Every run's code: " in md and sum(record["code"].values()) == 12  # one version made all 12 runs
     # The command's wall time spans its invocations, the interrupted one included (it recorded itself: 4 runs).
     invocations = json.loads((exp / "experiment.json").read_text())["invocations"]
     assert [v["trained"] for v in invocations] == [4, 8] and all(v["copied"] == 0 for v in invocations)
@@ -209,6 +210,26 @@ def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tm
     with pytest.raises(experiments.ConfigError, match="outside"):
         records.keep(tmp_path / "work", tmp_path / "work/records")
     assert records.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_a_page_names_every_version_of_the_code_behind_its_runs():
+    """An experiment continued under newer code (`benchmarks.records`) says so on its page, with the runs of each."""
+
+    def run(sha: str | None, commit: str = "", dirty: bool = False) -> dict:
+        code = {"source_sha256": sha, "commit": commit, "dirty": dirty} if sha else None
+        return {"eval": {"environment": {"code": code}} if code else {}}
+
+    runs = [run("a" * 64, "1" * 40), run("a" * 64, "1" * 40), run("b" * 64, "2" * 40, dirty=True), run(None)]
+    versions = leaderboard.code_versions(runs)
+    assert versions == {
+        "1111111 (sources aaaaaaaaaaaa)": 2,
+        "2222222+changes (sources bbbbbbbbbbbb)": 1,
+        "not recorded": 1,
+    }
+    sentence = leaderboard.code_sentence(versions, 4)
+    assert sentence.startswith("Its 4 runs were made by 3 versions of the code") and "aaaaaaaaaaaa): 2" in sentence
+    one = leaderboard.code_versions(runs[:2])
+    assert leaderboard.code_sentence(one, 2) == "Every run's code: 1111111 (sources aaaaaaaaaaaa)."
 
 
 def test_paper_claims_shares_its_dpo_sft_draft_alignprop_runs_with_the_leaderboard():
