@@ -49,9 +49,10 @@ from typing import Any
 from benchmarks.lifecycle import ConfigError
 from rlkit_diffusion.checkpoint import atomic_write
 
-RUN_FILES = ("eval.json", "metrics.jsonl", "config.yaml", "per_sample.npz", "samples.json", "samples.safetensors")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "per_sample.npz", "samples.json", "samples.safetensors", "eval.json")
 """The files of a finished run that the records keep: what `benchmarks.report.load_run`, the pooled win rates
-(`benchmarks.protocol.load_per_sample`) and the image grids read; no checkpoint, event file or log."""
+(`benchmarks.protocol.load_per_sample`) and the image grids read; no checkpoint, event file or log. Copied in this
+order, ``eval.json`` last: a run whose copy was interrupted is not a finished run in the destination."""
 TOP_SUFFIXES = (".md", ".json")
 """Files at the top of an experiment directory that the records keep: ``experiment.json``, the section, the pages."""
 
@@ -99,11 +100,12 @@ def keep(src: Path | str, dest: Path | str) -> dict[str, Any]:
     runs = finished_runs(src)
     files = [run / name for run in runs for name in RUN_FILES if (run / name).exists()]
     files += sorted(f for f in src.iterdir() if f.is_file() and f.suffix in TOP_SUFFIXES)
-    clashes = [
-        str(f.relative_to(src))
-        for f in files
-        if f.parent != src and (dest / f.relative_to(src)).exists() and not filecmp.cmp(f, dest / f.relative_to(src))
-    ]
+
+    def differs(f: Path) -> bool:
+        target = dest / f.relative_to(src)
+        return target.exists() and not filecmp.cmp(f, target, shallow=False)
+
+    clashes = [str(f.relative_to(src)) for f in files if f.parent != src and differs(f)]
     if clashes:
         raise ConfigError(
             f"{len(clashes)} run record(s) in {dest} differ from {src}'s (e.g. {clashes[0]}): two different runs "
@@ -113,7 +115,7 @@ def keep(src: Path | str, dest: Path | str) -> dict[str, Any]:
     for f in files:
         target = dest / f.relative_to(src)
         size += f.stat().st_size
-        if target.exists() and filecmp.cmp(f, target, shallow=False):
+        if target.exists() and not differs(f):
             unchanged += 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,7 @@ def test_an_experiment_copies_the_finished_runs_of_another_with_the_same_setting
         experiments.run(OmegaConf.merge(cfg, {"reuse_from": [str(tmp_path)]}), counting, exp_dir=tmp_path / "d")
 
 
-def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tmp_path):
+def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tmp_path, monkeypatch):
     """``benchmarks.records``: the finished runs' eval.json / metrics.jsonl / config.yaml and the experiment's record,
     no checkpoint; copied back into a new directory the experiment continues there (finished runs reused, the rest
     trained, the same numbers as the original) and its invocations extend the records'; a record that differs, or a
@@ -186,8 +186,23 @@ def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tm
     ]
     assert "experiment.json" in kept and "section.md" in kept and "aggregate.json" in kept
     assert records.keep(tmp_path / "a", tmp_path / "rec")["added"] == 0  # again: nothing to write
-    # Another machine has the records with the SFT run missing (it was not finished when they were kept).
     import shutil
+
+    copy = shutil.copyfile
+
+    def killed_at_sfts_rows(a, b):  # a copy killed while it writes SFT's per-draw rows
+        if str(a).endswith("sft/s0/per_sample.npz"):
+            raise KeyboardInterrupt
+        return copy(a, b)
+
+    monkeypatch.setattr(shutil, "copyfile", killed_at_sfts_rows)
+    with pytest.raises(KeyboardInterrupt):
+        records.keep(tmp_path / "a", tmp_path / "cut")
+    monkeypatch.undo()
+    # eval.json is copied last: SFT is not a finished run there (it would be one without its rows otherwise)
+    assert records.finished_runs(tmp_path / "cut") == [tmp_path / "cut/runs/dpo/s0"]
+    assert (tmp_path / "cut/runs/sft/s0/config.yaml").exists()
+    # Another machine has the records with the SFT run missing (it was not finished when they were kept).
 
     shutil.rmtree(tmp_path / "rec/runs/sft")
     records.keep(tmp_path / "rec", tmp_path / "work")
