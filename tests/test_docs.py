@@ -289,7 +289,11 @@ def test_override_parser():
 
 
 SHOWN_COMMANDS = sorted(
-    {args for page in [*ALL_DOC_PAGES, REPO / "README.md"] for args in run_commands(page.read_text())}
+    {
+        args
+        for page in [*ALL_DOC_PAGES, REPO / "README.md", REPO / "results" / "README.md"]
+        for args in run_commands(page.read_text())
+    }
 )
 
 
