@@ -50,7 +50,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import leaderboard, protocol, report
-from benchmarks.lifecycle import EXPERIMENT_SOURCE_ENV, ConfigError, config_differences, source_fingerprint
+from benchmarks.lifecycle import (
+    EXPERIMENT_SOURCE_ENV,
+    ConfigError,
+    ExperimentStopped,
+    config_differences,
+    source_fingerprint,
+)
 from benchmarks.wiring import hydra_output_dir
 from rlkit_diffusion.checkpoint import atomic_write_json, atomic_write_text, latest_checkpoint
 
@@ -58,6 +64,10 @@ LOCATIONS = ("out_dir", "eval_cache_dir", "resume", "device", "report", "logger"
 """Overrides that say where or how a run is carried out, not what it is: left out of the command a page names."""
 SWEEP_LOCATIONS = ("sweep.params.docs_out",)
 """Sweep overrides that say where the page goes (the command a page names keeps the others: they change its runs)."""
+STOP_FILE = "STOP"
+"""``touch <experiment dir>/STOP``: the experiment starts no new run, lets the runs in flight finish, records its
+invocation and stops (`ExperimentStopped`); the file is removed, so the same command then continues. For a machine
+or a job slot about to end: nothing half-trained is lost."""
 RunOne = Callable[[DictConfig, Path], dict[str, Any]]
 """One training run into a run directory (`benchmarks.run.run`)."""
 Section = Callable[[list[dict[str, Any]], dict[str, Any], Path], list[str]]
@@ -149,6 +159,10 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         raise ValueError(f"sweep.section={sweep['section']!r} is not a valid choice; available: {', '.join(SECTIONS)}")
     exp_dir = Path(exp_dir or experiment_dir(cfg)).absolute()  # the same paths for runs in other processes
     exp_dir.mkdir(parents=True, exist_ok=True)
+    stop = exp_dir / STOP_FILE
+    if stop.exists():  # left by an earlier invocation or before this one started: not a request to this one
+        stop.unlink()
+        print(f"[{cfg.experiment}] removed {stop} (a stop request from before this invocation)", flush=True)
     if sweep.get("grid"):  # leaderboard: the run list is every module (benchmarks.leaderboard.expand_grid)
         sweep["runs"] = leaderboard.expand_grid(sweep)
     task = [o for o in (_user_overrides() if overrides is None else list(overrides)) if not _is_seeds(o)]
@@ -197,11 +211,19 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
     os.environ[EXPERIMENT_SOURCE_ENV] = outer or source_fingerprint()["source_sha256"]
     try:
         timings = (
-            run_processes(pending, jobs, tag=str(cfg.experiment))
+            run_processes(pending, jobs, tag=str(cfg.experiment), stop=stop)
             if jobs > 1
-            else run_in_process(pending, run_one, tag=str(cfg.experiment))
+            else run_in_process(pending, run_one, tag=str(cfg.experiment), stop=stop)
         )
-    except BaseException:  # interrupted or failed: the invocation is still recorded (its runs, its wall time)
+        left = [name for name, run_dir, _ in pending if not (run_dir / "eval.json").exists()]
+        if left and stop.exists():
+            stop.unlink()
+            raise ExperimentStopped(
+                f"experiment={cfg.experiment} stopped by {stop} after the runs in flight: {len(pending) - len(left)} "
+                f"run(s) finished in this invocation, {len(left)} not started; run the same command (hydra.run.dir="
+                f"{exp_dir}) to continue"
+            )
+    except BaseException:  # interrupted, stopped or failed: the invocation is still recorded (its runs, wall time)
         record = (
             json.loads((exp_dir / "experiment.json").read_text()) if (exp_dir / "experiment.json").exists() else {}
         )
@@ -263,10 +285,16 @@ def _progress(tag: str, done: dict[str, float], name: str, left: int, workers: i
     print(f"[{tag}]   {name}: {done[name]:.0f} s; {left} to go, ~{eta / 60:.0f} min left", flush=True)
 
 
-def run_in_process(pending: list[tuple[str, Path, list[str]]], run_one: RunOne, tag: str) -> dict[str, float]:
-    """Each pending run, one after the other, in this process (``jobs=1``). Returns each run's wall seconds."""
+def run_in_process(
+    pending: list[tuple[str, Path, list[str]]], run_one: RunOne, tag: str, stop: Path | None = None
+) -> dict[str, float]:
+    """Each pending run, one after the other, in this process (``jobs=1``), until the file ``stop`` exists (checked
+    before each run). Returns each run's wall seconds."""
     timings: dict[str, float] = {}
     for i, (name, run_dir, overrides) in enumerate(pending):
+        if stop is not None and stop.exists():
+            print(f"[{tag}] {stop} found: no new run started", flush=True)
+            break
         print(f"[{tag}] run {i + 1}/{len(pending)}: {name}", flush=True)
         t_run = time.perf_counter()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,11 +304,14 @@ def run_in_process(pending: list[tuple[str, Path, list[str]]], run_one: RunOne, 
     return timings
 
 
-def run_processes(pending: list[tuple[str, Path, list[str]]], jobs: int, tag: str) -> dict[str, float]:
+def run_processes(
+    pending: list[tuple[str, Path, list[str]]], jobs: int, tag: str, stop: Path | None = None
+) -> dict[str, float]:
     """Each pending run as its own ``python -m benchmarks.run <overrides> hydra.run.dir=<run_dir>`` process, ``jobs``
     at a time, each with ⌊cores / jobs⌋ intra-op threads; its output goes to ``<run_dir>/process.log``. The runs
-    are the same as in-process ones (same config, same directory; an interrupted one resumes). A failed run is
-    named with its log after the others finish. Returns each run's wall seconds."""
+    are the same as in-process ones (same config, same directory; an interrupted one resumes). Once the file
+    ``stop`` exists no new process starts and the running ones finish. A failed run is named with its log after
+    the others finish. Returns each run's wall seconds."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     root = str(Path(__file__).resolve().parents[1])  # the checkout: `benchmarks` importable from any cwd
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -288,6 +319,9 @@ def run_processes(pending: list[tuple[str, Path, list[str]]], jobs: int, tag: st
     env["TQDM_DISABLE"] = "1"  # the logs hold no progress bars
     queue, running, timings, failed = list(pending), {}, {}, []
     while queue or running:
+        if queue and stop is not None and stop.exists():
+            print(f"[{tag}] {stop} found: {len(running)} run(s) in flight finish, {len(queue)} wait", flush=True)
+            queue = []
         while queue and len(running) < jobs:
             name, run_dir, overrides = queue.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)

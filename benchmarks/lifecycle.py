@@ -102,6 +102,11 @@ class ConfigError(ValueError):
     """A user error in the config or the command line: printed as one line (no traceback) by `benchmarks.run`."""
 
 
+class ExperimentStopped(RuntimeError):
+    """An experiment stopped on request (its ``STOP`` file) after the runs in flight finished: printed as one line by
+    `benchmarks.run`, which exits non-zero (the experiment is not done; its command continues it)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation before any work
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from algos import algo_config_class, build_algo
 from benchmarks.eval_schema import SCHEMA_VERSION
 from benchmarks.lifecycle import (
     ConfigError,
+    ExperimentStopped,
     check_experiment_source,
     is_finished,
     record_resume,
@@ -427,8 +428,8 @@ def main(cfg: DictConfig) -> float:
             rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
             return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
         result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
-    except (ConfigError, ResumeError) as err:
-        logging.getLogger("benchmarks.run").debug("user error", exc_info=True)
+    except (ConfigError, ResumeError, ExperimentStopped) as err:
+        logging.getLogger("benchmarks.run").debug("user error or stop request", exc_info=True)
         sys.exit(f"benchmarks.run: {err}")
     if result.get("interrupted"):
         sys.exit(128 + signal.Signals[result["interrupted"]].value)

@@ -156,6 +156,52 @@ def test_an_experiment_copies_the_finished_runs_of_another_with_the_same_setting
         experiments.run(OmegaConf.merge(cfg, {"reuse_from": [str(tmp_path)]}), counting, exp_dir=tmp_path / "d")
 
 
+def _dpo_and_sft_experiment(tmp_path):
+    """A two-run experiment (DPO and SFT, 3 steps each, seed 0) in this process: its config and its overrides."""
+    cfg = compose_cfg(["experiment=table2", *TINY, f"out_dir={tmp_path}", "jobs=1", "seeds=[0]"])
+    runs = [
+        {"label": "dpo", "overrides": ["algo=dpo", "train.steps=3"]},
+        {"label": "sft", "overrides": ["algo=sft", "train.steps=3"]},
+    ]
+    return OmegaConf.merge(cfg, {"sweep": {"runs": runs, "section": "head_to_head"}}), [*TINY, f"out_dir={tmp_path}"]
+
+
+def test_a_stop_file_lets_the_run_in_flight_finish_and_starts_no_new_one(tmp_path):
+    """``touch <experiment dir>/STOP`` during a run: that run finishes, the next does not start, the invocation is
+    recorded, the file is removed and the same command continues; a STOP left from before an invocation is not a
+    request to it; with ``jobs`` > 1 no process starts once the file exists."""
+    from benchmarks.lifecycle import ExperimentStopped
+
+    cfg, overrides = _dpo_and_sft_experiment(tmp_path)
+    exp, trained = tmp_path / "exp", []
+
+    def stopping(sub, run_dir):
+        trained.append(run_dir.parent.name)
+        (exp / experiments.STOP_FILE).touch()  # the request arrives while this run trains
+        return run_one(sub, run_dir=run_dir)
+
+    with pytest.raises(ExperimentStopped, match=r"1 run\(s\) finished in this invocation, 1 not started"):
+        experiments.run(cfg, stopping, exp_dir=exp, overrides=overrides)
+    assert trained == ["dpo"] and (exp / "runs/dpo/s0/eval.json").exists() and not (exp / "runs/sft").exists()
+    assert not (exp / experiments.STOP_FILE).exists() and not (exp / "section.md").exists()
+    calls = json.loads((exp / "experiment.json").read_text())["invocations"]
+    assert [c["trained"] for c in calls] == [1]
+
+    def counting(sub, run_dir):
+        trained.append(run_dir.parent.name)
+        return run_one(sub, run_dir=run_dir)
+
+    (exp / experiments.STOP_FILE).touch()  # before the invocation: removed, not obeyed
+    experiments.run(cfg, counting, exp_dir=exp, overrides=overrides)
+    assert trained == ["dpo", "sft"] and (exp / "section.md").exists()
+    assert [c["trained"] for c in json.loads((exp / "experiment.json").read_text())["invocations"]] == [1, 1]
+    stop = tmp_path / "STOP"
+    stop.touch()
+    never = tmp_path / "never"
+    assert experiments.run_processes([("dpo/s0", never, ["algo=dpo"])], 2, "t", stop=stop) == {}
+    assert not never.exists()  # no process was started
+
+
 def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tmp_path, monkeypatch):
     """``benchmarks.records``: the finished runs' eval.json / metrics.jsonl / config.yaml and the experiment's record,
     no checkpoint; copied back into a new directory the experiment continues there (finished runs reused, the rest
@@ -163,13 +209,7 @@ def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tm
     destination that is another experiment, is refused."""
     from benchmarks import records
 
-    cfg = compose_cfg(["experiment=table2", *TINY, f"out_dir={tmp_path}", "jobs=1", "seeds=[0]"])
-    runs = [
-        {"label": "dpo", "overrides": ["algo=dpo", "train.steps=3"]},
-        {"label": "sft", "overrides": ["algo=sft", "train.steps=3"]},
-    ]
-    cfg = OmegaConf.merge(cfg, {"sweep": {"runs": runs, "section": "head_to_head"}})
-    overrides = [*TINY, f"out_dir={tmp_path}"]
+    cfg, overrides = _dpo_and_sft_experiment(tmp_path)
     trained = []
 
     def counting(sub, run_dir):
