@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.experiments import previous_invocations
 from benchmarks.lifecycle import ConfigError
 from rlkit_diffusion.checkpoint import atomic_write
 
@@ -62,21 +63,18 @@ def finished_runs(exp_dir: Path) -> list[Path]:
     return sorted(p.parent for p in (exp_dir / "runs").glob("*/s*/eval.json"))
 
 
-def _invocations(exp_dir: Path) -> tuple[str | None, list[dict[str, Any]]]:
+def _experiment_name(exp_dir: Path) -> str | None:
     f = exp_dir / "experiment.json"
-    if not f.exists():
-        return None, []
-    record = json.loads(f.read_text())
-    return record.get("experiment"), list(record.get("invocations", []))
+    return json.loads(f.read_text()).get("experiment") if f.exists() else None
 
 
 def check_continues(src: Path, dest: Path) -> None:
     """Refuse ``dest`` unless its ``experiment.json`` (if any) is an earlier state of ``src``'s: the same experiment,
-    and its invocations the first ones of ``src``'s."""
-    dest_name, dest_calls = _invocations(dest)
+    and its invocations (`benchmarks.experiments.previous_invocations`) the first ones of ``src``'s."""
+    dest_name, dest_calls = _experiment_name(dest), previous_invocations(dest)
     if dest_name is None and not dest_calls:
         return
-    src_name, src_calls = _invocations(src)
+    src_name, src_calls = _experiment_name(src), previous_invocations(src)
     if src_name not in (None, dest_name):
         raise ConfigError(f"{dest} holds the records of experiment={dest_name}, {src} is experiment={src_name}")
     if src_calls[: len(dest_calls)] != dest_calls:
@@ -101,29 +99,26 @@ def keep(src: Path | str, dest: Path | str) -> dict[str, Any]:
     files = [run / name for run in runs for name in RUN_FILES if (run / name).exists()]
     files += sorted(f for f in src.iterdir() if f.is_file() and f.suffix in TOP_SUFFIXES)
 
-    def differs(f: Path) -> bool:
+    def same(f: Path) -> bool:
         target = dest / f.relative_to(src)
-        return target.exists() and not filecmp.cmp(f, target, shallow=False)
+        return target.exists() and filecmp.cmp(f, target, shallow=False)
 
-    clashes = [str(f.relative_to(src)) for f in files if f.parent != src and differs(f)]
+    to_write = [f for f in files if not same(f)]  # each file compared once, by contents
+    clashes = [str(f.relative_to(src)) for f in to_write if f.parent != src and (dest / f.relative_to(src)).exists()]
     if clashes:
         raise ConfigError(
             f"{len(clashes)} run record(s) in {dest} differ from {src}'s (e.g. {clashes[0]}): two different runs "
             "under one name; delete the destination's run directory to replace it"
         )
-    added = unchanged = size = 0
-    for f in files:
+    for f in to_write:
         target = dest / f.relative_to(src)
-        size += f.stat().st_size
-        if target.exists() and not differs(f):
-            unchanged += 1
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, lambda tmp, f=f: shutil.copyfile(f, tmp))
-        added += 1
     started = {p.parent for p in (src / "runs").glob("*/s*/config.yaml")}
     unfinished = len(started - set(runs))
-    return {"runs": len(runs), "added": added, "unchanged": unchanged, "unfinished": unfinished, "bytes": size}
+    size = sum(f.stat().st_size for f in files)
+    unchanged = len(files) - len(to_write)
+    return {"runs": len(runs), "added": len(to_write), "unchanged": unchanged, "unfinished": unfinished, "bytes": size}
 
 
 def main(argv: list[str] | None = None) -> int:
