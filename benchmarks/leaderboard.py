@@ -15,7 +15,9 @@ Leaderboard (``sweep.grid``: algos × one training budget, ``train.eval_points``
 * every number is a mean over seeds with a Student-t 95% interval over seeds; win rates are pooled over seeds and
   captions (two-way cluster bootstrap);
 * off-policy rows (algorithms trained on a fixed pair set) carry their **data cost** — the UNet NFEs and reward /
-  label queries that generated and labelled the pairs they consumed — in its own columns (`data_cost`).
+  label queries that generated and labelled the pairs they consumed — in its own columns (`data_cost`);
+* **beside another world** (``params.beside``: that world's leaderboard ``.json``, e.g. the ε-UNet shapes rows beside
+  the flow ones): the gold win rate against each world's own base, side by side at the common top budget (`beside`).
 
 Paper claims (`section_paper_claims`): each claim of ``params.claims`` names a rule of `CLAIM_RULES`; the table is
 claim | section | the paper's number | measured (mean [95% CI over seeds]) | holds / does not hold / inconclusive,
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from benchmarks import protocol
 from benchmarks.lifecycle import ConfigError
@@ -327,6 +331,9 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
     lines += not_improved(runs, budgets[-1], pool_own)
     lines += tuning_summary(runs)
+    record["world"] = runs[0]["eval"].get("world") if runs else None
+    if params.get("beside"):
+        lines += beside(record, Path(params["beside"]), params.get("docs_out"))
     lines += [
         "",
         "Means over seeds with Student-t 95% intervals over seeds, cut to the metric's range (a win rate in [0, 1], "
@@ -347,6 +354,78 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         ),
     ]
     write_page(out / "leaderboard.md", params.get("docs_out"), "Leaderboard", lines, record, runs, params)
+    return lines
+
+
+def _top_rows(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A leaderboard record's rows at its top budget, by algorithm."""
+    top = max(record["budgets"])
+    return {r["algo"]: r for r in record["rows"] if r["budget_nfe"] == top}
+
+
+def record_world(record: dict[str, Any]) -> str:
+    """The world of a leaderboard record: its ``world`` key, or for a record from before that key was written, the
+    ``world=`` of its command, or without one the default world of ``benchmarks/conf/config.yaml``."""
+    if record.get("world"):
+        return record["world"]
+    for token in (record.get("command") or "").split():
+        if token.startswith("world="):
+            return token.split("=", 1)[1]
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "conf" / "config.yaml").defaults)
+    return next(d["world"] for d in defaults if isinstance(d, dict) and "world" in d)
+
+
+def _side(a: dict | None, b: dict | None) -> str:
+    """Which of two intervals lies wholly above the other: ``"this"``, ``"that"``, or ``"overlap"``."""
+    if not a or not b or not all(math.isfinite(c.get(k, math.nan)) for c in (a, b) for k in ("ci_low", "ci_high")):
+        return "–"
+    return "this" if a["ci_low"] > b["ci_high"] else "that" if b["ci_low"] > a["ci_high"] else "overlap"
+
+
+def beside(record: dict[str, Any], other_path: Path, docs_out: str | None) -> list[str]:
+    """The rows of this leaderboard beside another world's (``sweep.params.beside``: its ``.json`` record, e.g. the
+    ε-UNet shapes leaderboard beside the flow one): per algorithm, the gold win rate against each world's own base
+    and the gold reward, at the common top budget. Only the win rate against the own base compares improvements
+    across worlds: the two bases differ (their gold levels differ), and the path KL depends on the sampler's noise.
+    A row says which world's interval lies wholly above the other's, or that they overlap (not the same thing as no
+    difference). Refuses another record at a different top budget."""
+    if not other_path.is_file():
+        raise ConfigError(f"sweep.params.beside: {other_path} is not a leaderboard record (a leaderboard .json)")
+    other = json.loads(other_path.read_text())
+    if not {"budgets", "rows"} <= other.keys():
+        raise ConfigError(f"sweep.params.beside: {other_path} is not a leaderboard record (no budgets and rows)")
+    if max(other["budgets"]) != max(record["budgets"]):
+        raise ConfigError(
+            f"sweep.params.beside: {other_path} stops at {max(other['budgets']):,.0f} training NFEs, this "
+            f"leaderboard at {max(record['budgets']):,.0f}: rows side by side must share their budget"
+        )
+    here, there = _top_rows(record), _top_rows(other)
+    page = other_path.with_suffix(".md")
+    link = Path(page).as_posix() if not docs_out else Path(os.path.relpath(page, Path(docs_out).parent)).as_posix()
+    this_name, that_name = record.get("world") or "this world", record_world(other)
+    lines = [
+        "",
+        f"### Beside [{that_name}]({link}) at {max(record['budgets']):,.0f} training UNet NFEs",
+        "",
+        f"This world ({this_name}) and [that one]({link}): the same algorithms at the same tuned settings, budget "
+        "and evaluation. The gold win rate against each world's own base measures each one's improvement; the "
+        "bases differ, so the gold rewards are shown but do not compare improvements, and the path KL is left out "
+        "(it depends on the sampler's noise).",
+        "",
+        f"| algo | win rate vs base (gold): {this_name} | {that_name} | higher interval | "
+        f"gold reward: {this_name} | {that_name} |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for algo in [*here, *(a for a in there if a not in here)]:
+        a, b = here.get(algo), there.get(algo)
+        win_a, win_b = (r and r["win_rate"] for r in (a, b))
+        side = {"this": this_name, "that": that_name}.get(_side(win_a, win_b), _side(win_a, win_b))
+        cells = [protocol.fmt_ci(win_a, "{:.1%}"), protocol.fmt_ci(win_b, "{:.1%}"), side]
+        cells += [protocol.fmt_ci(a and a["gold"]), protocol.fmt_ci(b and b["gold"])]
+        lines.append(f"| {algo} | " + " | ".join(cells) + " |")
+        rows.append({"algo": algo, "higher": side})
+    record["beside"] = {"record": other_path.as_posix(), "world": that_name, "rows": rows}
     return lines
 
 

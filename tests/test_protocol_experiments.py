@@ -761,3 +761,49 @@ def test_sweep_overrides_on_the_command_line_are_the_experiments_not_its_runs(tm
     assert len(seen) == 1 and seen[0].sweep is None
     page = out.read_text()
     assert "sweep.grid.algos=[dpo]" in page.split("\n")[2] and "docs_out" not in page.split("\n")[2]
+
+
+def test_the_leaderboard_sets_another_worlds_rows_beside_its_own(tmp_path):
+    """``sweep.params.beside``: the rows of another world's leaderboard record, by algorithm, at the common top budget;
+    the interval that lies wholly above the other is named, overlapping ones are said to overlap; a record without
+    a ``world`` key is named by its command's ``world=`` or the default world; other budgets and files are refused."""
+
+    def cell(mean, lo, hi):
+        return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": 3}
+
+    def row(algo, win, gold, budget=19200.0):
+        return {"algo": algo, "budget_nfe": budget, "win_rate": cell(*win), "gold": cell(*gold)}
+
+    eps = {
+        "budgets": [4800.0, 19200.0],
+        "rows": [
+            row("dpo", (0.9, 0.85, 0.95), (4.7, 4.6, 4.8)),
+            row("dpo", (0.6, 0.5, 0.7), (4.1, 4.0, 4.2), budget=4800.0),  # a lower budget: not shown
+            row("ddpo", (0.6, 0.5, 0.7), (4.0, 3.9, 4.1)),
+            row("sft", (0.8, 0.7, 0.9), (4.5, 4.4, 4.6)),
+        ],
+        "command": "python -m benchmarks.run experiment=leaderboard",  # from before records named their world
+    }
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "lb.json").write_text(json.dumps(eps))
+    flow = {
+        "budgets": [19200.0],
+        "world": "shapes_flow",
+        "rows": [row("dpo", (0.7, 0.6, 0.8), (3.0, 2.9, 3.1)), row("ddpo", (0.65, 0.55, 0.75), (2.5, 2.4, 2.6))],
+    }
+    lines = leaderboard.beside(flow, tmp_path / "docs" / "lb.json", str(tmp_path / "docs" / "lb_flow.md"))
+    assert lines[1] == "### Beside [shapes](lb.md) at 19,200 training UNet NFEs"
+    assert lines[-3:] == [
+        "| dpo | 70.0% [60.0%, 80.0%] | 90.0% [85.0%, 95.0%] | shapes | 3.000 [2.900, 3.100] | 4.700 [4.600, 4.800] |",
+        "| ddpo | 65.0% [55.0%, 75.0%] | 60.0% [50.0%, 70.0%] | overlap | 2.500 [2.400, 2.600] | "
+        "4.000 [3.900, 4.100] |",
+        "| sft | – | 80.0% [70.0%, 90.0%] | – | – | 4.500 [4.400, 4.600] |",
+    ]
+    assert flow["beside"]["rows"][0] == {"algo": "dpo", "higher": "shapes"}
+    assert leaderboard.record_world(
+        {**eps, "command": "python -m benchmarks.run experiment=leaderboard world=toy2d"}
+    ) == ("toy2d")
+    with pytest.raises(leaderboard.ConfigError, match="stops at 19,200 training NFEs, this leaderboard at 192,000"):
+        leaderboard.beside({**flow, "budgets": [192000.0]}, tmp_path / "docs" / "lb.json", None)
+    with pytest.raises(leaderboard.ConfigError, match="is not a leaderboard record"):
+        leaderboard.beside(flow, tmp_path / "docs" / "missing.json", None)
