@@ -6,8 +6,8 @@ arXiv 2505.18736): Diffusion-DPO (eq. 14) with an updated reference and timestep
 (P1) **Reference = a copy of the policy every τ optimizer steps** (τ = ``tau`` ∈ {16, 32, 64}, default 32), until
 the monitor freezes it.
 (P2) **Monitor.** After every copy, D_KL(p_ref ‖ p_init) is estimated on a fixed small subset of winners x^w_0
-(``monitor_pairs``, ``monitor_draws`` fixed (t, ε) draws, t ≥ 1) by the difference of the two models' DDPM ELBO
-terms, a weighted difference of their ε errors::
+(``monitor_pairs``, ``monitor_draws`` fixed (t, ε) draws, t ≥ 1 with ᾱ_t > 0) by the difference of the two models'
+DDPM ELBO terms, a weighted difference of their ε errors::
 
     D̂ = T · E_{t, x_t ~ q(x_t|x_0)} [ KL(q(x_{t−1}|x_0, x_t) ‖ p_init(x_{t−1}|x_t)) − KL(q(x_{t−1}|x_0, x_t) ‖ p_ref) ]
       = T · E_t [ c_t (‖ε − ε_init(x_t)‖² − ‖ε − ε_ref(x_t)‖²) ],   c_t = β_t / (2 α_t (1 − ᾱ_{t−1}))        (M1)
@@ -26,6 +26,8 @@ indexing of t in γ^t is ambiguous; K = T is the literal per-timestep reading (�
 mild skew over the whole schedule.
 (P4) **λ(t) = 1 + norm(1/√SNR(t))**, norm = min-max over the schedule t = 0 … T − 1 (so λ ∈ [1, 2], largest at high
 noise), multiplies the DPO argument: L = −E log σ(λ(t) · inside) (`algos.dpo.dpo_loss` with weight λ(t) ω(λ_t)).
+On a flow policy σ = 1 has zero SNR (u = ∞, and no finite c_t in M1): λ takes the largest finite u there
+(`snr_lambda`) and the monitor draws only timesteps with ᾱ_t > 0 (`monitor_timesteps`).
 The paper's SD1.5 settings: β = 5000, lr 1e-8 (the config's β default).
 
 **``variant=project``: the project's earlier interpretation** (before the paper's text was available), kept as a
@@ -130,10 +132,26 @@ def timestep_probs(num_train_timesteps: int, gamma: float, bins: int) -> Tensor:
 
 
 def snr_lambda(alphas_cumprod: Tensor) -> Tensor:
-    """λ(t) = 1 + (u_t − min u)/(max u − min u), u_t = 1/√SNR(t) = √((1 − ᾱ_t)/ᾱ_t), over the schedule (P4). (T,)"""
+    """λ(t) = 1 + (u_t − min u)/(max u − min u), u_t = 1/√SNR(t) = √((1 − ᾱ_t)/ᾱ_t), over the schedule (P4). (T,)
+
+    A timestep of zero SNR (ᾱ_t = 0: σ = 1 of a flow policy, or a zero-terminal-SNR schedule) has u_t = ∞, which
+    the paper's SD1.5 schedule never has; it takes the largest finite u, so λ stays in [1, 2] with 2 at the highest
+    noise (the literal min-max would give NaN there and 1 everywhere else)."""
     a = alphas_cumprod.double()
-    u = ((1 - a) / a).sqrt()
-    return (1 + (u - u.min()) / (u.max() - u.min())).float()
+    u = ((1 - a) / a).sqrt()  # (T,), ∞ where ᾱ_t = 0
+    top = u[torch.isfinite(u)].max()
+    u = torch.minimum(u, top)
+    return (1 + (u - u.min()) / (top - u.min())).float()
+
+
+def monitor_timesteps(alphas_cumprod: Tensor) -> int:
+    """One past the largest t of the monitor's draws (t ∈ [1, this)): the timesteps with ᾱ_t > 0 (P2). The ε form
+    of the DDPM posterior KL (M1) divides by α_t = ᾱ_t / ᾱ_{t−1}, so a zero-SNR timestep (σ = 1 of a flow policy)
+    has no finite c_t; every timestep of an ε schedule with ᾱ_T > 0 is kept."""
+    positive = int((alphas_cumprod > 0).sum())  # ᾱ decreases in t: the first `positive` timesteps
+    if positive < 2:
+        raise ValueError("rethink_dpo: the monitor needs a timestep t >= 1 with alphas_cumprod > 0")
+    return positive
 
 
 def posterior_kl_coef(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
@@ -142,6 +160,8 @@ def posterior_kl_coef(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
     KL(q(x_{t−1}|x_0,x_t) ‖ p_θ(x_{t−1}|x_t)) = c_t ‖ε − ε_θ(x_t)‖² (DDPM posterior variance on both sides)."""
     if (t < 1).any():
         raise ValueError("the monitor's KL needs t >= 1 (t = 0 has no Gaussian posterior)")
+    if (alphas_cumprod[t] <= 0).any():
+        raise ValueError("the monitor's KL needs alphas_cumprod > 0 at t (the ε form of M1 divides by α_t)")
     a = alphas_cumprod.double()
     a_t, a_prev = a[t], a[t - 1]
     alpha = a_t / a_prev
@@ -259,7 +279,8 @@ class RethinkDPO(DPO):
         n = cfg.monitor_draws
         self.monitor_prompts = list(prompts) * n
         self.monitor_x0 = x_w.repeat(n, *([1] * (x_w.ndim - 1)))  # (n·M, ...)
-        self.monitor_t = torch.randint(1, T, (len(self.monitor_prompts),), generator=g).to(ctx.device)
+        t_end = monitor_timesteps(ctx.policy.alphas_cumprod.cpu())  # T on every ε schedule here
+        self.monitor_t = torch.randint(1, t_end, (len(self.monitor_prompts),), generator=g).to(ctx.device)
         self.monitor_noise = torch.randn(self.monitor_x0.shape, generator=g).to(ctx.device)
         self.frozen = False
         self.ref_kl = 0.0

@@ -200,3 +200,30 @@ def test_paper_variant_learns_and_flipped_does_not(tmp_path, monkeypatch):
     assert good["distance_to_optimum_trained"] < 0.8 * good["distance_to_optimum_base"]
     flip_objective(monkeypatch)
     assert did_not_learn(tmp_path, "rethink_dpo", name="paper_flipped")
+
+
+@pytest.fixture(scope="module")
+def toy_flow_world():
+    from rlkit_diffusion.worlds.toy2d import build_toy2d_flow
+
+    return build_toy2d_flow(optimum_pool=256)
+
+
+def test_the_paper_variant_trains_through_sigma_one_of_a_flow_policy(toy_flow_world):
+    """σ = 1 of a flow policy has zero SNR: λ takes the largest finite 1/√SNR there (not NaN, and the other
+    timesteps keep their spread instead of collapsing to 1), and the monitor draws only timesteps with a finite c_t.
+    Training with nearly every draw at σ = 1 stays finite (on shapes_flow every seed of the shapes tuning diverged
+    at its first such draw before)."""
+    a_bar = toy_flow_world.policy.alphas_cumprod  # (T,), 0 at σ = 1
+    T = a_bar.shape[0]
+    assert a_bar[-1] == 0 and (a_bar[:-1] > 0).all()
+    lam = snr_lambda(a_bar)
+    assert torch.isfinite(lam).all() and lam.min() == 1.0 and lam[-1] == 2.0 and lam[-2] == 2.0
+    assert torch.all(lam[1:] >= lam[:-1]) and lam[T // 2] > 1.0  # still ascending in noise, not flat
+    with pytest.raises(ValueError, match="alphas_cumprod > 0"):
+        posterior_kl_coef(a_bar, torch.tensor([T - 1]))
+    algo, logs = _paper(toy_flow_world, 8, tau=4, kl_threshold=1e9, ts_gamma=0.01, ts_bins=T)  # p(σ = 1) ≈ 0.99
+    assert int(algo.monitor_t.max()) < T - 1
+    readings = [log["ref_kl_to_init"] for log in logs if log]
+    assert len(readings) == 2 and all(torch.isfinite(torch.tensor(readings)))
+    assert all(torch.isfinite(p).all() for p in algo.ctx.policy.eps_model.parameters())
