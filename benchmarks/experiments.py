@@ -227,6 +227,7 @@ def run(cfg: DictConfig, run_one: RunOne, exp_dir: Path | None = None, overrides
         record = (
             json.loads((exp_dir / "experiment.json").read_text()) if (exp_dir / "experiment.json").exists() else {}
         )
+        record.setdefault("experiment", str(cfg.experiment))  # a first invocation that never finished names it too
         record["invocations"] = [*previous_invocations(exp_dir), this_invocation()]
         atomic_write_json(exp_dir / "experiment.json", record)
         raise

@@ -75,7 +75,7 @@ def check_continues(src: Path, dest: Path) -> None:
     if dest_name is None and not dest_calls:
         return
     src_name, src_calls = _experiment_name(src), previous_invocations(src)
-    if src_name not in (None, dest_name):
+    if None not in (src_name, dest_name) and src_name != dest_name:  # None: a record of interrupted invocations only
         raise ConfigError(f"{dest} holds the records of experiment={dest_name}, {src} is experiment={src_name}")
     if src_calls[: len(dest_calls)] != dest_calls:
         raise ConfigError(

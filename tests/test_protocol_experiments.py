@@ -184,8 +184,9 @@ def test_a_stop_file_lets_the_run_in_flight_finish_and_starts_no_new_one(tmp_pat
         experiments.run(cfg, stopping, exp_dir=exp, overrides=overrides)
     assert trained == ["dpo"] and (exp / "runs/dpo/s0/eval.json").exists() and not (exp / "runs/sft").exists()
     assert not (exp / experiments.STOP_FILE).exists() and not (exp / "section.md").exists()
-    calls = json.loads((exp / "experiment.json").read_text())["invocations"]
-    assert [c["trained"] for c in calls] == [1]
+    stopped = json.loads((exp / "experiment.json").read_text())
+    assert [c["trained"] for c in stopped["invocations"]] == [1]
+    assert stopped["experiment"] == str(cfg.experiment)  # a first invocation that never finished names it too
 
     def counting(sub, run_dir):
         trained.append(run_dir.parent.name)
@@ -265,6 +266,26 @@ def test_records_keep_an_experiment_without_weights_and_continue_it_elsewhere(tm
     with pytest.raises(experiments.ConfigError, match="outside"):
         records.keep(tmp_path / "work", tmp_path / "work/records")
     assert records.main([str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_records_continue_a_record_of_interrupted_invocations_and_refuse_another_experiment(tmp_path):
+    """A destination whose ``experiment.json`` holds only the invocations of a first, interrupted invocation (as
+    written before such a record named its experiment) is an earlier state of the source when those invocations are
+    the source's first; two named experiments that differ are refused."""
+    from benchmarks import records
+
+    first = {"started": "2026-11-29T09:33:22+0000", "wall_s": 10.0, "trained": 2, "copied": 0}
+    later = {"started": "2026-11-29T12:37:50+0000", "wall_s": 5.0, "trained": 1, "copied": 0}
+    for name, record in {
+        "src": {"experiment": "leaderboard", "invocations": [first, later]},
+        "kept": {"invocations": [first]},
+        "other": {"experiment": "paper_claims", "invocations": [first]},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "experiment.json").write_text(json.dumps(record))
+    records.check_continues(tmp_path / "src", tmp_path / "kept")  # no error: the same history, the name unknown
+    with pytest.raises(experiments.ConfigError, match="holds the records of experiment=paper_claims"):
+        records.check_continues(tmp_path / "src", tmp_path / "other")
 
 
 def test_a_page_names_every_version_of_the_code_behind_its_runs():
