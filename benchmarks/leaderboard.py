@@ -401,7 +401,7 @@ def beside(record: dict[str, Any], other_path: Path, docs_out: str | None) -> li
         )
     here, there = _top_rows(record), _top_rows(other)
     page = other_path.with_suffix(".md")
-    link = Path(page).as_posix() if not docs_out else Path(os.path.relpath(page, Path(docs_out).parent)).as_posix()
+    link = page.as_posix() if not docs_out else Path(os.path.relpath(page, Path(docs_out).parent)).as_posix()
     this_name, that_name = record.get("world") or "this world", record_world(other)
     lines = [
         "",
@@ -420,7 +420,8 @@ def beside(record: dict[str, Any], other_path: Path, docs_out: str | None) -> li
     for algo in [*here, *(a for a in there if a not in here)]:
         a, b = here.get(algo), there.get(algo)
         win_a, win_b = (r and r["win_rate"] for r in (a, b))
-        side = {"this": this_name, "that": that_name}.get(_side(win_a, win_b), _side(win_a, win_b))
+        higher = _side(win_a, win_b)
+        side = {"this": this_name, "that": that_name}.get(higher, higher)
         cells = [protocol.fmt_ci(win_a, "{:.1%}"), protocol.fmt_ci(win_b, "{:.1%}"), side]
         cells += [protocol.fmt_ci(a and a["gold"]), protocol.fmt_ci(b and b["gold"])]
         lines.append(f"| {algo} | " + " | ".join(cells) + " |")
