@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -312,40 +313,72 @@ def run_processes(
     at a time, each with ⌊cores / jobs⌋ intra-op threads; its output goes to ``<run_dir>/process.log``. The runs
     are the same as in-process ones (same config, same directory; an interrupted one resumes). Once the file
     ``stop`` exists no new process starts and the running ones finish. A failed run is named with its log after
-    the others finish. Returns each run's wall seconds."""
+    the others finish. On SIGINT/SIGTERM (`benchmarks.lifecycle.Interrupted`) the runs in flight are passed the
+    signal and waited for (`stop_processes`): they checkpoint, and the experiment's next invocation resumes them.
+    Returns each run's wall seconds."""
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     root = str(Path(__file__).resolve().parents[1])  # the checkout: `benchmarks` importable from any cwd
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": path}
     env["TQDM_DISABLE"] = "1"  # the logs hold no progress bars
     queue, running, timings, failed = list(pending), {}, {}, []
-    while queue or running:
-        if queue and stop is not None and stop.exists():
-            print(f"[{tag}] {stop} found: {len(running)} run(s) in flight finish, {len(queue)} wait", flush=True)
-            queue = []
-        while queue and len(running) < jobs:
-            name, run_dir, overrides = queue.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "process.log", "ab")  # noqa: SIM115 (closed when the process ends)
-            cmd = [sys.executable, "-m", "benchmarks.run", *overrides, quoted_override("hydra.run.dir", run_dir)]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (name, run_dir, log, time.perf_counter())
-            print(f"[{tag}] started {name} ({threads} threads; {len(queue)} waiting)", flush=True)
-        time.sleep(1.0)
-        for proc in [p for p in running if p.poll() is not None]:
-            name, run_dir, log, t_run = running.pop(proc)
-            log.close()
-            if proc.returncode != 0 or not (run_dir / "eval.json").exists():
-                failed.append(f"{name}: exit code {proc.returncode}, log {run_dir / 'process.log'}")
-                print(f"[{tag}]   {name} FAILED ({failed[-1]})", flush=True)
-                continue
-            timings[name] = time.perf_counter() - t_run
-            _progress(tag, timings, name, len(queue) + len(running), jobs)
+    try:
+        while queue or running:
+            if queue and stop is not None and stop.exists():
+                print(f"[{tag}] {stop} found: {len(running)} run(s) in flight finish, {len(queue)} wait", flush=True)
+                queue = []
+            while queue and len(running) < jobs:
+                name, run_dir, overrides = queue.pop(0)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(run_dir / "process.log", "ab")  # noqa: SIM115 (closed when the process ends)
+                cmd = [sys.executable, "-m", "benchmarks.run", *overrides, quoted_override("hydra.run.dir", run_dir)]
+                # Its own session: a terminal's Ctrl-C reaches this process only, which passes one signal on.
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                running[proc] = (name, run_dir, log, time.perf_counter())
+                print(f"[{tag}] started {name} ({threads} threads; {len(queue)} waiting)", flush=True)
+            time.sleep(1.0)
+            for proc in [p for p in running if p.poll() is not None]:
+                name, run_dir, log, t_run = running.pop(proc)
+                log.close()
+                if proc.returncode != 0 or not (run_dir / "eval.json").exists():
+                    failed.append(f"{name}: exit code {proc.returncode}, log {run_dir / 'process.log'}")
+                    print(f"[{tag}]   {name} FAILED ({failed[-1]})", flush=True)
+                    continue
+                timings[name] = time.perf_counter() - t_run
+                _progress(tag, timings, name, len(queue) + len(running), jobs)
+    except BaseException as err:  # SIGINT/SIGTERM (or a failure here): the runs in flight checkpoint and stop too
+        default = signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+        stop_processes(running, getattr(err, "signum", default), tag)
+        raise
     if failed:
         raise RuntimeError(
             f"{len(failed)} run(s) failed (run the experiment again to retry them):\n" + "\n".join(failed)
         )
     return timings
+
+
+def stop_processes(running: dict[subprocess.Popen, tuple], signum: int, tag: str) -> None:
+    """Send ``signum`` to each run process in ``running`` and wait for them: each finishes its optimizer step, writes
+    a checkpoint and exits (`rlkit_diffusion.train.Interrupt`), so that the experiment's next invocation resumes
+    them. A second SIGINT/SIGTERM while waiting is passed on as well (the runs then exit at once, keeping their last
+    checkpoint)."""
+    if not running:
+        return
+    name = signal.Signals(signum).name
+    print(f"[{tag}] {name}: the {len(running)} run(s) in flight checkpoint and stop", flush=True)
+    for proc in running:
+        proc.send_signal(signum)
+    while True:
+        try:
+            for proc in running:
+                proc.wait()
+            break
+        except KeyboardInterrupt as again:
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(getattr(again, "signum", signal.SIGINT))
+    for _, _, log, _ in running.values():
+        log.close()
 
 
 def experiment_seeds(cfg: DictConfig, sweep: dict[str, Any]) -> list[int]:

@@ -245,7 +245,8 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
     budgets = sorted(float(b) for b in params.get("budgets", [19200]))
     levels = tuple(float(k) for k in params.get("kl_levels", protocol.KL_LEVELS))
     tol = float(params.get("plateau_tol", 0.1))
-    record: dict[str, Any] = {"budgets": budgets, "kl_levels": levels, "rows": []}
+    world = runs[0]["eval"].get("world") if runs else None
+    record: dict[str, Any] = {"world": world, "budgets": budgets, "kl_levels": levels, "rows": []}
     pool_own = own_rows_everywhere(runs)
     lines = []
     for level in budgets:
@@ -331,7 +332,6 @@ def section_leaderboard(runs: list[dict], params: dict[str, Any], out: Path) -> 
         lines.append(f"| {name} | {gold} | {kl} | {'–' if not math.isfinite(share) else f'{share:.2f}'} | {flat} |")
     lines += not_improved(runs, budgets[-1], pool_own)
     lines += tuning_summary(runs)
-    record["world"] = runs[0]["eval"].get("world") if runs else None
     if params.get("beside"):
         lines += beside(record, Path(params["beside"]), params.get("docs_out"))
     lines += [

@@ -15,6 +15,9 @@ resume, and hold a resumed run to its own config.
   commit and whether the checkout had uncommitted changes — recorded in every ``eval.json``; an experiment passes
   its own to the runs it starts, and a run started after the code changed under the experiment is refused
   (`check_experiment_source`), so one experiment's runs never mix two versions of the code.
+* `Interrupted` / `terminate_as_interrupt`: SIGINT or SIGTERM (a scheduler's preemption) stops a run, a multi-seed
+  run or an experiment as a whole: training checkpoints, an experiment records its invocation and has its runs in
+  other processes checkpoint too, and the command exits with 128 + the signal's number; the same command continues.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import difflib
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +111,37 @@ class ConfigError(ValueError):
 class ExperimentStopped(RuntimeError):
     """An experiment stopped on request (its ``STOP`` file) after the runs in flight finished: printed as one line by
     `benchmarks.run`, which exits non-zero (the experiment is not done; its command continues it)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the command after it kept what continuing needs (a run's checkpoint, an experiment's
+    record of its invocation). A KeyboardInterrupt, so that it ends every loop over runs (experiments, ``seeds=``,
+    tuning) and no ``except Exception`` on its way swallows it; `benchmarks.run` prints it as one line and exits
+    with 128 + ``signum``."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside: SIGTERM raises `Interrupted` in the main thread, as SIGINT raises KeyboardInterrupt, so that a
+    preempted command cleans up as an interrupted one does instead of dying where it stands. (Training installs its
+    own handler while it runs: the first signal finishes the optimizer step and checkpoints.) Outside the main
+    thread nothing is installed; the previous handler is put back on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------

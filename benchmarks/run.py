@@ -29,6 +29,7 @@ from benchmarks.eval_schema import SCHEMA_VERSION
 from benchmarks.lifecycle import (
     ConfigError,
     ExperimentStopped,
+    Interrupted,
     check_experiment_source,
     is_finished,
     record_resume,
@@ -36,6 +37,7 @@ from benchmarks.lifecycle import (
     resume_checkpoint,
     resume_config,
     source_fingerprint,
+    terminate_as_interrupt,
     validate,
 )
 from benchmarks.wiring import (
@@ -198,8 +200,9 @@ def eval_record(
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents (``{"interrupted": signal
-    name, ...}`` when SIGINT/SIGTERM stopped training: the run is checkpointed and ``STOPPED``).
+    """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents. When SIGINT/SIGTERM
+    stopped training the run is checkpointed and ``STOPPED``, and `Interrupted` is raised (a caller that loops over
+    runs stops too).
 
     ``overrides`` are the command-line overrides (Hydra's): on ``resume=`` only those are compared with the run's
     config; None compares every key of ``cfg``."""
@@ -257,13 +260,14 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     phases.end("build")
     summary = train_run(cfg, s, algo, ctx, run_dir, resume_from, logger)
     if summary.get("interrupted"):
+        command = f"python -m benchmarks.run resume={run_dir}"
+        stopped = f"STOPPED (interrupted at step {summary['updates']} by {summary['interrupted']})"
         if main:
-            command = f"python -m benchmarks.run resume={run_dir}"
-            stopped = f"STOPPED (interrupted at step {summary['updates']} by {summary['interrupted']})"
             (run_dir / "STOPPED").write_text(f"{stopped}\nresume with: {command}\n")
             print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
         logger.close()
-        return {"interrupted": summary["interrupted"], "updates": summary["updates"], "run_dir": str(run_dir)}
+        signum = signal.Signals[summary["interrupted"]].value  # ends the caller's loop over runs too
+        raise Interrupted(signum, f"run {run_dir}: {stopped}, checkpointed; resume with: {command}")
     phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
@@ -408,31 +412,35 @@ def check_overrides(overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    try:  # a user error: one line on stderr, the traceback in the run's run.log
-        check_tuning(cfg.world.name, cfg.algo.name)
-        if cfg.get("experiment") == "toy2d_tutorial":  # not a single run: train several algorithms, one figure
-            from benchmarks import tutorial
+    # A user error: one line on stderr (the traceback in the run's run.log). SIGINT/SIGTERM: the run checkpoints, an
+    # experiment records its invocation and stops its runs in other processes; then one line, exit 128 + signal.
+    try:
+        with terminate_as_interrupt():
+            check_tuning(cfg.world.name, cfg.algo.name)
+            if cfg.get("experiment") == "toy2d_tutorial":  # not a single run: train several algorithms, one figure
+                from benchmarks import tutorial
 
-            return tutorial.run(cfg)
-        if cfg.get("experiment") == "tune":  # the recorded tuning sweep of one algorithm (benchmarks/tune.py)
-            from benchmarks import tune
+                return tutorial.run(cfg)
+            if cfg.get("experiment") == "tune":  # the recorded tuning sweep of one algorithm (benchmarks/tune.py)
+                from benchmarks import tune
 
-            return float(tune.run(cfg, run_one=run)["chosen"])
-        if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section
-            from benchmarks import experiments
+                return float(tune.run(cfg, run_one=run)["chosen"])
+            if cfg.get("sweep"):  # a paper-style experiment: several runs, then one report section
+                from benchmarks import experiments
 
-            return experiments.run(cfg, run_one=run)
-        if cfg.get("seeds") is not None:  # one run per seed, then their aggregate
-            from benchmarks.wiring import hydra_output_dir
+                return experiments.run(cfg, run_one=run)
+            if cfg.get("seeds") is not None:  # one run per seed, then their aggregate
+                from benchmarks.wiring import hydra_output_dir
 
-            rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
-            return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
-        result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+                rows = run_seeds(cfg, hydra_output_dir() or new_run_dir(cfg))
+                return float(rows[0]["pooled_win_rate"].get("train", {}).get("mean", float("nan")))
+            result = run(cfg, overrides=list(HydraConfig.get().overrides.task))
     except (ConfigError, ResumeError, ExperimentStopped) as err:
         logging.getLogger("benchmarks.run").debug("user error or stop request", exc_info=True)
         sys.exit(f"benchmarks.run: {err}")
-    if result.get("interrupted"):
-        sys.exit(128 + signal.Signals[result["interrupted"]].value)
+    except KeyboardInterrupt as err:  # Interrupted, or a SIGINT outside training
+        print(f"benchmarks.run: {str(err) or 'stopped by SIGINT'}", file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(err, "signum", signal.SIGINT))
     return float(result.get("win_rate_vs_base", float("nan")))
 
 

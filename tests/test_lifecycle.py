@@ -81,6 +81,43 @@ def test_a_second_signal_exits_at_once():
     assert "SIGINT again: exiting at once (the last checkpoint is kept)" in out.stderr
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_an_experiment_whole_its_runs_checkpoint_and_the_command_continues(launcher, tmp_path, jobs):  # noqa: F811
+    """SIGTERM (a scheduler's preemption) to an experiment while its runs train: every run in flight checkpoints and
+    is STOPPED, no further run starts (in process, the next run used to start), the invocation is recorded, and the
+    command exits 128 + SIGTERM; with ``jobs=2`` the same command then resumes both runs and writes the section."""
+    exp = tmp_path / "exp"
+    runs = "[{label:a,overrides:['algo=ddpo','train.steps=100']},{label:b,overrides:['algo=dpo','train.steps=200']}]"
+    argv = ["experiment=table2", "sweep.section=head_to_head", f"sweep.runs={runs}", "seeds=[0]", f"jobs={jobs}"]
+    argv += [*TOY, f"out_dir={tmp_path}", f"hydra.run.dir={exp}"]
+    log = tmp_path / "first.log"
+    pid = launcher.start(argv, log)
+    training = [exp / "runs" / label / "s0" for label in ("a", "b")[:jobs]]  # the runs in flight
+    t0 = time.monotonic()
+    while min(metrics_lines(d) for d in training) < 3 and time.monotonic() - t0 < 180:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    assert launcher.wait(pid) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    for run_dir in training:
+        assert (run_dir / "STOPPED").read_text().startswith("STOPPED (interrupted at step "), run_dir
+        assert list((run_dir / "checkpoints").glob("step_*/model.safetensors"))
+        assert not (run_dir / "eval.json").exists()
+    if jobs == 1:
+        assert not (exp / "runs" / "b").exists()  # the next run was not started
+    else:
+        assert "SIGTERM: the 2 run(s) in flight checkpoint and stop" in log.read_text()
+    record = json.loads((exp / "experiment.json").read_text())
+    assert record["experiment"] == "table2" and [v["trained"] for v in record["invocations"]] == [0]
+    assert "benchmarks.run: " in log.read_text() and not (exp / "section.md").exists()
+    if jobs == 2:  # the same command continues: both runs resume from their checkpoints and finish
+        again = launcher.start(argv, tmp_path / "again.log")
+        finish(launcher, again, tmp_path / "again.log")
+        assert all((d / "eval.json").exists() and not (d / "STOPPED").exists() for d in training)
+        record = json.loads((exp / "experiment.json").read_text())
+        assert [v["trained"] for v in record["invocations"]] == [0, 2] and (exp / "section.md").exists()
+        assert all("resume=" in (d / "process.log").read_text() for d in training)  # resumed, not restarted
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A run is its config; a finished run is left alone; resume=latest
 # ---------------------------------------------------------------------------------------------------------------
