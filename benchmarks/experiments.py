@@ -56,6 +56,7 @@ from benchmarks.lifecycle import (
     ConfigError,
     ExperimentStopped,
     config_differences,
+    signals_deferred,
     source_fingerprint,
 )
 from benchmarks.wiring import hydra_output_dir
@@ -333,8 +334,9 @@ def run_processes(
                 log = open(run_dir / "process.log", "ab")  # noqa: SIM115 (closed when the process ends)
                 cmd = [sys.executable, "-m", "benchmarks.run", *overrides, quoted_override("hydra.run.dir", run_dir)]
                 # Its own session: a terminal's Ctrl-C reaches this process only, which passes one signal on.
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-                running[proc] = (name, run_dir, log, time.perf_counter())
+                with signals_deferred():  # no process started and not kept in `running`
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    running[proc] = (name, run_dir, log, time.perf_counter())
                 print(f"[{tag}] started {name} ({threads} threads; {len(queue)} waiting)", flush=True)
             time.sleep(1.0)
             for proc in [p for p in running if p.poll() is not None]:
@@ -358,25 +360,26 @@ def run_processes(
 
 
 def stop_processes(running: dict[subprocess.Popen, tuple], signum: int, tag: str) -> None:
-    """Send ``signum`` to each run process in ``running`` and wait for them: each finishes its optimizer step, writes
-    a checkpoint and exits (`rlkit_diffusion.train.Interrupt`), so that the experiment's next invocation resumes
-    them. A second SIGINT/SIGTERM while waiting is passed on as well (the runs then exit at once, keeping their last
-    checkpoint)."""
+    """Pass ``signum`` on to each run process in ``running`` (SIGTERM for a signal other than SIGINT/SIGTERM) and
+    wait for them: each finishes its optimizer step, writes a checkpoint and exits (`rlkit_diffusion.train.Interrupt`),
+    so that the experiment's next invocation resumes them. A further stop signal while waiting is passed on as well
+    (the runs then exit at once, keeping their last checkpoint)."""
     if not running:
         return
     name = signal.Signals(signum).name
     print(f"[{tag}] {name}: the {len(running)} run(s) in flight checkpoint and stop", flush=True)
-    for proc in running:
-        proc.send_signal(signum)
     while True:
+        forward = signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM  # what training handles
         try:
+            with signals_deferred():  # every process gets the signal
+                for proc in running:
+                    if proc.poll() is None:
+                        proc.send_signal(forward)
             for proc in running:
                 proc.wait()
             break
-        except KeyboardInterrupt as again:
-            for proc in running:
-                if proc.poll() is None:
-                    proc.send_signal(getattr(again, "signum", signal.SIGINT))
+        except KeyboardInterrupt as again:  # another signal: pass it on too
+            signum = getattr(again, "signum", signal.SIGINT)
     for _, _, log, _ in running.values():
         log.close()
 

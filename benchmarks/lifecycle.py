@@ -15,9 +15,10 @@ resume, and hold a resumed run to its own config.
   commit and whether the checkout had uncommitted changes — recorded in every ``eval.json``; an experiment passes
   its own to the runs it starts, and a run started after the code changed under the experiment is refused
   (`check_experiment_source`), so one experiment's runs never mix two versions of the code.
-* `Interrupted` / `terminate_as_interrupt`: SIGINT or SIGTERM (a scheduler's preemption) stops a run, a multi-seed
-  run or an experiment as a whole: training checkpoints, an experiment records its invocation and has its runs in
-  other processes checkpoint too, and the command exits with 128 + the signal's number; the same command continues.
+* `Interrupted` / `terminate_as_interrupt`: SIGINT, SIGTERM (a scheduler's preemption) or SIGHUP stops a run, a
+  multi-seed run, a tuning sweep or an experiment as a whole: training checkpoints, an experiment records its
+  invocation and has its runs in other processes checkpoint too, and the command exits with 128 + the signal's
+  number; the same command continues (a stopped run resumes from its checkpoint).
 """
 
 from __future__ import annotations
@@ -124,24 +125,49 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""The signals that stop a command cleanly: Ctrl-C, a scheduler's preemption or ``kill``, a closed terminal."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
+
+
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While inside: SIGTERM raises `Interrupted` in the main thread, as SIGINT raises KeyboardInterrupt, so that a
-    preempted command cleans up as an interrupted one does instead of dying where it stands. (Training installs its
-    own handler while it runs: the first signal finishes the optimizer step and checkpoints.) Outside the main
-    thread nothing is installed; the previous handler is put back on exit."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: Any) -> None:
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handle)
+def _handlers(signals: tuple[int, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for each of ``signals`` while inside, in the main thread only; a signal that is ignored (SIGHUP
+    under ``nohup``, SIGINT in a background job) stays ignored; the previous handlers are put back on exit."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While inside: SIGTERM and SIGHUP raise `Interrupted` in the main thread, as SIGINT raises KeyboardInterrupt,
+    so that a preempted command cleans up as an interrupted one does instead of dying where it stands. (Training
+    installs its own handler while it runs: the first signal finishes the optimizer step and checkpoints.)"""
+    with _handlers(STOP_SIGNALS[1:], _raise_interrupted):
+        yield
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """While inside, a stop signal (`STOP_SIGNALS`) is only noted; on leaving, the first one noted raises
+    `Interrupted`. For the few lines that start a process and keep its handle, or pass a signal on to processes: a
+    signal between the two would leave a process that nothing stops."""
+    noted: list[int] = []
+    with _handlers(STOP_SIGNALS, lambda signum, frame: noted.append(signum)):
+        yield
+    if noted:
+        _raise_interrupted(noted[0], None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

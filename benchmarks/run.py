@@ -46,6 +46,7 @@ from benchmarks.wiring import (
     check_tuning,
     new_run_dir,
     refuse_existing_run,
+    resume_if_started,
     save_config,
     save_eval,
     save_per_sample,
@@ -267,7 +268,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
             print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
         logger.close()
         signum = signal.Signals[summary["interrupted"]].value  # ends the caller's loop over runs too
-        raise Interrupted(signum, f"run {run_dir}: {stopped}, checkpointed; resume with: {command}")
+        raise Interrupted(signum, f"run {run_dir}: {stopped}; resume with: {command}" if main else stopped)
     phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
@@ -312,7 +313,7 @@ def run_seeds(cfg: DictConfig, parent: Path, run_one=None) -> list[dict[str, Any
         print(f"[seeds] {i + 1}/{len(seeds)} seed {seed} -> {run_dir}", flush=True)
         sub = OmegaConf.merge(cfg, {"seed": seed, "seeds": None, "report": False})
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_one(sub, run_dir=run_dir)
+        run_one(resume_if_started(sub, run_dir), run_dir=run_dir)
     runs = [load_run(parent / f"s{seed}") for seed in seeds]
     rows = protocol.aggregate(runs)
     atomic_write_json(parent / "aggregate.json", rows)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmarks import protocol
 from benchmarks.report import load_run
-from benchmarks.wiring import hydra_output_dir
+from benchmarks.wiring import hydra_output_dir, resume_if_started
 from rlkit_diffusion.checkpoint import atomic_write_text
 
 KNOBS: dict[str, str] = {
@@ -125,7 +125,7 @@ def run(cfg: DictConfig, run_one) -> dict[str, Any]:
             print(f"[tune {world}_{algo}] trial {i + 1}/{len(trials)} {trial} seed {seed}", flush=True)
             if not (run_dir / "eval.json").exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
-                run_one(trial_config(cfg, trial, seed), run_dir=run_dir)
+                run_one(resume_if_started(trial_config(cfg, trial, seed), run_dir), run_dir=run_dir)
             runs.append(check_trial(load_run(run_dir), trial, run_dir))
         keys = ("proxy_reward_trained", "kl_to_ref", "proxy_reward_base", "unet_nfe", "updates")
         vals = {k: [r["eval"].get(k, math.nan) for r in runs] for k in keys}

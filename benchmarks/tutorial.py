@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from algos import algo_config_class, build_algo
+from benchmarks.lifecycle import Interrupted
 from benchmarks.wiring import build_context, build_world_from, new_run_dir, save_config
 from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.evaluate import EvalConfig, sample_split
@@ -105,6 +107,9 @@ def train_panel(cfg: DictConfig, name: str, spec: DictConfig, beta: float | None
     base = Reference(world.policy, "frozen")
     ctx = build_context(world, world.policy, base, reward=cfg.reward, batch_size=train_cfg.batch_size, seed=cfg.seed)
     summary = train(build_algo(name, algo_cfg), ctx, train_cfg, progress=bool(t.progress))
+    if summary.get("interrupted"):  # no half-trained panel in the figure: the tutorial stops (it keeps no checkpoint)
+        signum = signal.Signals[summary["interrupted"]].value
+        raise Interrupted(signum, f"tutorial stopped by {summary['interrupted']} while training {name}; run it again")
     return world, base, float(summary["train_wall_s"])
 
 

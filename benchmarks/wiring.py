@@ -76,6 +76,15 @@ def new_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
+def resume_if_started(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` with ``resume=<run_dir>`` when ``run_dir`` holds a checkpoint (a run stopped by a signal, or killed):
+    a loop over runs (``seeds=``, tuning) continues such a run instead of refusing its directory."""
+    if latest_checkpoint(run_dir / "checkpoints") is None:
+        return cfg
+    print(f"  resuming {run_dir} from its checkpoint", flush=True)
+    return OmegaConf.merge(cfg, {"resume": str(run_dir)})
+
+
 def refuse_existing_run(run_dir: Path) -> None:
     """A new run never writes into a directory that holds a run (its eval.json or checkpoints)."""
     if (run_dir / "eval.json").exists() or (run_dir / "checkpoints").exists():

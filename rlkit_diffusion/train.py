@@ -14,7 +14,7 @@
                 algo.after_update(update)              # reference updates etc.
                 log / eval on their schedules
         checkpoint if one fell due during this batch   # between batches only: a resume is exact
-        (every checkpoint_every steps, every checkpoint_every_s wall seconds, or on SIGINT/SIGTERM → then stop)
+        (every checkpoint_every steps, every checkpoint_every_s wall seconds, or on SIGINT/SIGTERM/SIGHUP → then stop)
     an error (bad reward, caption, batch) names the optimizer step; the run directory gets STOPPED with the reason
 
 The budget is one of: optimizer ``steps``, UNet function evaluations ``nfe``, ``reward_queries`` or wall seconds
@@ -204,11 +204,12 @@ NO_TRAINING = {
 
 
 class Interrupt:
-    """SIGINT/SIGTERM while training: the first one asks the loop to finish the collected batch's optimizer steps,
-    write a checkpoint and stop (``signum`` is set); a second one exits at once (status 128 + signal number).
-    Handlers are installed only in the main thread and the previous ones are put back on exit."""
+    """SIGINT/SIGTERM/SIGHUP while training: the first one asks the loop to finish the collected batch's optimizer
+    steps, write a checkpoint and stop (``signum`` is set); a second one exits at once (status 128 + signal number).
+    Handlers are installed only in the main thread (SIGHUP not where it is ignored: ``nohup``) and the previous ones
+    are put back on exit."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -217,6 +218,8 @@ class Interrupt:
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
+                if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -280,6 +283,9 @@ def train(
     try:
         with interrupt:
             _train_batches(loop, algo, ctx, cfg, bar, interrupt)
+            if loop.interrupted is not None:  # the stop checkpoint too: a second signal while writing it exits
+                bar.close()
+                return loop.stop(t_start)
     except (ValueError, TypeError, RuntimeError) as err:  # a bad reward, caption, batch, ...: name the step
         if loop.multi:
             _explain_timeout(err, cfg.collective_timeout_s)
@@ -288,8 +294,6 @@ def train(
             (Path(run_dir) / "STOPPED").write_text(f"{type(err).__name__}: {err}\n")
         raise
     bar.close()
-    if loop.interrupted is not None:
-        return loop.stop(t_start)
     return loop.finish(t_start)
 
 

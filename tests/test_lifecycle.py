@@ -81,41 +81,76 @@ def test_a_second_signal_exits_at_once():
     assert "SIGINT again: exiting at once (the last checkpoint is kept)" in out.stderr
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_sigterm_stops_an_experiment_whole_its_runs_checkpoint_and_the_command_continues(launcher, tmp_path, jobs):  # noqa: F811
-    """SIGTERM (a scheduler's preemption) to an experiment while its runs train: every run in flight checkpoints and
-    is STOPPED, no further run starts (in process, the next run used to start), the invocation is recorded, and the
-    command exits 128 + SIGTERM; with ``jobs=2`` the same command then resumes both runs and writes the section."""
-    exp = tmp_path / "exp"
-    runs = "[{label:a,overrides:['algo=ddpo','train.steps=100']},{label:b,overrides:['algo=dpo','train.steps=200']}]"
-    argv = ["experiment=table2", "sweep.section=head_to_head", f"sweep.runs={runs}", "seeds=[0]", f"jobs={jobs}"]
-    argv += [*TOY, f"out_dir={tmp_path}", f"hydra.run.dir={exp}"]
+def test_stop_signals_raise_interrupted_wait_around_process_starts_and_stay_ignored_under_nohup():
+    """`terminate_as_interrupt`: SIGTERM/SIGHUP raise `Interrupted` (with the signal); `signals_deferred`: a signal
+    inside only raises on leaving; a SIGHUP that is ignored (``nohup``) stays ignored; the handlers are put back."""
+    from benchmarks.lifecycle import Interrupted, signals_deferred, terminate_as_interrupt
+
+    hup, term = signal.signal(signal.SIGHUP, signal.SIG_DFL), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(Interrupted, match="stopped by SIGHUP") as err, terminate_as_interrupt():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1.0)
+        assert err.value.signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        reached = False
+        with pytest.raises(Interrupted, match="stopped by SIGTERM"), signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            reached = True  # not interrupted inside
+        assert reached and signal.getsignal(signal.SIGTERM) is term
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        with terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+
+
+@pytest.mark.parametrize("kind,sig", [("experiment", signal.SIGTERM), ("seeds", signal.SIGINT)])
+def test_a_signal_stops_a_command_of_several_runs_whole_and_the_command_continues(launcher, tmp_path, kind, sig):  # noqa: F811
+    """SIGTERM (a scheduler's preemption) to an experiment with ``jobs=2`` while its two runs train, or SIGINT to a
+    ``seeds=[0,1]`` command while its first run trains: every run in flight checkpoints and is STOPPED, no further
+    run starts (the next seed used to start), an experiment records its invocation, and the command exits 128 +
+    the signal. The same command then resumes the stopped runs from their checkpoints and finishes."""
+    out = tmp_path / "cmd"
+    if kind == "experiment":
+        runs = "{label:a,overrides:['algo=ddpo','train.steps=400']},{label:b,overrides:['algo=dpo','train.steps=400']}"
+        argv = ["experiment=table2", "sweep.section=head_to_head", f"sweep.runs=[{runs}]", "seeds=[0]", "jobs=2"]
+        training, budgets = [out / "runs" / "a" / "s0", out / "runs" / "b" / "s0"], [400, 400]
+    else:
+        argv = ["algo=ddpo", "train.steps=150", "seeds=[0,1]"]
+        training, budgets = [out / "s0"], [150]
+    argv += [*TOY, f"out_dir={tmp_path}", f"hydra.run.dir={out}"]
     log = tmp_path / "first.log"
     pid = launcher.start(argv, log)
-    training = [exp / "runs" / label / "s0" for label in ("a", "b")[:jobs]]  # the runs in flight
     t0 = time.monotonic()
     while min(metrics_lines(d) for d in training) < 3 and time.monotonic() - t0 < 180:
         time.sleep(0.05)
-    os.kill(pid, signal.SIGTERM)
-    assert launcher.wait(pid) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert all(3 <= metrics_lines(d) < n for d, n in zip(training, budgets)), "the runs were not training"
+    os.kill(pid, sig)
+    assert launcher.wait(pid) == 128 + sig, log.read_text()[-3000:]
     for run_dir in training:
         assert (run_dir / "STOPPED").read_text().startswith("STOPPED (interrupted at step "), run_dir
         assert list((run_dir / "checkpoints").glob("step_*/model.safetensors"))
         assert not (run_dir / "eval.json").exists()
-    if jobs == 1:
-        assert not (exp / "runs" / "b").exists()  # the next run was not started
-    else:
+    assert f"benchmarks.run: run {training[0]}: STOPPED (interrupted" in log.read_text() or kind == "experiment"
+    if kind == "experiment":
         assert "SIGTERM: the 2 run(s) in flight checkpoint and stop" in log.read_text()
-    record = json.loads((exp / "experiment.json").read_text())
-    assert record["experiment"] == "table2" and [v["trained"] for v in record["invocations"]] == [0]
-    assert "benchmarks.run: " in log.read_text() and not (exp / "section.md").exists()
-    if jobs == 2:  # the same command continues: both runs resume from their checkpoints and finish
-        again = launcher.start(argv, tmp_path / "again.log")
-        finish(launcher, again, tmp_path / "again.log")
-        assert all((d / "eval.json").exists() and not (d / "STOPPED").exists() for d in training)
-        record = json.loads((exp / "experiment.json").read_text())
-        assert [v["trained"] for v in record["invocations"]] == [0, 2] and (exp / "section.md").exists()
-        assert all("resume=" in (d / "process.log").read_text() for d in training)  # resumed, not restarted
+        record = json.loads((out / "experiment.json").read_text())
+        assert record["experiment"] == "table2" and [v["trained"] for v in record["invocations"]] == [0]
+    else:
+        assert not (out / "s1").exists()  # the next seed was not started
+    again = launcher.start(argv, tmp_path / "again.log")
+    finish(launcher, again, tmp_path / "again.log")
+    for run_dir in training:  # resumed from the checkpoint, not trained again from step 0
+        assert (run_dir / "eval.json").exists() and not (run_dir / "STOPPED").exists()
+        assert len((run_dir / "resumes.jsonl").read_text().splitlines()) == 1
+    if kind == "experiment":
+        record = json.loads((out / "experiment.json").read_text())
+        assert [v["trained"] for v in record["invocations"]] == [0, 2] and (out / "section.md").exists()
+    else:
+        assert (out / "s1" / "eval.json").exists() and (out / "aggregate.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
