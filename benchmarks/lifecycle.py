@@ -115,10 +115,10 @@ class ExperimentStopped(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the command after it kept what continuing needs (a run's checkpoint, an experiment's
-    record of its invocation). A KeyboardInterrupt, so that it ends every loop over runs (experiments, ``seeds=``,
-    tuning) and no ``except Exception`` on its way swallows it; `benchmarks.run` prints it as one line and exits
-    with 128 + ``signum``."""
+    """SIGINT, SIGTERM or SIGHUP stopped the command after it kept what continuing needs (a run's checkpoint, an
+    experiment's record of its invocation). A KeyboardInterrupt, so that it ends every loop over runs (experiments,
+    ``seeds=``, tuning) and no ``except Exception`` on its way swallows it; `benchmarks.run` prints it as one line
+    and exits with 128 + ``signum``."""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
