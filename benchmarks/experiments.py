@@ -369,7 +369,7 @@ def stop_processes(running: dict[subprocess.Popen, tuple], signum: int, tag: str
     name = signal.Signals(signum).name
     print(f"[{tag}] {name}: the {len(running)} run(s) in flight checkpoint and stop", flush=True)
     while True:
-        forward = signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM  # what training handles
+        forward = signum if signum in (signal.SIGINT, signal.SIGTERM) else signal.SIGTERM  # a run may ignore SIGHUP
         try:
             with signals_deferred():  # every process gets the signal
                 for proc in running:

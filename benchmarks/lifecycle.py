@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from algos import ALGOS, algo_config_class
 from rlkit_diffusion.checkpoint import atomic_write_text, latest_checkpoint, latest_intact_checkpoint
+from rlkit_diffusion.train import Interrupt
 
 # The reward names each world can hold (declared here so that they are checked without building the world; sd15
 # and sdxl hold a reward only when its weights are configured, ``proxy``/``gold`` are aliases of one of them).
@@ -125,8 +126,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-"""The signals that stop a command cleanly: Ctrl-C, a scheduler's preemption or ``kill``, a closed terminal."""
+STOP_SIGNALS = Interrupt.SIGNALS
+"""The signals that stop a command cleanly (the ones training checkpoints on): Ctrl-C, a scheduler's preemption or
+``kill``, a closed terminal."""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
