@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rlkit_diffusion.rewards.base import checked_reward
+from rlkit_diffusion.worlds.shapes.optim import AdamWStage, warmup_cosine
 from rlkit_diffusion.worlds.shapes.pairs import make_shapes_pairs
 from rlkit_diffusion.worlds.shapes.proxy import (
     EOT_ID,
@@ -166,3 +168,33 @@ def test_config_round_trip():
     assert ProxyModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown keys"):
         ProxyModelConfig.from_dict({**config.to_dict(), "depth": 3})
+
+
+def test_training_stage_schedule_and_optimiser():
+    """`AdamWStage`: linear warm-up to the peak, cosine to 0 at the last step; weight decay 0 is plain Adam."""
+    stage = AdamWStage(steps=10, batch_size=4, lr=0.5, warmup=4)
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimiser, scheduler = stage.optimizer([param])
+    lrs = []
+    for _ in range(stage.steps + 1):
+        lrs.append(optimiser.param_groups[0]["lr"])
+        param.grad = torch.ones(3)
+        optimiser.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.125, 0.25, 0.375, 0.5])  # (s + 1)/W · lr
+    assert lrs[4] == pytest.approx(0.5) and lrs[7] == pytest.approx(0.25)  # ½[1 + cos(π · 3/6)] · lr
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at S
+    assert warmup_cosine(0, 4)(0) == 1.0  # no warm-up: the peak at once
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    twin = copy.deepcopy(head)
+    ours, _ = AdamWStage(steps=20, batch_size=8, lr=1e-3).optimizer(head.parameters())
+    adam = torch.optim.Adam(twin.parameters(), lr=1e-3)  # what stage (c) used before the shared stage
+    for _ in range(20):
+        x = torch.randn(8, 8)
+        for net, opt in ((head, ours), (twin, adam)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), twin.parameters()))

@@ -8,7 +8,7 @@ Recipe (``python -m benchmarks.prepare world=shapes``; the shipped weights were 
   captions only part of the time and makes mixed-quality images — what alignment has to fix.
 * pixel space: x_0 = 2·image − 1 ∈ [−1, 1]^{3×16×16}; the world decodes with (x + 1)/2 clamped to [0, 1].
 * objective: eq. 2 with ω = 1 (ε-prediction), cosine noise schedule, 10% unconditional dropout (for guidance).
-* optimiser: AdamW, linear warm-up then cosine decay; an EMA of the weights is what is saved.
+* optimiser: AdamW, linear warm-up then cosine decay (`optim.AdamWStage`); an EMA of the weights is what is saved.
 
 The ``shapes_flow`` base (``python -m benchmarks.prepare world=shapes_flow`` → ``assets/shapes_flow_base``) is the
 same UNet, data, draws and recipe with the flow-matching objective (``pretrain(..., flow=True)``): the network, called
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -35,6 +34,7 @@ from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.policy import DiffusionPolicy, FlowMatchingPolicy, UNetEpsModel
 from rlkit_diffusion.worlds.base import ddim_scheduler, flow_scheduler
 from rlkit_diffusion.worlds.shapes.captions import sample_captions, scenes_for_captions
+from rlkit_diffusion.worlds.shapes.optim import AdamWStage
 from rlkit_diffusion.worlds.shapes.render import render
 from rlkit_diffusion.worlds.shapes.text_encoder import SentenceEncoder
 
@@ -142,14 +142,7 @@ def pretrain(
     else:
         policy = DiffusionPolicy(UNetEpsModel(unet), make_scheduler())
     ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = AdamWStage(cfg.steps, cfg.batch_size, cfg.lr, warmup=cfg.warmup).optimizer(unet.parameters())
     start = 0
     if (state_dir / "state.json").exists():
         meta = json.loads((state_dir / "state.json").read_text())

@@ -47,6 +47,7 @@ from rlkit_diffusion.checkpoint import atomic_write_json
 from rlkit_diffusion.data.pickapic import PreferencePairDataset
 from rlkit_diffusion.worlds.shapes.captions import all_canonical_captions, sample_captions, scenes_for_captions
 from rlkit_diffusion.worlds.shapes.gold import GoldShapesReward
+from rlkit_diffusion.worlds.shapes.optim import AdamWStage
 from rlkit_diffusion.worlds.shapes.pairs import generate_pairs
 from rlkit_diffusion.worlds.shapes.proxy import (
     WEIGHT_FILES,
@@ -71,43 +72,29 @@ class ProxyTrainConfig:
     """Hyper-parameters of :func:`train_proxy` (defaults: the shipped weights; ``quick()``: a smoke test).
 
     Stage (a) is contrastive CLIP pre-training on renders, stage (b) Bradley–Terry tuning on the training pairs,
-    stage (c) the aesthetic head on frozen image embeddings; (a) and (b) use AdamW with linear warm-up and cosine
-    decay, (c) Adam on precomputed embeddings."""
+    stage (c) the aesthetic head on frozen image embeddings. Each is an `AdamWStage` (AdamW, linear warm-up, cosine
+    decay); the shipped ``config.json`` records them under the flat names of its time (``clip_steps``, ...)."""
 
-    clip_steps: int = 1600
-    """Stage (a): optimizer steps."""
-    clip_batch_size: int = 128
-    """Stage (a): renders per step (the contrastive batch)."""
-    clip_lr: float = 2e-3
-    """Stage (a): peak learning rate."""
-    clip_weight_decay: float = 0.1
-    """Stage (a): AdamW weight decay."""
-    clip_warmup: int = 100
-    """Stage (a): linear warm-up steps."""
+    clip: AdamWStage = dataclasses.field(
+        default_factory=lambda: AdamWStage(steps=1600, batch_size=128, lr=2e-3, weight_decay=0.1, warmup=100)
+    )
+    """Stage (a): a batch is that many renders (the contrastive batch)."""
     p_nuisance: float = 0.5
     """Probability of each nuisance factor in a pre-training render (strength U(0, 1))."""
-    bt_steps: int = 800
-    """Stage (b): optimizer steps."""
-    bt_batch_size: int = 64
-    """Stage (b): pairs per step."""
-    bt_lr: float = 1e-4
-    """Stage (b): peak learning rate."""
-    bt_weight_decay: float = 0.0
-    """Stage (b): AdamW weight decay."""
-    bt_warmup: int = 50
-    """Stage (b): linear warm-up steps."""
+    bt: AdamWStage = dataclasses.field(
+        default_factory=lambda: AdamWStage(steps=800, batch_size=64, lr=1e-4, warmup=50)
+    )
+    """Stage (b): a batch is that many training pairs."""
     dev_pairs: int = 1000
     """Training pairs held out of stage (b) to select its checkpoint and to score stage (c)."""
     eval_every: int = 100
     """Stage (b) steps between dev evaluations."""
     aesthetic_images: int = 20_000
     """Training-pair images used in stage (c) (at most twice the number of pairs)."""
-    aesthetic_steps: int = 2000
-    """Stage (c): optimizer steps."""
-    aesthetic_batch_size: int = 256
-    """Stage (c): embeddings per step."""
-    aesthetic_lr: float = 1e-3
-    """Stage (c): Adam learning rate."""
+    aesthetic: AdamWStage = dataclasses.field(
+        default_factory=lambda: AdamWStage(steps=2000, batch_size=256, lr=1e-3, weight_decay=0.0, warmup=0)
+    )
+    """Stage (c): a batch is that many image embeddings; no warm-up, no weight decay."""
     heldout_pairs: int = 1000
     """Pairs for held-out captions generated for the transfer report (0 skips it)."""
     architecture: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -117,38 +104,14 @@ class ProxyTrainConfig:
     def quick(cls) -> ProxyTrainConfig:
         """A few steps of everything (tests)."""
         return cls(
-            clip_steps=6,
-            clip_batch_size=16,
-            clip_warmup=2,
-            bt_steps=6,
-            bt_batch_size=8,
-            bt_warmup=2,
+            clip=AdamWStage(steps=6, batch_size=16, lr=2e-3, weight_decay=0.1, warmup=2),
+            bt=AdamWStage(steps=6, batch_size=8, lr=1e-4, warmup=2),
             dev_pairs=8,
             eval_every=3,
             aesthetic_images=64,
-            aesthetic_steps=10,
-            aesthetic_batch_size=32,
+            aesthetic=AdamWStage(steps=10, batch_size=32, lr=1e-3),
             heldout_pairs=16,
         )
-
-
-def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _optimiser(
-    params: Sequence[nn.Parameter], lr: float, weight_decay: float, warmup: int, total: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(warmup, total))
 
 
 def _clamp_logit_scale(model: open_clip.CLIP) -> None:
@@ -172,14 +135,12 @@ def pretrain_contrastive(
     rng = random.Random(f"shapes-proxy-clip-{seed}")
     generator = torch.Generator().manual_seed(seed)
     loss_fn = open_clip.ClipLoss()
-    optimiser, scheduler = _optimiser(
-        list(model.parameters()), config.clip_lr, config.clip_weight_decay, config.clip_warmup, config.clip_steps
-    )
+    optimiser, scheduler = config.clip.optimizer(model.parameters())
     model.train()
-    tail = max(1, config.clip_steps // 10)
+    tail = max(1, config.clip.steps // 10)
     losses, top1 = [], []
-    for step in range(config.clip_steps):
-        captions = [c.text for c in sample_captions(config.clip_batch_size, rng)]
+    for step in range(config.clip.steps):
+        captions = [c.text for c in sample_captions(config.clip.batch_size, rng)]
         scenes = scenes_for_captions(captions, generator, p_nuisance=config.p_nuisance)
         images = render(scenes, generator).to(device)  # (B, 3, 16, 16)
         u_image = image_embeddings(model, images)  # (B, E)
@@ -190,7 +151,7 @@ def pretrain_contrastive(
         optimiser.step()
         scheduler.step()
         _clamp_logit_scale(model)
-        if step >= config.clip_steps - tail:
+        if step >= config.clip.steps - tail:
             losses.append(loss.item())
             hits = (u_image @ u_text.T).argmax(-1) == torch.arange(len(captions), device=device)
             top1.append(hits.float().mean().item())
@@ -233,17 +194,15 @@ def finetune_bradley_terry(
     """
     score = lambda images, captions: pick_scores(model, tokenizer, images, captions)  # noqa: E731
     batcher = train.batcher(seed)
-    optimiser, scheduler = _optimiser(
-        list(model.parameters()), config.bt_lr, config.bt_weight_decay, config.bt_warmup, config.bt_steps
-    )
+    optimiser, scheduler = config.bt.optimizer(model.parameters())
     model.eval()
     best_acc = start_acc = preference_accuracy(score, dev)
     best_step, best_state = 0, copy.deepcopy(model.state_dict())
-    tail = max(1, config.bt_steps // 10)
+    tail = max(1, config.bt.steps // 10)
     losses = []
     model.train()
-    for step in range(1, config.bt_steps + 1):
-        captions, x_w, x_l = batcher.next_batch(config.bt_batch_size)
+    for step in range(1, config.bt.steps + 1):
+        captions, x_w, x_l = batcher.next_batch(config.bt.batch_size)
         b = len(captions)
         scores = pick_scores(model, tokenizer, torch.cat([x_w, x_l]), captions + captions)  # (2B,)
         loss = -F.logsigmoid(scores[:b] - scores[b:]).mean()  # eq. 4
@@ -252,9 +211,9 @@ def finetune_bradley_terry(
         optimiser.step()
         scheduler.step()
         _clamp_logit_scale(model)
-        if step > config.bt_steps - tail:
+        if step > config.bt.steps - tail:
             losses.append(loss.item())
-        if step % config.eval_every == 0 or step == config.bt_steps:
+        if step % config.eval_every == 0 or step == config.bt.steps:
             model.eval()
             acc = preference_accuracy(score, dev)
             model.train()
@@ -309,11 +268,10 @@ def fit_aesthetic_head(
     targets = _quality_targets(images, gold).to(device)
     dev_targets = _quality_targets(dev_images, gold).to(device)
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(head.parameters(), lr=config.aesthetic_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(0, config.aesthetic_steps))
+    optimiser, scheduler = config.aesthetic.optimizer(head.parameters())
     head.train()
-    for _ in range(config.aesthetic_steps):
-        index = torch.randint(len(features), (config.aesthetic_batch_size,), generator=generator).to(device)
+    for _ in range(config.aesthetic.steps):
+        index = torch.randint(len(features), (config.aesthetic.batch_size,), generator=generator).to(device)
         loss = F.mse_loss(head(features[index])[:, 0], targets[index])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -454,5 +412,4 @@ __all__ = [
     "preference_accuracy",
     "pretrain_contrastive",
     "train_proxy",
-    "warmup_cosine",
 ]
