@@ -77,6 +77,8 @@ from rlkit_diffusion.intervals import (
     caption_clusters,
     cluster_bootstrap_ci,
     cluster_weights,
+    percentile_interval,
+    weighted_sums,
 )
 from rlkit_diffusion.mdp import DenoisingCore
 from rlkit_diffusion.policy import DiffusionPolicy
@@ -332,7 +334,7 @@ def expected_best_of_n(rewards: np.ndarray, select_by: np.ndarray | None = None)
     curve = np.empty(n)
     for big_n in range(1, n + 1):
         w = np.array([math.comb(i - 1, big_n - 1) for i in range(1, n + 1)], dtype=np.float64) / math.comb(n, big_n)
-        curve[big_n - 1] = float((r @ w).mean())
+        curve[big_n - 1] = float((r @ w).mean() if np.isfinite(r).all() else weighted_sums(w, r.T).mean())
     return curve
 
 
@@ -548,10 +550,6 @@ def draws_for_half(curve: np.ndarray) -> tuple[float, bool]:
     return best_of_n_equivalent(np.asarray(curve, dtype=np.float64), 0.5)
 
 
-def _percentiles(values: np.ndarray) -> tuple[float, float]:
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
-
-
 def _best_of_n_metrics(
     base: dict, r_t: np.ndarray, per_prompt: tuple[int, int], pre: str, cfg: EvalConfig
 ) -> dict[str, Any]:
@@ -568,9 +566,11 @@ def _best_of_n_metrics(
     weights = cluster_bootstrap_weights(n_p, cfg)  # (n_boot, P)
     per_caption_max = np.stack([expected_best_of_n(row[None]) for row in base["gold"].reshape(per_prompt)])  # (P, m)
     mean_t = r_t.reshape(per_prompt).mean(1)  # (P,)
-    boot_curves, boot_t = weights @ per_caption_max / n_p, weights @ mean_t / n_p  # (n_boot, m), (n_boot,)
+    boot_curves = weighted_sums(weights, per_caption_max) / n_p  # (n_boot, m)
+    boot_t = weighted_sums(weights, mean_t) / n_p  # (n_boot,); a −inf reward is −inf only where drawn
     crossings = np.array([best_of_n_equivalent(c, t)[0] for c, t in zip(boot_curves, boot_t)])
-    out[f"{pre}best_of_n_equivalent_ci_low"], out[f"{pre}best_of_n_equivalent_ci_high"] = _percentiles(crossings)
+    lo, hi = percentile_interval(crossings)
+    out[f"{pre}best_of_n_equivalent_ci_low"], out[f"{pre}best_of_n_equivalent_ci_high"] = lo, hi
     p_beat = best_of_n_beats_probability(base["gold"].reshape(per_prompt), r_t.reshape(per_prompt))  # (P, m)
     s8 = p_beat.mean(0)
     boot_s8 = weights @ p_beat / n_p  # (n_boot, m)
@@ -580,7 +580,8 @@ def _best_of_n_metrics(
     n_half, half_censored = draws_for_half(s8)
     out[f"{pre}s8_base_draws_for_half"], out[f"{pre}s8_base_draws_for_half_censored"] = n_half, half_censored
     halves = np.array([draws_for_half(c)[0] for c in boot_s8])
-    out[f"{pre}s8_base_draws_for_half_ci_low"], out[f"{pre}s8_base_draws_for_half_ci_high"] = _percentiles(halves)
+    lo, hi = percentile_interval(halves)
+    out[f"{pre}s8_base_draws_for_half_ci_low"], out[f"{pre}s8_base_draws_for_half_ci_high"] = lo, hi
     if not pre:
         out["metric_labels"] = dict(METRIC_LABELS)
     if base["proxy"] is not None:  # the realistic baseline: base draws picked by the proxy, scored by gold

@@ -12,6 +12,9 @@ evaluated under every seed, so a caption's effect is shared across seeds).
   ``groups`` (optional) its seed. A replicate draws caption weights v_c and seed weights w_s (multinomial counts)
   and reports Σ_{s,c} w_s v_c S[s,c] / Σ_{s,c} w_s v_c N[s,c], S/N = per-(seed, caption) sums/counts.
 * `caption_clusters`: the caption label of each row of a caption-major evaluation.
+* A value of −inf (a log-density reward of a diverged sample) makes the mean −inf in the replicates that draw it
+  and in no other (`weighted_sums`), and the interval takes the nearest order statistic at its ends
+  (`percentile_interval`): nothing becomes NaN.
 * `t_interval`: mean and Student-t 95% interval over seeds (one number per seed), cut to the metric's range
   (`metric_range`: a win rate or an accuracy lies in [0, 1], a KL, a diversity or a cost is ≥ 0). With three seeds
   the t-interval of a rate can reach past 0 or 1; the true value cannot, so the interval intersected with the range
@@ -25,6 +28,17 @@ import math
 import numpy as np
 
 
+def percentile_interval(replicates: np.ndarray) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of bootstrap replicates: the percentile 95% interval.
+
+    Linear interpolation between order statistics, as ``np.percentile``; when a replicate is infinite (a mean over a
+    −inf reward, `weighted_sums`) the nearest order statistic instead, since interpolating between −inf and a
+    finite value is undefined (NaN)."""
+    replicates = np.asarray(replicates, dtype=np.float64)
+    method = "linear" if np.isfinite(replicates).all() else "nearest"
+    return float(np.percentile(replicates, 2.5, method=method)), float(np.percentile(replicates, 97.5, method=method))
+
+
 def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean of independent values."""
     values = np.asarray(values, dtype=np.float64)
@@ -32,7 +46,7 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[floa
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return percentile_interval(means)
 
 
 def caption_clusters(n_rows: int, samples_per_prompt: int) -> np.ndarray:
@@ -46,6 +60,33 @@ def cluster_weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
     w = np.zeros((n, k))
     np.add.at(w, (np.repeat(np.arange(n), k), idx.ravel()), 1.0)
     return w
+
+
+def weighted_sums(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``weights @ values`` in which a term of weight 0 is 0 even when its value is ±inf (0 · ∞ := 0).
+
+    A reward can be −inf (toy2d's gold reward is a log-density; a diverged sample far from every mode underflows
+    it). A bootstrap replicate that leaves such a caption out must keep a finite mean, and one that draws it has
+    mean −inf; the plain product would turn both into NaN (0 · −inf). With every value finite this *is*
+    ``weights @ values``, the same bits.
+
+    Args:
+        weights: (B, K) or (K,) non-negative weights (multinomial counts, order-statistic weights).
+        values: (K,) or (K, M).
+
+    Returns:
+        ``weights @ values``: (B,), (B, M), (M,) or a scalar.
+    """
+    weights, values = np.asarray(weights, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if np.isfinite(values).all():
+        return weights @ values
+    w = np.atleast_2d(weights)  # (B, K)
+    v = values.reshape(len(values), -1)  # (K, M)
+    finite = np.isfinite(v)
+    out = w @ np.where(finite, v, 0.0)  # (B, M): the finite terms
+    for k, m in zip(*np.nonzero(~finite)):  # each infinite (or NaN) value joins the sums that weight it
+        out[:, m] = np.where(w[:, k] != 0, out[:, m] + v[k, m], out[:, m])
+    return out.reshape(w.shape[:1] + values.shape[1:]) if weights.ndim == 2 else out.reshape(values.shape[1:])
 
 
 def cluster_bootstrap_means(
@@ -62,8 +103,11 @@ def cluster_bootstrap_means(
     rng = np.random.default_rng(seed)
     v = cluster_weights(rng, n, n_c)  # (n, C) caption weights
     w = cluster_weights(rng, n, n_g) if n_g > 1 else np.ones((n, 1))  # (n, S) seed weights
-    num = np.einsum("bs,sc,bc->b", w, sums, v)
     den = np.einsum("bs,sc,bc->b", w, counts, v)
+    if np.isfinite(sums).all():
+        num = np.einsum("bs,sc,bc->b", w, sums, v)
+    else:  # an infinite value counts only in the replicates that draw its (seed, caption): `weighted_sums`
+        num = weighted_sums((w[:, :, None] * v[:, None, :]).reshape(n, -1), sums.ravel())
     return num / np.maximum(den, 1e-300)
 
 
@@ -74,7 +118,7 @@ def cluster_bootstrap_ci(
     if len(values) == 0:
         return float("nan"), float("nan")
     means = cluster_bootstrap_means(values, clusters, groups, n, seed)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return percentile_interval(means)
 
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}

@@ -43,6 +43,19 @@ def test_expected_best_of_n_equals_brute_force_over_subsets():
     assert np.all(np.diff(curve) >= 0)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_expected_best_of_n_with_a_minus_infinite_draw():
+    """A −inf draw (a diverged sample under a log-density reward) is the mean's, not the best of all draws'."""
+    rewards = np.array([[3.0, -np.inf, 1.0, 2.0], [0.5, 1.5, 2.5, 3.5]])
+    curve = expected_best_of_n(rewards)
+    assert curve[0] == -np.inf  # N = 1: the mean reward
+    # N ≥ 2: a subset all of −inf needs two −inf draws; one alone loses to any finite partner (brute force)
+    for n in range(2, 5):
+        subsets = list(itertools.combinations(range(4), n))
+        oracle = np.mean([[rewards[p, list(s)].max() for s in subsets] for p in range(2)])
+        assert curve[n - 1] == pytest.approx(oracle, abs=1e-12)
+
+
 def test_best_of_n_equivalent_interpolates_and_censors():
     curve = np.array([2.75, 3.8333333, 4.5, 5.0])  # the brute-force curve of draws (3, 1, 2, 5)
     assert best_of_n_equivalent(curve, 4.0) == (pytest.approx(2.25), False)

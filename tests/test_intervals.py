@@ -11,8 +11,10 @@ from rlkit_diffusion.intervals import (
     cluster_bootstrap_means,
     cluster_weights,
     metric_range,
+    percentile_interval,
     t_interval,
     t_quantile,
+    weighted_sums,
 )
 
 
@@ -104,3 +106,28 @@ def test_t_interval_is_cut_to_the_metrics_range():
     assert t_interval([-3.0, 0.0, 9.0], "gold_reward_trained") == t_interval([-3.0, 0.0, 9.0])
     assert metric_range("implicit_acc") == metric_range("reward_acc_proxy") == (0.0, 1.0)
     assert metric_range("s8_base_draws_for_half")[0] == 0.0 and metric_range("implicit_margin")[0] == -np.inf
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_minus_infinite_value_counts_only_where_it_is_drawn():
+    """A −inf reward (toy2d's log-density gold reward of a diverged sample): a replicate that draws its caption has
+    mean −inf, one that leaves it out stays finite, and no statistic becomes NaN (0 · −inf, −inf − −inf)."""
+    rng = np.random.default_rng(0)
+    weights = cluster_weights(rng, 200, 6)  # (200, 6) multinomial caption counts
+    finite = rng.normal(size=(6, 3))
+    assert np.array_equal(weighted_sums(weights, finite), weights @ finite)  # finite values: the same bits
+    assert np.array_equal(weighted_sums(weights[0], finite[:, 0]), weights[0] @ finite[:, 0])
+    values = finite[:, 0].copy()
+    values[2] = -np.inf
+    sums = weighted_sums(weights, values)  # (200,)
+    drawn = weights[:, 2] > 0
+    assert np.isneginf(sums[drawn]).all() and 0 < drawn.sum() < 200
+    kept = np.delete(values, 2)
+    assert np.allclose(sums[~drawn], np.delete(weights[~drawn], 2, axis=1) @ kept)
+
+    rows = np.repeat(finite[:, 0], 4)  # (24,) 6 captions × 4 draws
+    rows[9] = -np.inf  # one draw of caption 2
+    lo, hi = cluster_bootstrap_ci(rows, caption_clusters(24, 4))
+    assert lo == -np.inf and np.isfinite(hi)  # P(caption 2 not drawn) = (5/6)^6 ≈ 33%: the upper end is finite
+    assert percentile_interval(np.array([-np.inf, 1.0, 2.0, 3.0])) == (-np.inf, 3.0)
+    assert percentile_interval(np.arange(5.0)) == (float(np.percentile(np.arange(5.0), 2.5)), 3.9)
