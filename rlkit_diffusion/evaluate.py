@@ -331,10 +331,11 @@ def expected_best_of_n(rewards: np.ndarray, select_by: np.ndarray | None = None)
     keys = rewards if select_by is None else np.asarray(select_by, dtype=np.float64)
     r = np.take_along_axis(rewards, np.argsort(keys, axis=1, kind="stable"), axis=1)  # (P, n) in selection order
     n = r.shape[1]
+    finite = bool(np.isfinite(r).all())  # else `weighted_sums`: a −inf draw outside a subset's top is no NaN
     curve = np.empty(n)
     for big_n in range(1, n + 1):
         w = np.array([math.comb(i - 1, big_n - 1) for i in range(1, n + 1)], dtype=np.float64) / math.comb(n, big_n)
-        curve[big_n - 1] = float((r @ w).mean() if np.isfinite(r).all() else weighted_sums(w, r.T).mean())
+        curve[big_n - 1] = float((r @ w).mean() if finite else weighted_sums(w, r.T).mean())
     return curve
 
 

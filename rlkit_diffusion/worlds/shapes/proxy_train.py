@@ -91,9 +91,7 @@ class ProxyTrainConfig:
     """Stage (b) steps between dev evaluations."""
     aesthetic_images: int = 20_000
     """Training-pair images used in stage (c) (at most twice the number of pairs)."""
-    aesthetic: AdamWStage = dataclasses.field(
-        default_factory=lambda: AdamWStage(steps=2000, batch_size=256, lr=1e-3, weight_decay=0.0, warmup=0)
-    )
+    aesthetic: AdamWStage = dataclasses.field(default_factory=lambda: AdamWStage(steps=2000, batch_size=256, lr=1e-3))
     """Stage (c): a batch is that many image embeddings; no warm-up, no weight decay."""
     heldout_pairs: int = 1000
     """Pairs for held-out captions generated for the transfer report (0 skips it)."""
