@@ -17,6 +17,7 @@ Notation (code name → paper symbol):
 ``weight``        ω(λ_t), λ_t = α_t²/σ_t² (constant in practice)
 ``inside``        the argument of log σ(·): the implicit reward margin r(c, x^w_0) − r(c, x^l_0) (eq. 48-49)
 ``s``             the convention's factor on β: ½ (official) or 1 (diffusers, paper)
+``scale``         s β ω(λ_t) per pair (`implicit_scale`): the one factor through which β, s and ω enter a loss
 ================  =================================================================================================
 
 Conventions (peers disagree; each is reproducible with ``beta_convention``):
@@ -104,63 +105,46 @@ def bradley_terry_loss(inside: Tensor) -> dict[str, Tensor]:
     }
 
 
-def dpo_loss(
-    model_err_w: Tensor,
-    model_err_l: Tensor,
-    ref_err_w: Tensor,
-    ref_err_l: Tensor,
-    beta: float,
-    *,
-    convention: str = "official",
-    weight: Tensor | None = None,
-) -> dict[str, Tensor]:
+def dpo_loss(model_err: Tensor, ref_err: Tensor, scale: Tensor) -> dict[str, Tensor]:
     """The Diffusion-DPO loss, eq. 14, from per-sample denoising errors.
 
     Line by line::
 
         Δ_θ    = err_θ(x^w_t) − err_θ(x^l_t)          model_diff   (eq. 14, first bracket minus second, θ terms)
         Δ_ref  = err_ref(x^w_t) − err_ref(x^l_t)      ref_diff     (eq. 14, the reference terms)
-        inside = −s β ω(λ_t) (Δ_θ − Δ_ref)            s = ½ (official), 1 (diffusers, paper)   (`implicit_margin`)
+        inside = −s β ω(λ_t) (Δ_θ − Δ_ref)            scale = s β ω(λ_t)   (`implicit_margin`)
         L      = −E log σ(inside)                     (eq. 14; the Bradley–Terry likelihood of eq. 3/8)
 
     Args:
-        model_err_w, model_err_l, ref_err_w, ref_err_l: (B,) per-sample errors, already reduced over pixels with
-            the convention's reduction (see `per_sample_error`).
-        beta: β.
-        convention: ``official`` | ``diffusers`` | ``paper`` (module docstring).
-        weight: ω(λ_t) per sample (B,), default 1.
+        model_err, ref_err: (2B,) per-sample errors, rows [:B] on the winners and [B:] on the losers, already
+            reduced over pixels with the convention's reduction (see `per_sample_error`).
+        scale: (B,) s β ω(λ_t): β times the convention's s (½ ``official``, 1 ``diffusers``/``paper``; module
+            docstring) times the weighting ω(λ_t) — `implicit_scale(beta, convention, weight, like)`.
 
     Returns:
         ``loss`` plus logs: ``implicit_acc`` (inside > 0, ties count ½), ``reward_margin`` (mean inside), and the
         four mean errors.
     """
-    inside = implicit_margin(
-        model_err_w, model_err_l, ref_err_w, ref_err_l, beta, convention=convention, weight=weight
-    )  # (B,)
+    inside = implicit_margin(model_err, ref_err, scale)  # (B,)
+    model_w, model_l = model_err.detach().chunk(2)
+    ref_w, ref_l = ref_err.detach().chunk(2)
     return {
         **bradley_terry_loss(inside),  # eq. 14
-        "model_mse_w": model_err_w.detach().mean(),
-        "model_mse_l": model_err_l.detach().mean(),
-        "ref_mse_w": ref_err_w.detach().mean(),
-        "ref_mse_l": ref_err_l.detach().mean(),
+        "model_mse_w": model_w.mean(),
+        "model_mse_l": model_l.mean(),
+        "ref_mse_w": ref_w.mean(),
+        "ref_mse_l": ref_l.mean(),
     }
 
 
-def dpo_l2_loss(
-    dist_w: Tensor,
-    dist_l: Tensor,
-    beta: float,
-    *,
-    convention: str = "official",
-    weight: Tensor | None = None,
-) -> dict[str, Tensor]:
+def dpo_l2_loss(dist: Tensor, scale: Tensor) -> dict[str, Tensor]:
     """The S2 "alternative approximation": q(x_t | x_0) p_θ(x_{t−1} | x_t) instead of q(x_{t−1,t} | x_0).
 
     Line by line (supp. S2, the last display of "An alternative approximation"; T factored into β)::
 
-        d^w    = ‖ε_θ(x^w_t, t) − ε_ref(x^w_t, t)‖²     dist_w   (2·σ²-scaled KL(p_θ ‖ p_ref) at x^w_t, Jensen step)
-        d^l    = ‖ε_θ(x^l_t, t) − ε_ref(x^l_t, t)‖²     dist_l
-        inside = −s β ω(λ_t) (d^w − d^l)
+        d^w    = ‖ε_θ(x^w_t, t) − ε_ref(x^w_t, t)‖²     dist[:B]  (2·σ²-scaled KL(p_θ ‖ p_ref) at x^w_t, Jensen step)
+        d^l    = ‖ε_θ(x^l_t, t) − ε_ref(x^l_t, t)‖²     dist[B:]
+        inside = −s β ω(λ_t) (d^w − d^l)               scale = s β ω(λ_t)
         L      = −E log σ(inside)
 
     Property worth knowing (tested): d^w and d^l are squared distances that vanish at θ = θ_ref together with
@@ -169,10 +153,11 @@ def dpo_l2_loss(
     which direction to move. ``sft_weight`` > 0 breaks the tie (the toy2d tuning does this).
 
     Args:
-        dist_w, dist_l: (B,) ‖ε_θ − ε_ref‖² on winners and losers, reduced over pixels (mean, or sum for ``paper``).
-        beta, convention, weight: as in `dpo_loss`.
+        dist: (2B,) ‖ε_θ − ε_ref‖², winners then losers, reduced over pixels (mean, or sum for ``paper``).
+        scale: (B,) s β ω(λ_t), as in `dpo_loss`.
     """
-    inside = -implicit_scale(beta, convention, weight, dist_w) * (dist_w - dist_l)  # (B,)
+    dist_w, dist_l = dist.chunk(2)  # (B,), (B,)
+    inside = -scale * (dist_w - dist_l)  # (B,)
     return {
         **bradley_terry_loss(inside),
         "dist_w": dist_w.detach().mean(),
@@ -273,32 +258,22 @@ class DPO(PairAlgorithm):
         return {"model": model_pred, "ref": ref_pred, "target": target, "weight": weight, "t": t}
 
     def errors(self, prompts: list[str], x_w: Tensor, x_l: Tensor) -> dict[str, Tensor]:
-        """Shared (t, ε) draw → per-sample model/reference errors on winners and losers, and ω(λ_t)."""
+        """Shared (t, ε) draw → per-sample errors ``model``/``ref`` (2B,: winners, then losers), ω(λ_t) ``weight``,
+        ``t``, and ``model_w`` = model[:B] (the winners' errors: the SFT term, and the per-pair shape of the scale)."""
         p = self.predictions(prompts, x_w, x_l)
         b = len(prompts)
         reduction = "sum" if self.config.beta_convention == "paper" else "mean"
-        m_err = per_sample_error(p["model"], p["target"], reduction)
+        m_err = per_sample_error(p["model"], p["target"], reduction)  # (2B,) winners, then losers
         r_err = per_sample_error(p["ref"], p["target"], reduction)
-        return {
-            "model_w": m_err[:b],
-            "model_l": m_err[b:],
-            "ref_w": r_err[:b],
-            "ref_l": r_err[b:],
-            "weight": p["weight"],
-            "t": p["t"],
-        }
+        return {"model": m_err, "ref": r_err, "weight": p["weight"], "t": p["t"], "model_w": m_err[:b]}
+
+    def scale(self, weight: Tensor | None, like: Tensor) -> Tensor:
+        """s β ω(λ_t) of this configuration (`implicit_scale`), per pair shaped as ``like`` (B,)."""
+        return implicit_scale(self.config.beta, self.config.beta_convention, weight, like)
 
     def loss(self, batch) -> dict[str, Tensor]:
         e = self.errors(*batch)
-        out = dpo_loss(
-            e["model_w"],
-            e["model_l"],
-            e["ref_w"],
-            e["ref_l"],
-            self.config.beta,
-            convention=self.config.beta_convention,
-            weight=e["weight"],
-        )
+        out = dpo_loss(e["model"], e["ref"], self.scale(e["weight"], e["model_w"]))
         return self._extras(out, e["model_w"])
 
     def _extras(self, out: dict[str, Tensor], model_err_w: Tensor) -> dict[str, Tensor]:
@@ -331,7 +306,5 @@ class DPOL2(DPO):
         p = self.predictions(*batch)
         reduction = "sum" if self.config.beta_convention == "paper" else "mean"
         dist = per_sample_error(p["model"], p["ref"], reduction)  # (2B,) ‖ε_θ − ε_ref‖²
-        out = dpo_l2_loss(
-            dist[:b], dist[b:], self.config.beta, convention=self.config.beta_convention, weight=p["weight"]
-        )
+        out = dpo_l2_loss(dist, self.scale(p["weight"], dist[:b]))
         return self._extras(out, per_sample_error(p["model"][:b], p["target"][:b], reduction))

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from algos.dpo import DPO
-from rlkit_diffusion.preference import implicit_margin, per_sample_error, preference_accuracy
+from rlkit_diffusion.preference import implicit_margin, implicit_scale, per_sample_error, preference_accuracy
 
 
 @dataclass
@@ -132,7 +132,7 @@ class DSPO(DPO):
         )
         with torch.no_grad():
             m_err, r_err = per_sample_error(model, target, "mean"), per_sample_error(ref, target, "mean")
-            margin = implicit_margin(m_err[:b], m_err[b:], r_err[:b], r_err[b:], 1.0, convention="diffusers")
+            margin = implicit_margin(m_err, r_err, implicit_scale(1.0, "diffusers", None, m_err[:b]))
         out["implicit_acc"] = preference_accuracy(margin)
         out["reward_margin"] = margin.mean()
         return self._extras(out, m_err[:b])

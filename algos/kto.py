@@ -78,10 +78,8 @@ def kto_loss(
     model_err: Tensor,
     ref_err: Tensor,
     desirable: Tensor,
-    beta: float,
+    scale: Tensor,
     *,
-    convention: str = "diffusers",
-    weight: Tensor | None = None,
     lambda_desirable: float = 1.0,
     lambda_undesirable: float = 1.0,
     reference_point: Tensor | None = None,
@@ -90,7 +88,7 @@ def kto_loss(
 
     Line by line::
 
-        g      = s β ω(λ_t) (err_ref − err_θ)        β log p_θ/p_ref of one (t, ε) draw (Diffusion-DPO eq. 14 terms)
+        g      = scale · (err_ref − err_θ)           β log p_θ/p_ref of one (t, ε) draw (Diffusion-DPO eq. 14 terms)
         Q_ref  = sg[max(0, mean_batch g)]            the reference point, β KL(p_θ ‖ p_ref) estimated (detail 2)
         y      = +1 (desirable) / −1 (undesirable)
         U      = σ(y (g − Q_ref))                    Kahneman–Tversky utility (sigmoid value function)
@@ -99,7 +97,7 @@ def kto_loss(
     Args:
         model_err, ref_err: (B,) per-image errors ‖ε − ε_θ‖², ‖ε − ε_ref‖² (pixel mean; sum for ``paper``).
         desirable: (B,) bool, y = +1 where True.
-        beta, convention, weight: β, its convention and ω(λ_t) (B,) as in `algos.dpo.dpo_loss`.
+        scale: (B,) s β ω(λ_t) per image (`rlkit_diffusion.preference.implicit_scale`; as in `algos.dpo.dpo_loss`).
         lambda_desirable, lambda_undesirable: λ_D, λ_U.
         reference_point: Q_ref if already computed (e.g. averaged over processes); None = from this batch.
 
@@ -107,7 +105,7 @@ def kto_loss(
         ``loss`` plus logs ``kl`` (Q_ref), ``implicit_acc``, ``reward_desirable``/``reward_undesirable`` (mean g of
         each group, NaN if empty) and ``desirable_frac``.
     """
-    g = implicit_scale(beta, convention, weight, model_err) * (ref_err - model_err)  # (B,) implicit reward
+    g = scale * (ref_err - model_err)  # (B,) implicit reward
     q_ref = g.detach().mean().clamp(min=0) if reference_point is None else reference_point.detach()
     y = desirable.float() * 2 - 1  # (B,) ±1
     utility = torch.sigmoid(y * (g - q_ref))  # (B,)
@@ -174,15 +172,14 @@ class KTO(AlgorithmDefaults):
         reduction = "sum" if cfg.beta_convention == "paper" else "mean"
         m_err, r_err = per_sample_error(pred, target, reduction), per_sample_error(ref_pred, target, reduction)
         weight = snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting)
-        g = implicit_scale(cfg.beta, cfg.beta_convention, weight, m_err) * (r_err - m_err)
+        scale = implicit_scale(cfg.beta, cfg.beta_convention, weight, m_err)  # (N,) s β ω(λ_t)
+        g = scale * (r_err - m_err)
         q_ref = ctx.gather(g.detach().mean()[None]).mean().clamp(min=0)  # detail 2, averaged over processes
         return kto_loss(
             m_err,
             r_err,
             desirable,
-            cfg.beta,
-            convention=cfg.beta_convention,
-            weight=weight,
+            scale,
             lambda_desirable=cfg.lambda_desirable,
             lambda_undesirable=cfg.lambda_undesirable,
             reference_point=q_ref,

@@ -311,9 +311,7 @@ class RethinkDPO(DPO):
         weight = snr_weight(ctx.policy.alphas_cumprod[t], cfg.weighting)
         if cfg.snr_scale:
             weight = weight * self.lam.to(weight.device)[t]  # (P4): λ(t) multiplies the DPO argument
-        out = dpo_loss(
-            m_err[:b], m_err[b:], r_err[:b], r_err[b:], cfg.beta, convention=cfg.beta_convention, weight=weight
-        )
+        out = dpo_loss(m_err, r_err, self.scale(weight, m_err[:b]))
         out["lambda_mean"] = self.lam[t.cpu()].mean()
         out["t_mean"] = t.float().mean()
         out["ref_frozen"] = torch.tensor(float(self.frozen))
@@ -350,18 +348,17 @@ class RethinkDPO(DPO):
     def _loss_project(self, batch) -> dict[str, Tensor]:
         cfg = self.config
         e = self.errors(*batch)
-        errs = (e["model_w"], e["model_l"], e["ref_w"], e["ref_l"])
-        weight = e["weight"]
+        errs, weight = (e["model"], e["ref"]), e["weight"]
         logs: dict[str, Tensor] = {}
         if cfg.timestep_aware:
-            inside = implicit_margin(*errs, cfg.beta, convention=cfg.beta_convention, weight=weight)  # (B,)
+            inside = implicit_margin(*errs, self.scale(weight, e["model_w"]))  # (B,)
             self.scaler.update(e["t"], inside.abs())  # (T1)
             lam = self.scaler(e["t"])  # (T2-T3), no gradient
             weight = weight * lam  # (T4): λ(t) multiplies the inside term
             early = e["t"] >= self.ctx.policy.num_train_timesteps // 2
             logs["lambda_early"] = lam[early].mean() if early.any() else torch.tensor(float("nan"))
             logs["lambda_late"] = lam[~early].mean() if (~early).any() else torch.tensor(float("nan"))
-        out = dpo_loss(*errs, cfg.beta, convention=cfg.beta_convention, weight=weight)
+        out = dpo_loss(*errs, self.scale(weight, e["model_w"]))
         out.update(logs)
         return self._extras(out, e["model_w"])
 

@@ -13,6 +13,7 @@ Notation (code name → paper symbol):
 ``err``           SE = ‖ε − ε_θ(x^*_t, t)‖² (model) and ‖ε − ε_ref(x^*_t, t)‖² (reference), reduced over pixels
 ``inside``        the implicit reward margin r(c, x^w_0) − r(c, x^l_0) of one (t, ε) draw (eq. 46, 48-49)
 ``s``             the convention's factor on β: ½ (official) or 1 (diffusers, paper)
+``scale``         s β ω(λ_t) per pair (`implicit_scale`): the one factor through which β, s and ω enter a loss
 ================  =================================================================================================
 
 β conventions (peers disagree; each is reproducible): ``official`` (DiffusionDPO repo: per-pixel MEAN errors,
@@ -58,25 +59,29 @@ def implicit_scale(beta: float, convention: str, weight: Tensor | None, like: Te
     return beta_scale(convention) * beta * w
 
 
-def implicit_margin(
-    model_err_w: Tensor,
-    model_err_l: Tensor,
-    ref_err_w: Tensor,
-    ref_err_l: Tensor,
-    beta: float,
-    *,
-    convention: str = "official",
-    weight: Tensor | None = None,
-) -> Tensor:
+def implicit_margin(model_err: Tensor, ref_err: Tensor, scale: Tensor) -> Tensor:
     """The implicit reward margin r(c, x^w_0) − r(c, x^l_0) of one (t, ε) draw, per pair. (B,)
 
     ``inside = −s β ω(λ_t) [(SE^w_θ − SE^w_ref) − (SE^l_θ − SE^l_ref)]`` — the argument of log σ in eq. 14, and the
     reward difference of eq. 48-49 (written there with the opposite sign; the sign here is the one of eq. 46/14,
     under which a lower error than the reference means a higher reward).
+
+    Args:
+        model_err, ref_err: (2B,) per-sample errors SE_θ, SE_ref; rows [:B] on x^w_t, [B:] on x^l_t, as
+            `paired_predictions` lays out the pair (one forward of both; the official repo's ``chunk(2)``).
+        scale: (B,) s β ω(λ_t), from `implicit_scale` (β, its convention's s and the weighting ω enter only as
+            this product).
     """
-    model_diff = model_err_w - model_err_l  # Δ_θ
-    ref_diff = ref_err_w - ref_err_l  # Δ_ref
-    return -implicit_scale(beta, convention, weight, model_err_w) * (model_diff - ref_diff)
+    if model_err.shape != ref_err.shape or model_err.ndim != 1 or model_err.shape[0] % 2:
+        raise ValueError(
+            "implicit_margin: model_err and ref_err must both be (2B,) — winners then losers — got "
+            f"{tuple(model_err.shape)} and {tuple(ref_err.shape)}"
+        )
+    model_w, model_l = model_err.chunk(2)  # (B,), (B,)
+    ref_w, ref_l = ref_err.chunk(2)
+    model_diff = model_w - model_l  # Δ_θ
+    ref_diff = ref_w - ref_l  # Δ_ref
+    return -scale * (model_diff - ref_diff)
 
 
 def parameterised_weight(policy: DiffusionPolicy, t: Tensor, weight: Tensor | None = None) -> Tensor | None:
@@ -163,10 +168,8 @@ def implicit_reward_margin(
         noise = torch.randn(x_a.shape, generator=generator).to(x_a.device)
         model_pred, ref_pred, target = paired_predictions(policy, ref_policy, x_a, x_b, cond, t, noise)
         m_err, r_err = per_sample_error(model_pred, target, reduction), per_sample_error(ref_pred, target, reduction)
-        weight = parameterised_weight(policy, t)  # None for ε-prediction
-        total += implicit_margin(
-            m_err[:b], m_err[b:], r_err[:b], r_err[b:], beta, convention=convention, weight=weight
-        )
+        scale = implicit_scale(beta, convention, parameterised_weight(policy, t), total)  # ω: None for ε
+        total += implicit_margin(m_err, r_err, scale)
     return total / n_draws
 
 

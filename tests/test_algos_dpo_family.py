@@ -9,7 +9,7 @@ import torch
 
 from algos.dpo import DPO, DPOL2, DPOConfig, DPOL2Config, dpo_l2_loss, rank_pairs
 from algos.sft import sft_loss
-from rlkit_diffusion.preference import implicit_margin, implicit_reward_accuracy
+from rlkit_diffusion.preference import implicit_margin, implicit_reward_accuracy, implicit_scale
 from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,17 +22,19 @@ def softplus(x: float) -> float:
 def test_dpo_l2_golden_value_by_hand():
     d_w, d_l = torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.4])
     # official, β = 2: inside = −½·2·(d_w − d_l) = [−0.3, 0.3]; −log σ(x) = softplus(−x)
-    out = dpo_l2_loss(d_w, d_l, beta=2.0, convention="official")
+    dist = torch.cat([d_w, d_l])  # (2B,): winners, then losers
+    out = dpo_l2_loss(dist, implicit_scale(2.0, "official", None, d_w))
     assert out["loss"].item() == pytest.approx((softplus(0.3) + softplus(-0.3)) / 2, abs=1e-6)
     assert out["implicit_acc"].item() == 0.5
-    paper = dpo_l2_loss(d_w, d_l, beta=2.0, convention="paper", weight=torch.tensor([1.0, 0.0]))
+    paper = dpo_l2_loss(dist, implicit_scale(2.0, "paper", torch.tensor([1.0, 0.0]), d_w))
     assert paper["loss"].item() == pytest.approx((softplus(0.6) + math.log(2)) / 2, abs=1e-6)
 
 
 def test_sft_and_implicit_margin_golden_values():
     assert sft_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.5]))["loss"].item() == pytest.approx(1.25)
     # The winner's error fell by 0.3 against the reference, the loser's did not: a positive reward margin.
-    m = implicit_margin(torch.tensor([0.2]), torch.tensor([0.5]), torch.tensor([0.4]), torch.tensor([0.4]), 1.0)
+    scale = implicit_scale(1.0, "official", None, torch.zeros(1))  # s β = ½
+    m = implicit_margin(torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.4]), scale)  # errors: (winner, loser)
     assert m.item() == pytest.approx(0.15)  # −½·1·(−0.3 − 0)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from algos.dpo import dpo_loss
 from algos.dspo import dspo_loss
-from rlkit_diffusion.preference import per_sample_error
+from rlkit_diffusion.preference import implicit_scale, per_sample_error
 from rlkit_diffusion.train import DivergenceError
 from tests.zoo_helpers import flip_objective, learn, one_thread  # noqa: F401
 
@@ -38,8 +38,9 @@ def test_same_direction_as_eq14_at_the_reference():
         if which == "dspo":
             loss = dspo_loss(m_w, m_l, ref_w, ref_l, eps, eps, beta=4.0)["loss"]
         else:
-            errs = [per_sample_error(p, eps, "mean") for p in (m_w, m_l, ref_w, ref_l)]
-            loss = dpo_loss(*errs, beta=4.0)["loss"]
+            target = torch.cat([eps, eps])  # (2B, 3): winners, then losers
+            model, ref = (per_sample_error(torch.cat(p), target, "mean") for p in ((m_w, m_l), (ref_w, ref_l)))
+            loss = dpo_loss(model, ref, implicit_scale(4.0, "official", None, model[:8]))["loss"]
         loss.backward()
         grads.append(torch.cat([m_w.grad.flatten(), m_l.grad.flatten()]))
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from algos.kto import KTO, KTOConfig, kto_loss
+from rlkit_diffusion.preference import implicit_scale
 from tests.zoo_helpers import did_not_learn, flip_objective, learn, one_thread, toy_context  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,20 +22,20 @@ def test_kto_loss_by_hand():
     model, ref = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.4])
     desirable = torch.tensor([True, False])
     # g = β (ref − model) = [0.2, −0.1]; Q_ref = max(0, mean g) = 0.05; y (g − Q) = [0.15, 0.15]
-    out = kto_loss(model, ref, desirable, beta=1.0, lambda_desirable=2.0, lambda_undesirable=1.0)
+    out = kto_loss(model, ref, desirable, torch.ones(2), lambda_desirable=2.0, lambda_undesirable=1.0)
     assert out["kl"].item() == pytest.approx(0.05)
     assert out["loss"].item() == pytest.approx((2 * (1 - sigmoid(0.15)) + (1 - sigmoid(0.15))) / 2, abs=1e-6)
     assert out["implicit_acc"].item() == 1.0
     assert out["reward_desirable"].item() == pytest.approx(0.2)
     # a negative batch mean is clamped: Q_ref = 0; official scale s = ½ halves g
-    out = kto_loss(torch.tensor([0.6, 0.6]), ref, desirable, beta=2.0, convention="official")
+    out = kto_loss(torch.tensor([0.6, 0.6]), ref, desirable, implicit_scale(2.0, "official", None, ref))
     assert out["kl"].item() == 0.0  # g = [−0.2, −0.2]
     assert out["loss"].item() == pytest.approx(((1 - sigmoid(-0.2)) + (1 - sigmoid(0.2))) / 2, abs=1e-6)
 
 
 def test_gradient_raises_desirable_and_lowers_undesirable_rewards():
     model = torch.tensor([0.4, 0.4], requires_grad=True)
-    kto_loss(model, torch.tensor([0.4, 0.4]), torch.tensor([True, False]), beta=1.0)["loss"].backward()
+    kto_loss(model, torch.tensor([0.4, 0.4]), torch.tensor([True, False]), torch.ones(2))["loss"].backward()
     assert model.grad[0] > 0 > model.grad[1]  # descent lowers the desirable image's error, raises the other's
 
 

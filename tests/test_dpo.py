@@ -9,7 +9,7 @@ import torch
 
 import algos.dpo as dpo_module
 from algos.dpo import dpo_loss
-from rlkit_diffusion.preference import per_sample_error
+from rlkit_diffusion.preference import implicit_scale, per_sample_error
 from tests.helpers import run_toy
 
 
@@ -19,29 +19,31 @@ def test_golden_value_by_hand():
     rw, rl = torch.tensor([1.5, 0.25]), torch.tensor([1.5, 0.75])
     # Δθ = [-1, 0], Δref = [0, -0.5], Δθ − Δref = [-1, 0.5]
     # official, β = 2: inside = −½·2·[-1, 0.5] = [1, −0.5]
-    out = dpo_loss(mw, ml, rw, rl, beta=2.0, convention="official")
+    model, ref = torch.cat([mw, ml]), torch.cat([rw, rl])  # (2B,): winners, then losers
+    out = dpo_loss(model, ref, implicit_scale(2.0, "official", None, mw))
     want = -(math.log(1 / (1 + math.exp(-1.0))) + math.log(1 / (1 + math.exp(0.5)))) / 2
     assert out["loss"].item() == pytest.approx(want, abs=1e-6)
     assert out["loss"].item() == pytest.approx(0.643669, abs=1e-5)  # (0.313262 + 0.974077) / 2
     assert out["implicit_acc"].item() == 0.5 and out["reward_margin"].item() == pytest.approx(0.25)
     # ω(λ_t) multiplies the inside term per sample.
-    weighted = dpo_loss(mw, ml, rw, rl, beta=2.0, convention="official", weight=torch.tensor([2.0, 0.0]))
+    weighted = dpo_loss(model, ref, implicit_scale(2.0, "official", torch.tensor([2.0, 0.0]), mw))
+    assert weighted["model_mse_w"].item() == 0.75 and weighted["ref_mse_l"].item() == pytest.approx(1.125)
     want_w = -(math.log(1 / (1 + math.exp(-2.0))) + math.log(0.5)) / 2
     assert weighted["loss"].item() == pytest.approx(want_w, abs=1e-6)
 
 
 def test_conventions_agree_at_matched_beta():
     g = torch.Generator().manual_seed(0)
-    errs = [torch.rand(8, generator=g) for _ in range(4)]
-    off = dpo_loss(*errs, beta=4000.0, convention="official")["loss"]
-    dif = dpo_loss(*errs, beta=2000.0, convention="diffusers")["loss"]
+    model, ref = torch.rand(16, generator=g), torch.rand(16, generator=g)
+    off = dpo_loss(model, ref, implicit_scale(4000.0, "official", None, model[:8]))["loss"]
+    dif = dpo_loss(model, ref, implicit_scale(2000.0, "diffusers", None, model[:8]))["loss"]
     torch.testing.assert_close(off, dif)
     # The paper form sums over pixels: with D pixels, paper(β) on sums == diffusers(β·D) on means.
     pred, target = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
     s, m = per_sample_error(pred, target, "sum"), per_sample_error(pred, target, "mean")
     torch.testing.assert_close(s, m * 48)
     with pytest.raises(ValueError, match="beta_convention"):
-        dpo_loss(*errs, beta=1.0, convention="half")
+        implicit_scale(1.0, "half", None, model[:8])
 
 
 def test_initial_loss_is_log2_and_ties(toy_world):

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,6 +35,7 @@ import copy
 import torch
 
 from algos.dpo import beta_scale, dpo_l2_loss, dpo_loss, per_sample_error
+from rlkit_diffusion.preference import implicit_scale
 from rlkit_diffusion.worlds import build_world
 
 torch.manual_seed(0)
@@ -66,9 +69,12 @@ D = x_w[0].numel()
 # %%
 def loss(convention: str, beta: float) -> torch.Tensor:
     reduction = "sum" if convention == "paper" else "mean"
-    keys = (("w", "theta"), ("l", "theta"), ("w", "ref"), ("l", "ref"))
-    errs = [per_sample_error(pred[k], eps, reduction) for k in keys]
-    return dpo_loss(*errs, beta, convention=convention)["loss"]
+    model, ref = (
+        torch.cat([per_sample_error(pred[who, name], eps, reduction) for who in ("w", "l")])
+        for name in ("theta", "ref")
+    )  # (2B,) each: winners, then losers
+    scale = implicit_scale(beta, convention, None, model[: len(prompts)])  # s β: the convention enters only here
+    return dpo_loss(model, ref, scale)["loss"]
 
 
 beta = 5.0
@@ -91,6 +97,7 @@ assert beta_scale("official") == 0.5 and beta_scale("diffusers") == beta_scale("
 d_w = per_sample_error(pred["w", "theta"], pred["w", "ref"], "mean").requires_grad_()
 d_l = per_sample_error(pred["l", "theta"], pred["l", "ref"], "mean").requires_grad_()
 for sign, label in ((+1.0, "final display (implemented)"), (-1.0, "literal algebra")):
-    g_w, g_l = torch.autograd.grad(dpo_l2_loss(d_w, d_l, sign * beta)["loss"], (d_w, d_l))
+    scale = implicit_scale(sign * beta, "official", None, d_w)
+    g_w, g_l = torch.autograd.grad(dpo_l2_loss(torch.cat([d_w, d_l]), scale)["loss"], (d_w, d_l))
     print(f"{label:28s}: dL/dd_w {g_w.mean():+.4f}, dL/dd_l {g_l.mean():+.4f}")
     assert (sign * g_w > 0).all() and (sign * g_l < 0).all()

@@ -130,9 +130,13 @@ class SDXLWorldConfig(SDWorldConfig):
     SDXL VAE is kept in fp32)."""
 
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    """The SDXL base checkpoint (its two text encoders and the added-conditioning UNet)."""
     resolution: int = 1024
+    """SDXL's native resolution (128 × 128 latents)."""
     guidance_scale: float = 5.0
+    """The default of the diffusers SDXL pipeline."""
     gradient_checkpointing: bool = True
+    """On, as the official SDXL training: the UNet's activations at 1024 px do not fit otherwise."""
     crops_coords_top: int = 0
     """``crops_coords_top_left[0]`` of the added time ids."""
     crops_coords_left: int = 0
