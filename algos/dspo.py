@@ -72,15 +72,7 @@ class DSPOConfig:
 
 
 def dspo_loss(
-    model_w: Tensor,
-    model_l: Tensor,
-    ref_w: Tensor,
-    ref_l: Tensor,
-    target_w: Tensor,
-    target_l: Tensor,
-    beta: float,
-    *,
-    weight: Tensor | None = None,
+    model: Tensor, ref: Tensor, target: Tensor, beta: float, *, weight: Tensor | None = None
 ) -> dict[str, Tensor]:
     """DSPO's score-matching loss on a batch of pairs with shared (t, ε).
 
@@ -92,9 +84,10 @@ def dspo_loss(
         L     = E ω(λ_t) (L_w + L_l) / 2
 
     Args:
-        model_w, model_l: (B, ...) policy outputs on x^w_t, x^l_t (with gradient).
-        ref_w, ref_l: (B, ...) reference outputs (no gradient).
-        target_w, target_l: (B, ...) the training targets (ε for both under ε-prediction: (t, ε) are shared).
+        model: (2B, ...) policy outputs, rows [:B] on x^w_t and [B:] on x^l_t (with gradient), as the rest of the
+            family lays out a pair (`rlkit_diffusion.preference.paired_predictions`).
+        ref: (2B, ...) reference outputs (no gradient).
+        target: (2B, ...) the training targets (ε for both halves under ε-prediction: (t, ε) are shared).
         beta: β > 0 (β = 1: the winner's plain denoising loss and the loser's reflected one; β < 1 extrapolates).
         weight: ω(λ_t) (B,), default 1.
 
@@ -103,9 +96,11 @@ def dspo_loss(
     """
     if beta <= 0.0:
         raise ValueError(f"dspo: beta must be > 0 (the target moves 1/beta of the residual), got {beta}")
-    ref_w, ref_l = ref_w.detach().float(), ref_l.detach().float()
-    tgt_w = ref_w + (target_w.float() - ref_w) / beta  # toward the winner
-    tgt_l = ref_l - (target_l.float() - ref_l) / beta  # away from the loser
+    model_w, model_l = model.chunk(2)  # (B, ...) each
+    ref_w, ref_l = ref.detach().float().chunk(2)
+    target_w, target_l = target.float().chunk(2)
+    tgt_w = ref_w + (target_w - ref_w) / beta  # toward the winner
+    tgt_l = ref_l - (target_l - ref_l) / beta  # away from the loser
     l_w = per_sample_error(model_w, tgt_w, "mean")  # (B,)
     l_l = per_sample_error(model_l, tgt_l, "mean")  # (B,)
     w = torch.ones_like(l_w) if weight is None else weight
@@ -127,9 +122,7 @@ class DSPO(DPO):
         b = len(batch[0])
         p = self.predictions(*batch)  # rows [:B] winners, [B:] losers; shared (t, ε)
         model, ref, target = p["model"], p["ref"], p["target"]
-        out = dspo_loss(
-            model[:b], model[b:], ref[:b], ref[b:], target[:b], target[b:], self.config.beta, weight=p["weight"]
-        )
+        out = dspo_loss(model, ref, target, self.config.beta, weight=p["weight"])
         with torch.no_grad():
             m_err, r_err = per_sample_error(model, target, "mean"), per_sample_error(ref, target, "mean")
             margin = implicit_margin(m_err, r_err, implicit_scale(1.0, "diffusers", None, m_err[:b]))

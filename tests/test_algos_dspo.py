@@ -18,14 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_dspo_loss_by_hand():
     t = torch.tensor
     # winner: target 0 + (2 − 0)/2 = 1 = ε_θ → 0; loser: target 1 − (3 − 1)/2 = 0, ε_θ = 1 → 1
-    out = dspo_loss(t([[1.0]]), t([[1.0]]), t([[0.0]]), t([[1.0]]), t([[2.0]]), t([[3.0]]), beta=2.0)
+    out = dspo_loss(t([[1.0], [1.0]]), t([[0.0], [1.0]]), t([[2.0], [3.0]]), beta=2.0)  # rows: winner, loser
     assert out["loss"].item() == pytest.approx(0.5)
     assert out["score_loss_w"].item() == 0.0 and out["score_loss_l"].item() == 1.0
     # β = 1: the winner's plain denoising loss; ω weights each pair
-    out = dspo_loss(t([[1.0]]), t([[0.0]]), t([[0.0]]), t([[0.0]]), t([[3.0]]), t([[0.0]]), 1.0, weight=t([0.5]))
+    out = dspo_loss(t([[1.0], [0.0]]), t([[0.0], [0.0]]), t([[3.0], [0.0]]), 1.0, weight=t([0.5]))
     assert out["loss"].item() == pytest.approx(0.5 * (4.0 + 0.0) / 2)
     with pytest.raises(ValueError, match="beta must be > 0"):
-        dspo_loss(t([[1.0]]), t([[1.0]]), t([[0.0]]), t([[1.0]]), t([[2.0]]), t([[3.0]]), beta=0.0)
+        dspo_loss(t([[1.0], [1.0]]), t([[0.0], [1.0]]), t([[2.0], [3.0]]), beta=0.0)
 
 
 def test_same_direction_as_eq14_at_the_reference():
@@ -36,7 +36,7 @@ def test_same_direction_as_eq14_at_the_reference():
     for which in ("dspo", "dpo"):
         m_w, m_l = ref_w.clone().requires_grad_(True), ref_l.clone().requires_grad_(True)
         if which == "dspo":
-            loss = dspo_loss(m_w, m_l, ref_w, ref_l, eps, eps, beta=4.0)["loss"]
+            loss = dspo_loss(torch.cat([m_w, m_l]), torch.cat([ref_w, ref_l]), torch.cat([eps, eps]), beta=4.0)["loss"]
         else:
             target = torch.cat([eps, eps])  # (2B, 3): winners, then losers
             model, ref = (per_sample_error(torch.cat(p), target, "mean") for p in ((m_w, m_l), (ref_w, ref_l)))
