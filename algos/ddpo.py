@@ -248,7 +248,6 @@ class Trajectories:
 
     prompts: list[str]
     cond: Any  # batch B
-    uncond: Any  # batch B or None
     latents: Tensor  # (B, N+1, ...) x_{t_N}, ..., x_0
     log_probs: Tensor  # (B, N) log π_θold of each step
     stds: Tensor  # (B, N) σ_t
@@ -360,7 +359,6 @@ class DDPO(AlgorithmDefaults):
         return Trajectories(
             prompts=prompts,
             cond=ro.cond,
-            uncond=ctx.world.uncond(len(prompts)),
             latents=torch.stack(s.latents, dim=1),
             log_probs=s.log_probs,
             stds=s.stds,
@@ -415,14 +413,7 @@ class DDPO(AlgorithmDefaults):
         tr = mb.batch
         i, k = mb.sample.to(tr.latents.device), mb.step.to(tr.latents.device)
         pick = lambda c: c[i]  # noqa: E731
-        return self.env.rescore(
-            policy,
-            tr.latents[i, k],
-            k,
-            cond_map(pick, tr.cond),
-            uncond=cond_map(pick, tr.uncond),
-            prev_sample=tr.latents[i, k + 1],
-        )
+        return self.env.rescore(policy, tr.latents[i, k], k, cond_map(pick, tr.cond), prev_sample=tr.latents[i, k + 1])
 
     def reduce(self, x: Tensor) -> Tensor:
         """The log-prob convention: summed over dims (as computed) or per-dim mean (ddpo-pytorch)."""

@@ -155,8 +155,9 @@ def check_ratio(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         ro = ctx.env.rollout(ctx.policy, prompts, generator=g, return_trajectory=True, with_reward=False)
     latents = torch.stack(ro.sample.latents, 1)
-    tr = Trajectories(prompts, ro.cond, ctx.world.uncond(4), latents, ro.sample.log_probs, ro.sample.stds,
-                      torch.zeros(4), torch.zeros(4), {})  # fmt: skip
+    tr = Trajectories(
+        prompts, ro.cond, latents, ro.sample.log_probs, ro.sample.stds, torch.zeros(4), torch.zeros(4), {}
+    )
     dev = 0.0
     for k in range(n):
         mbk = Transitions(tr, torch.arange(4), torch.full((4,), k), first=True)
@@ -189,10 +190,7 @@ def check_x0(args: argparse.Namespace) -> dict[str, Any]:
     x0 = batch.latents[:, -1]
     last = batch.latents.shape[1] - 2  # the last step x_{t_1} → x_0
     with torch.no_grad():
-        o = ctx.policy.step(
-            batch.latents[:, last], sched.timesteps[last], sched.prev_timesteps[last], batch.cond,
-            uncond=batch.uncond, guidance_scale=world.guidance_scale, prev_sample=x0,
-        )  # fmt: skip
+        o = ctx.env.rescore(ctx.policy, batch.latents[:, last], last, batch.cond, prev_sample=x0)
     r_x0 = torch.as_tensor(score(world, args.reward, x0, batch.prompts))
     r_hat = torch.as_tensor(score(world, args.reward, o.x0_pred, batch.prompts))
     out = {

@@ -184,7 +184,6 @@ class DenoisingCore:
         index: Tensor | int,
         cond: Cond,
         *,
-        uncond: Cond = None,
         prev_sample: Tensor | None = None,
     ) -> StepOutput:
         """π(· | s) of any ``policy`` at stored states s = (c, t, x_t): THE re-scoring of a recorded trajectory.
@@ -197,8 +196,8 @@ class DenoisingCore:
             policy: the network to score with (the trained policy, the reference, ...).
             x_t: (M, ...) stored states.
             index: schedule positions of the rows, an int or (M,) long (0 = x_T's step).
-            cond: the rows' conditioning, batch M. ``uncond``: batch-M unconditional conditioning (default: the
-                world's, when it guides).
+            cond: the rows' conditioning, batch M (the unconditional side of guidance is the world's, as when
+                sampling: it does not depend on the row, so a trajectory need not store it).
             prev_sample: (M, ...) recorded actions x_{t−1} to score (``log_prob``); None = only the distribution
                 (``log_prob`` and ``prev_sample`` of the output are then None; no noise is drawn).
 
@@ -210,8 +209,7 @@ class DenoisingCore:
             t, t_prev = sched.timesteps.to(x_t.device)[index], sched.prev_timesteps.to(x_t.device)[index]
         else:
             t, t_prev = sched.timesteps[index], sched.prev_timesteps[index]
-        if uncond is None:
-            uncond = self.world.uncond(x_t.shape[0])
+        uncond = self.world.uncond(x_t.shape[0])
         eps = policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=self.world.guidance_scale)
         mean, std, x0_pred = policy.step_distribution(x_t, t, t_prev, eps)
         log_prob = None if prev_sample is None else policy.log_prob(prev_sample, mean, std)
