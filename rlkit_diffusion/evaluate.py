@@ -425,15 +425,14 @@ def preference_accuracies(
     out = implicit_reward_accuracy(
         policy,
         base_policy,
-        world.val_pairs,
-        world.encoder,
+        world,
         n_pairs=cfg.implicit_pairs,
         n_draws=cfg.implicit_draws,
         beta=beta,
         convention=convention,
     )
     names = [n for n in world.rewards if not n.startswith("jpeg")]
-    out.update(reward_preference_accuracy(world, world.val_pairs, names, n_pairs=cfg.implicit_pairs))
+    out.update(reward_preference_accuracy(world, names, n_pairs=cfg.implicit_pairs))
     return out
 
 

@@ -187,12 +187,21 @@ def validation_batches(pairs: PairSource, n_pairs: int, batch_size: int) -> Iter
         pairs.load_state_dict(state)
 
 
+def _pairs_of(world: World, pairs: PairSource | None) -> PairSource:
+    """``pairs``, else the world's validation pairs (a one-line error when it has none)."""
+    if pairs is not None:
+        return pairs
+    if world.val_pairs is None:
+        raise ValueError(f"world {world.name!r} has no validation pairs (val_pairs) for the preference accuracy")
+    return world.val_pairs
+
+
 def implicit_reward_accuracy(
     policy: DiffusionPolicy,
     ref_policy: DiffusionPolicy,
-    pairs: PairSource,
-    encoder: Any,
+    world: World,
     *,
+    pairs: PairSource | None = None,
     n_pairs: int = 512,
     batch_size: int = 256,
     n_draws: int = 10,
@@ -200,15 +209,17 @@ def implicit_reward_accuracy(
     convention: str = "official",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Preference accuracy of the implicit reward on validation pairs (Table 2).
+    """Preference accuracy of the implicit reward on the world's validation pairs (Table 2).
 
     Each pair (c, x^w, x^l) counts as correct when `implicit_reward_margin` (x^A = x^w, x^B = x^l) is > 0, ½ on a
     tie — so a policy equal to its reference scores exactly 0.5. The pair stream is rewound afterwards (its
-    ``state_dict``), so the same pairs are scored every time and the stream is not consumed.
+    ``state_dict``), so the same pairs are scored every time and the stream is not consumed. ``pairs``: another
+    stream to score instead of ``world.val_pairs`` (its prompts are encoded by the world's encoder).
 
     Returns ``{"implicit_acc": ..., "implicit_acc_ci_low/high": percentile bootstrap over pairs,
     "implicit_margin": mean margin}``.
     """
+    pairs = _pairs_of(world, pairs)
     generator = torch.Generator().manual_seed(seed)
     margins = []
     was_training = policy.eps_model.training
@@ -221,7 +232,7 @@ def implicit_reward_accuracy(
                 implicit_reward_margin(
                     policy,
                     ref_policy,
-                    encoder(prompts),
+                    world.encoder(prompts),
                     x_w,
                     x_l,
                     beta=beta,
@@ -245,15 +256,16 @@ def implicit_reward_accuracy(
 
 @torch.no_grad()
 def reward_preference_accuracy(
-    world: World, pairs: PairSource, names: list[str], *, n_pairs: int = 512, batch_size: int = 256
+    world: World, names: list[str], *, pairs: PairSource | None = None, n_pairs: int = 512, batch_size: int = 256
 ) -> dict[str, float]:
-    """Preference accuracy of explicit reward models on validation pairs (the other rows of Table 2).
+    """Preference accuracy of the world's explicit reward models ``names`` on its validation pairs (the other rows
+    of Table 2; ``pairs``: another stream instead of ``world.val_pairs``).
 
     A pair (c, x^w, x^l) counts as correct when r(c, D(x^w)) > r(c, D(x^l)), ½ on a tie: the same rule and the same
     pairs as `implicit_reward_accuracy` (the stream is rewound afterwards). Returns ``{"reward_acc_<name>": ...}``.
     """
     margins: dict[str, list[Tensor]] = {name: [] for name in names}
-    for prompts, x_w, x_l in validation_batches(pairs, n_pairs, batch_size):
+    for prompts, x_w, x_l in validation_batches(_pairs_of(world, pairs), n_pairs, batch_size):
         images = world.decode(torch.cat([x_w, x_l]))  # (2B, ...): winners then losers
         for name in names:
             r = world.reward(name)(images, list(prompts) * 2).float()  # (2B,)

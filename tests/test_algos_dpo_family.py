@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -77,7 +78,7 @@ def test_implicit_accuracy_is_one_half_at_init_and_rewinds_the_stream(toy_world)
     ctx = toy_context(toy_world)
     pairs = ctx.world.val_pairs
     before = pairs.state_dict()["generator"].clone()
-    res = implicit_reward_accuracy(ctx.policy, ctx.base.policy, pairs, ctx.world.encoder, n_pairs=96, n_draws=3)
+    res = implicit_reward_accuracy(ctx.policy, ctx.base.policy, ctx.world, n_pairs=96, n_draws=3)
     # θ = θ_ref: every pair is an exact tie, so the accuracy and both ends of its interval (over pairs) are ½
     assert res == {
         "implicit_acc": 0.5,
@@ -86,6 +87,11 @@ def test_implicit_accuracy_is_one_half_at_init_and_rewinds_the_stream(toy_world)
         "implicit_acc_ci_high": 0.5,
     }
     assert torch.equal(pairs.state_dict()["generator"], before)
+    # another stream may be scored instead; a world without validation pairs gets a one-line error
+    again = implicit_reward_accuracy(ctx.policy, ctx.base.policy, ctx.world, pairs=pairs, n_pairs=96, n_draws=3)
+    assert again == res
+    with pytest.raises(ValueError, match="no validation pairs"):
+        implicit_reward_accuracy(ctx.policy, ctx.base.policy, dataclasses.replace(ctx.world, val_pairs=None))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # a flipped run's samples may reach ±inf
