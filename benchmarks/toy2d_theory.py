@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import special, stats
 
+from rlkit_diffusion.mdp import rescore_at
 from rlkit_diffusion.worlds.toy2d import MODE_STD
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +167,7 @@ def reference_check(world, prompt: str = PROMPT) -> ReferenceCheck:
 
 def step_kls(world, policy, ref_policy, prompt: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean per-step KL(π_θ ‖ π_ref) along n policy samples, and each step's σ_t: ((N,), (N,)) — the terms of the
-    evaluation's path KL (`rlkit_diffusion.evaluate.path_kl`)."""
+    evaluation's path KL (`rlkit_diffusion.mdp.DenoisingCore.path_kl`)."""
     g = torch.Generator().manual_seed(seed)
     schedule = policy.schedule()
     cond = world.encoder([prompt] * n)
@@ -176,10 +177,7 @@ def step_kls(world, policy, ref_policy, prompt: str, n: int, seed: int) -> tuple
         kls = []
         for i in range(len(schedule)):
             x_t, t = out.latents[i], schedule.timesteps[i]
-            eps_ref = ref_policy.predict_noise(
-                x_t, t, cond, uncond=world.uncond(n), guidance_scale=world.guidance_scale
-            )
-            mean_ref, _, _ = ref_policy.step_distribution(x_t, t, schedule.prev_timesteps[i], eps_ref)
+            mean_ref = rescore_at(world, ref_policy, x_t, t, schedule.prev_timesteps[i], cond).mean
             kls.append(float(policy.gaussian_kl(out.means[i], mean_ref, out.stds[:, i]).mean()))
     return np.array(kls), out.stds[0].double().cpu().numpy()
 

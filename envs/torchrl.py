@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torchrl.data import Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from rlkit_diffusion.mdp import DenoisingCore, State
+from rlkit_diffusion.mdp import DenoisingCore, State, rescore_at
 from rlkit_diffusion.policy import DiffusionPolicy
 from rlkit_diffusion.worlds.base import World
 
@@ -124,9 +124,10 @@ class DenoisingTorchRLEnv(EnvBase):
 class StepDistribution(nn.Module):
     """The policy's Gaussian step as a TorchRL actor network: ``(x, t, t_prev, prompt) → (loc, scale)``.
 
-    loc = mean of π_θ(x_{t-1} | x_t, c) and scale = σ_t broadcast to x's shape (`DiffusionPolicy.step`, with the
-    world's classifier-free guidance); ``prompt`` indexes ``prompts`` (the env's). Rows whose σ_t is 0 (a
-    deterministic η = 0 step) have no density: use η > 0 for policy gradients.
+    loc = mean of π_θ(x_{t-1} | x_t, c) and scale = σ_t broadcast to x's shape, from the core's one re-scoring of
+    states (`rlkit_diffusion.mdp.rescore_at`, with the world's classifier-free guidance); ``prompt`` indexes
+    ``prompts`` (the env's). Rows whose σ_t is 0 (a deterministic η = 0 step) have no density: use η > 0 for policy
+    gradients.
     """
 
     def __init__(self, policy: DiffusionPolicy, world: World, prompts: list[str]):
@@ -138,11 +139,8 @@ class StepDistribution(nn.Module):
         x_flat = x.reshape(-1, *self.world.sample_shape)  # (M, *sample_shape)
         prompts = [self.prompts[i] for i in prompt.reshape(-1).tolist()]
         cond = self.world.encoder(prompts)
-        t_flat, t_prev_flat = t.reshape(-1), t_prev.reshape(-1)
-        eps = self.policy.predict_noise(
-            x_flat, t_flat, cond, uncond=self.world.uncond(len(prompts)), guidance_scale=self.world.guidance_scale
-        )
-        mean, std, _ = self.policy.step_distribution(x_flat, t_flat, t_prev_flat, eps)  # (M, ...), (M,)
+        step = rescore_at(self.world, self.policy, x_flat, t.reshape(-1), t_prev.reshape(-1), cond)
+        mean, std = step.mean, step.std  # (M, ...), (M,)
         scale = std.reshape(-1, *([1] * len(self.world.sample_shape))).expand_as(mean)
         return mean.reshape(*lead, *self.world.sample_shape), scale.reshape(*lead, *self.world.sample_shape)
 

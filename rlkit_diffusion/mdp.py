@@ -27,6 +27,28 @@ from rlkit_diffusion.rewards.base import checked_reward
 from rlkit_diffusion.worlds.base import World
 
 
+def rescore_at(
+    world: World,
+    policy: DiffusionPolicy,
+    x_t: Tensor,
+    t: Tensor | int | float,
+    t_prev: Tensor | int | float,
+    cond: Cond,
+    *,
+    prev_sample: Tensor | None = None,
+) -> StepOutput:
+    """π(· | s) of any ``policy`` at states s = (c, t, x_t) given by their timesteps (t → t_prev), with the world's
+    classifier-free guidance: the body of `DenoisingCore.rescore` (which looks t, t_prev up in its schedule), for
+    callers that hold the timesteps themselves (the TorchRL actor, whose observation carries them; a schedule other
+    than the core's). ``prev_sample``: recorded actions to score (``log_prob``); None = only the distribution.
+    """
+    uncond = world.uncond(x_t.shape[0])
+    eps = policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=world.guidance_scale)
+    mean, std, x0_pred = policy.step_distribution(x_t, t, t_prev, eps)
+    log_prob = None if prev_sample is None else policy.log_prob(prev_sample, mean, std)
+    return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob, eps=eps, x0_pred=x0_pred)
+
+
 @dataclass
 class State:
     """A batch of MDP states s = (c, t, x_t); all rows share the step index."""
@@ -209,11 +231,7 @@ class DenoisingCore:
             t, t_prev = sched.timesteps.to(x_t.device)[index], sched.prev_timesteps.to(x_t.device)[index]
         else:
             t, t_prev = sched.timesteps[index], sched.prev_timesteps[index]
-        uncond = self.world.uncond(x_t.shape[0])
-        eps = policy.predict_noise(x_t, t, cond, uncond=uncond, guidance_scale=self.world.guidance_scale)
-        mean, std, x0_pred = policy.step_distribution(x_t, t, t_prev, eps)
-        log_prob = None if prev_sample is None else policy.log_prob(prev_sample, mean, std)
-        return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob, eps=eps, x0_pred=x0_pred)
+        return rescore_at(self.world, policy, x_t, t, t_prev, cond, prev_sample=prev_sample)
 
     def path_kl(self, policy: DiffusionPolicy, ref_policy: DiffusionPolicy, rollout: Rollout) -> Tensor:
         """Σ_t KL(π_θ(·|x_t, c) ‖ π_ref(·|x_t, c)) along a batch of ``policy``'s trajectories (eq. 10): (B,) nats.
