@@ -1,4 +1,8 @@
-"""Captions of the shapes world: templates, parser (with held-out synonyms) and splits."""
+"""Captions of the shapes world: templates, parser (with held-out synonyms) and splits; the vocabulary file."""
+
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,15 @@ from rlkit_diffusion.worlds.shapes.captions import (
     parse_caption,
     sample_captions,
     scenes_for_captions,
+)
+from rlkit_diffusion.worlds.shapes.vocabulary import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SIZES,
+    SYNONYMS,
+    VOCABULARY_FILE,
+    load_vocabulary,
 )
 
 
@@ -103,3 +116,40 @@ def test_caption_targets_and_scenes():
     spec = scenes_for_captions(["a red circle"] * 16, torch.Generator().manual_seed(0), p_nuisance=0.0)
     assert (spec.colour == 0).all() and (spec.shape == 0).all()
     assert len(set(spec.position.tolist())) > 1  # unspecified attributes vary
+
+
+def _edited_vocabulary(tmp_path, edit) -> Path:
+    raw = json.loads(VOCABULARY_FILE.read_text())
+    edit(raw)
+    path = tmp_path / "vocabulary.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_vocabulary_file_round_trips_and_every_synonym_parses_to_its_value(tmp_path):
+    vocab = load_vocabulary(_edited_vocabulary(tmp_path, lambda raw: None))  # written back by json: same tables
+    assert vocab["drawn"] == {"colour": COLOURS, "background": BACKGROUNDS, "size": SIZES, "position": POSITIONS}
+    assert vocab["synonyms"] == SYNONYMS and list(vocab["values"]["colour"]) == list(COLOURS)
+    for attr in ("shape", "colour", "size"):
+        for value, words in SYNONYMS[attr].items():
+            for word in words:
+                text = {"shape": f"a {word}", "colour": f"a {word} circle", "size": f"a {word} circle"}[attr]
+                assert getattr(parse_caption(text), attr) == value, (attr, word)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda raw: raw.pop("size"), "size: missing"),
+        (lambda raw: raw["shape"]["values"].append("circle"), "shape: a value is listed twice"),
+        (lambda raw: raw["colour"]["rgb"].update(red=[1.2, 0.0, 0.0]), "colour 'red': rgb must be three numbers"),
+        (lambda raw: raw["colour"]["synonyms"].pop("cyan"), "colour: synonyms must list every value once"),
+        (lambda raw: raw["shape"]["synonyms"].update(square=["circle"]), "shape 'square': needs held-out words"),
+        (lambda raw: raw["position"]["direction"].update(top=[0, 0]), "position: two positions share a direction"),
+        (lambda raw: raw["position"]["phrase"].pop("left"), "position: phrase must list every position"),
+        (lambda raw: raw["size"]["half_extent_px"].update(small=-1), "size 'small': needs a positive px"),
+    ],
+)
+def test_a_broken_vocabulary_file_is_named(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_vocabulary(_edited_vocabulary(tmp_path, edit))

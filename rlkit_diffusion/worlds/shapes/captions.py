@@ -32,19 +32,18 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from rlkit_diffusion.worlds.shapes.render import (
+from rlkit_diffusion.worlds.shapes.render import COMPATIBLE, SceneSpec, sample_scenes
+from rlkit_diffusion.worlds.shapes.vocabulary import (
+    ATTRIBUTE_NAMES,
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
-    COMPATIBLE,
+    POSITION_PHRASES,
     POSITIONS,
     SHAPES,
     SIZES,
-    SceneSpec,
-    sample_scenes,
+    SYNONYMS,
 )
-
-ATTRIBUTE_NAMES: tuple[str, ...] = tuple(ATTRIBUTES)
 
 # Probability that a training caption specifies each attribute (the shape noun is always there).
 P_SPECIFY: dict[str, float] = {"shape": 1.0, "colour": 0.8, "background": 0.5, "size": 0.5, "position": 0.5}
@@ -65,58 +64,6 @@ HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
     }
 )
 
-# Canonical phrases used by training captions.
-POSITION_PHRASES: dict[str, str] = {
-    "center": "in the center",
-    "top": "at the top",
-    "bottom": "at the bottom",
-    "left": "on the left",
-    "right": "on the right",
-    "top left": "in the top left corner",
-    "top right": "in the top right corner",
-    "bottom left": "in the bottom left corner",
-    "bottom right": "in the bottom right corner",
-}
-
-# Held-out vocabulary: synonyms never used in a training caption (all understood by the parser).
-SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "circle": ("disc", "disk", "round shape"),
-    "square": ("box", "block"),
-    "triangle": ("triangular shape", "trigon"),
-    "cross": ("plus sign", "plus"),
-    "diamond": ("rhombus", "lozenge"),
-}
-COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "red": ("crimson", "scarlet"),
-    "green": ("emerald", "jade"),
-    "blue": ("azure", "cobalt"),
-    "yellow": ("golden", "lemon"),
-    "purple": ("violet", "amethyst"),
-    "orange": ("tangerine", "amber"),
-    "white": ("ivory", "snowy"),
-    "black": ("jet black", "ebony"),
-    "pink": ("rose", "bubblegum"),
-    "cyan": ("turquoise", "aqua"),
-}
-BACKGROUND_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "navy": ("dark blue", "midnight blue", "navy blue"),
-    "gray": ("grey", "silver"),
-    "black": ("pitch black", "jet black", "ebony"),
-    "white": ("snow white", "ivory"),
-    "beige": ("cream", "sand", "tan"),
-}
-SIZE_SYNONYMS: dict[str, tuple[str, ...]] = {"small": ("tiny", "little"), "large": ("big", "huge")}
-POSITION_SYNONYM_PHRASES: dict[str, tuple[str, ...]] = {
-    "center": ("in the middle", "centered"),
-    "top": ("near the top", "at the upper edge"),
-    "bottom": ("near the bottom", "at the lower edge"),
-    "left": ("on the left side", "to the left"),
-    "right": ("on the right side", "to the right"),
-    "top left": ("in the upper left corner", "at the top-left"),
-    "top right": ("in the upper right corner", "at the top-right"),
-    "bottom left": ("in the lower left corner", "at the bottom-left"),
-    "bottom right": ("in the lower right corner", "at the bottom-right"),
-}
 # Position words: the parser reads a position from these, in any order ("upper left", "left ... top").
 _VERTICAL_WORDS = {"top": -1, "upper": -1, "bottom": 1, "lower": 1}
 _HORIZONTAL_WORDS = {"left": -1, "right": 1}
@@ -223,23 +170,16 @@ def paraphrase_text(attrs: Mapping[str, str | None], rng: random.Random, p_synon
     _check_attributes(attrs)
     if attrs.get("shape") is None:
         raise ValueError("paraphrase_text: a caption needs a shape")
-    tables = {
-        "shape": SHAPE_SYNONYMS,
-        "colour": COLOUR_SYNONYMS,
-        "background": BACKGROUND_SYNONYMS,
-        "size": SIZE_SYNONYMS,
-        "position": POSITION_SYNONYM_PHRASES,
-    }
     slots: dict[str, str] = {}
     for name, value in attrs.items():
         if value is None:
             continue
         canonical = POSITION_PHRASES[value] if name == "position" else value
-        slots[name] = rng.choice(tables[name][value]) if rng.random() < p_synonym else canonical
+        slots[name] = rng.choice(SYNONYMS[name][value]) if rng.random() < p_synonym else canonical
     index = rng.randrange(len(PARAPHRASE_TEMPLATES))
     text = _paraphrase(index, slots)
     if text == canonical_text(attrs):  # e.g. "a red circle" from template 0 with no clause: force a synonym
-        slots["shape"] = rng.choice(SHAPE_SYNONYMS[attrs["shape"]])
+        slots["shape"] = rng.choice(SYNONYMS["shape"][attrs["shape"]])
         text = _paraphrase(index, slots)
     return text, f"paraphrase:{index}"
 
@@ -258,10 +198,10 @@ def _lexicon(canonical: Sequence[str], synonyms: Mapping[str, Sequence[str]]) ->
     return table
 
 
-_SHAPE_LEX = _lexicon(SHAPES, SHAPE_SYNONYMS)
-_COLOUR_LEX = _lexicon(tuple(COLOURS), COLOUR_SYNONYMS)
-_BACKGROUND_LEX = _lexicon(tuple(BACKGROUNDS), BACKGROUND_SYNONYMS)
-_SIZE_LEX = _lexicon(tuple(SIZES), SIZE_SYNONYMS)
+_SHAPE_LEX = _lexicon(SHAPES, SYNONYMS["shape"])
+_COLOUR_LEX = _lexicon(tuple(COLOURS), SYNONYMS["colour"])
+_BACKGROUND_LEX = _lexicon(tuple(BACKGROUNDS), SYNONYMS["background"])
+_SIZE_LEX = _lexicon(tuple(SIZES), SYNONYMS["size"])
 _OBJECT_LEX: dict[str, tuple[str, str]] = {
     **{k: ("size", v) for k, v in _SIZE_LEX.items()},
     **{k: ("colour", v) for k, v in _COLOUR_LEX.items()},
@@ -447,15 +387,10 @@ def scenes_for_captions(
 
 __all__ = [
     "ATTRIBUTE_NAMES",
-    "BACKGROUND_SYNONYMS",
-    "COLOUR_SYNONYMS",
     "HELDOUT_COMBOS",
     "PARAPHRASE_TEMPLATES",
     "POSITION_PHRASES",
-    "POSITION_SYNONYM_PHRASES",
     "P_SPECIFY",
-    "SHAPE_SYNONYMS",
-    "SIZE_SYNONYMS",
     "SPLITS",
     "Caption",
     "all_canonical_captions",

@@ -12,6 +12,8 @@ size            small (half-extent 2.5 px), large (half-extent 4.5 px)
 position        center, top, bottom, left, right and the four corners (``POSITIONS``)
 ==============  ==========================================================================================
 
+The values, their RGB / sizes / directions and the words for them are data: ``vocabulary.json`` (`vocabulary`).
+
 ==============  ==========================================================================================
 nuisance        effect at strength ``s`` in [0, 1]
 ==============  ==========================================================================================
@@ -40,46 +42,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from rlkit_diffusion.worlds.shapes.vocabulary import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES
+
 IMAGE_SIZE = 16
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
-COLOURS: dict[str, tuple[float, float, float]] = {
-    "red": (0.90, 0.10, 0.10),
-    "green": (0.10, 0.70, 0.20),
-    "blue": (0.15, 0.35, 1.00),
-    "yellow": (0.95, 0.90, 0.10),
-    "purple": (0.55, 0.15, 0.75),
-    "orange": (1.00, 0.55, 0.00),
-    "white": (0.97, 0.97, 0.97),
-    "black": (0.03, 0.03, 0.03),
-    "pink": (1.00, 0.55, 0.80),
-    "cyan": (0.10, 0.90, 0.95),
-}
-BACKGROUNDS: dict[str, tuple[float, float, float]] = {
-    "navy": (0.08, 0.10, 0.35),
-    "gray": (0.50, 0.50, 0.50),
-    "black": (0.00, 0.00, 0.00),
-    "white": (1.00, 1.00, 1.00),
-    "beige": (0.85, 0.80, 0.65),
-}
-SIZES: dict[str, float] = {"small": 2.5, "large": 4.5}
-POSITIONS: dict[str, tuple[int, int]] = {
-    "center": (0, 0),
-    "top": (0, -1),
-    "bottom": (0, 1),
-    "left": (-1, 0),
-    "right": (1, 0),
-    "top left": (-1, -1),
-    "top right": (1, -1),
-    "bottom left": (-1, 1),
-    "bottom right": (1, 1),
-}
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
-    "background": tuple(BACKGROUNDS),
-    "size": tuple(SIZES),
-    "position": tuple(POSITIONS),
-}
 NUISANCES: tuple[str, ...] = ("blur", "noise", "contrast", "jitter", "clutter", "drift")
 
 MARGIN_PX = 1.0  # an object at an edge anchor keeps this distance to the image border
