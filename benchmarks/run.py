@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import torch
@@ -58,6 +58,9 @@ from rlkit_diffusion.checkpoint import atomic_write_json, latest_checkpoint, rea
 from rlkit_diffusion.evaluate import EvalConfig, evaluate
 from rlkit_diffusion.logging import MetricLogger, make_logger, tracker_names
 from rlkit_diffusion.train import BudgetConfig, ResumeError, TrainConfig, check_resume_layout, train
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -200,6 +203,38 @@ def eval_record(
     }
 
 
+def make_accelerator(cfg: DictConfig, s: Settings) -> Accelerator:
+    """The run's accelerator: CPU when ``device=cpu`` (or ``auto`` without CUDA), the run's trackers, and the
+    collective timeout ``train.collective_timeout_s``. A job that torchrun restarted first joins its own attempt's
+    process group (`init_restarted_process_group`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    init_restarted_process_group(timedelta(seconds=s.train.collective_timeout_s), cpu)
+    return Accelerator(
+        cpu=cpu,
+        gradient_accumulation_steps=s.train.grad_accum,
+        log_with=tracker_names(cfg.get("logger")) or None,  # logger=tensorboard|wandb|trackio|mlflow|none (a list)
+        project_dir=cfg.out_dir,
+        # several processes: a rank that stops answering fails the collectives after this, instead of a hang
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=s.train.collective_timeout_s))],
+    )
+
+
+def mark_stopped(summary: dict[str, Any], run_dir: Path, main: bool) -> Interrupted:
+    """A run that SIGINT/SIGTERM stopped (checkpointed by the loop): the main process writes ``STOPPED`` with the
+    resume command and prints it. Returns the `Interrupted` to raise (its signal number ends a caller's loop over
+    runs too)."""
+    command = f"python -m benchmarks.run resume={run_dir}"
+    stopped = f"STOPPED (interrupted at step {summary['updates']} by {summary['interrupted']})"
+    if main:
+        (run_dir / "STOPPED").write_text(f"{stopped}\nresume with: {command}\n")
+        print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
+    signum = signal.Signals[summary["interrupted"]].value
+    return Interrupted(signum, f"run {run_dir}: {stopped}; resume with: {command}" if main else stopped)
+
+
 def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train ``cfg.algo`` on ``cfg.world`` and evaluate it. Returns the eval.json contents. When SIGINT/SIGTERM
     stopped training the run is checkpointed and ``STOPPED``, and `Interrupted` is raised (a caller that loops over
@@ -207,9 +242,6 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
 
     ``overrides`` are the command-line overrides (Hydra's): on ``resume=`` only those are compared with the run's
     config; None compares every key of ``cfg``."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     t_start = time.perf_counter()
     phases = Phases()
     validate(cfg)  # before any work: nothing is built and no directory is made for a bad config
@@ -228,16 +260,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
             return done
     check_tuning(cfg.world.name, cfg.algo.name)
     s = Settings.of(cfg)
-    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    init_restarted_process_group(timedelta(seconds=s.train.collective_timeout_s), cpu)
-    accelerator = Accelerator(
-        cpu=cpu,
-        gradient_accumulation_steps=s.train.grad_accum,
-        log_with=tracker_names(cfg.get("logger")) or None,  # logger=tensorboard|wandb|trackio|mlflow|none (a list)
-        project_dir=cfg.out_dir,
-        # several processes: a rank that stops answering fails the collectives after this, instead of a hang
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=s.train.collective_timeout_s))],
-    )
+    accelerator = make_accelerator(cfg, s)
     main = accelerator.is_main_process
     ctx = build_run(cfg, accelerator, s.train.batch_size)
     run_dir = prepare_run_dir(cfg, run_dir, main)
@@ -261,14 +284,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | Non
     phases.end("build")
     summary = train_run(cfg, s, algo, ctx, run_dir, resume_from, logger)
     if summary.get("interrupted"):
-        command = f"python -m benchmarks.run resume={run_dir}"
-        stopped = f"STOPPED (interrupted at step {summary['updates']} by {summary['interrupted']})"
-        if main:
-            (run_dir / "STOPPED").write_text(f"{stopped}\nresume with: {command}\n")
-            print(f"{stopped}; checkpoint {summary['checkpoint']}\nresume with: {command}", flush=True)
         logger.close()
-        signum = signal.Signals[summary["interrupted"]].value  # ends the caller's loop over runs too
-        raise Interrupted(signum, f"run {run_dir}: {stopped}; resume with: {command}" if main else stopped)
+        raise mark_stopped(summary, run_dir, main)
     phases.end("train")
     if not main:
         # Rank 0 evaluates alone; the other ranks are done. No barrier here or after the evaluation: a long final
