@@ -60,14 +60,17 @@ def load_vocabulary(path: Path | str = VOCABULARY_FILE) -> dict[str, Any]:
             _check(len(values[attr]) == len(entry.get("values", ())), path, "shape", "a value is listed twice")
         _check(len(values[attr]) > 0, path, attr, f"no values (expected a {_DRAWN.get(attr, 'values')!r} table)")
         _check(set(entry.get("synonyms", {})) == set(values[attr]), path, attr, "synonyms must list every value once")
+        for v in values[attr]:
+            words = entry["synonyms"][v]
+            clash = isinstance(words, list) and sorted(set(words) & set(values[attr]) - {v})
+            ok = isinstance(words, list) and len(words) > 0 and all(isinstance(w, str) for w in words) and not clash
+            what = f"needs a list of held-out words, none of them another value's name (got {words!r})"
+            _check(ok, path, f"{attr} {v!r}", what)
         synonyms[attr] = {v: tuple(entry["synonyms"][v]) for v in values[attr]}
-        for v, words in synonyms[attr].items():
-            clash = sorted(set(words) & set(values[attr]) - {v})
-            what = f"needs held-out words, none of them another value's name (got {list(words)})"
-            _check(len(words) > 0 and not clash, path, f"{attr} {v!r}", what)
         if attr in ("colour", "background"):
             for v, rgb in table.items():
-                ok = len(rgb) == 3 and all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in rgb)
+                numbers = isinstance(rgb, list) and all(isinstance(c, (int, float)) for c in rgb)
+                ok = numbers and len(rgb) == 3 and all(0 <= c <= 1 for c in rgb)
                 _check(ok, path, f"{attr} {v!r}", f"rgb must be three numbers in [0, 1], got {rgb}")
             drawn[attr] = {v: tuple(float(c) for c in rgb) for v, rgb in table.items()}
         elif attr == "size":
@@ -76,7 +79,7 @@ def load_vocabulary(path: Path | str = VOCABULARY_FILE) -> dict[str, Any]:
             drawn[attr] = {v: float(px) for v, px in table.items()}
         elif attr == "position":
             for v, d in table.items():
-                ok = len(d) == 2 and all(c in (-1, 0, 1) for c in d)
+                ok = isinstance(d, list) and len(d) == 2 and all(c in (-1, 0, 1) for c in d)
                 _check(ok, path, f"position {v!r}", f"direction must be (x, y) in {{-1, 0, 1}}², got {d}")
             drawn[attr] = {v: (int(d[0]), int(d[1])) for v, d in table.items()}
             _check(len(set(drawn[attr].values())) == len(table), path, "position", "two positions share a direction")
