@@ -258,14 +258,13 @@ class DPO(PairAlgorithm):
         return {"model": model_pred, "ref": ref_pred, "target": target, "weight": weight, "t": t}
 
     def errors(self, prompts: list[str], x_w: Tensor, x_l: Tensor) -> dict[str, Tensor]:
-        """Shared (t, ε) draw → per-sample errors ``model``/``ref`` (2B,: winners, then losers), ω(λ_t) ``weight``,
-        ``t``, and ``model_w`` = model[:B] (the winners' errors: the SFT term, and the per-pair shape of the scale)."""
+        """Shared (t, ε) draw → per-sample errors ``model``/``ref`` (2B,: winners, then losers), ω(λ_t) ``weight``
+        and ``t``."""
         p = self.predictions(prompts, x_w, x_l)
-        b = len(prompts)
         reduction = "sum" if self.config.beta_convention == "paper" else "mean"
         m_err = per_sample_error(p["model"], p["target"], reduction)  # (2B,) winners, then losers
         r_err = per_sample_error(p["ref"], p["target"], reduction)
-        return {"model": m_err, "ref": r_err, "weight": p["weight"], "t": p["t"], "model_w": m_err[:b]}
+        return {"model": m_err, "ref": r_err, "weight": p["weight"], "t": p["t"]}
 
     def scale(self, weight: Tensor | None, like: Tensor) -> Tensor:
         """s β ω(λ_t) of this configuration (`implicit_scale`), per pair shaped as ``like`` (B,)."""
@@ -273,8 +272,9 @@ class DPO(PairAlgorithm):
 
     def loss(self, batch) -> dict[str, Tensor]:
         e = self.errors(*batch)
-        out = dpo_loss(e["model"], e["ref"], self.scale(e["weight"], e["model_w"]))
-        return self._extras(out, e["model_w"])
+        model_w = e["model"].chunk(2)[0]  # (B,) the winners' errors: the scale's per-pair shape, the SFT term
+        out = dpo_loss(e["model"], e["ref"], self.scale(e["weight"], model_w))
+        return self._extras(out, model_w)
 
     def _extras(self, out: dict[str, Tensor], model_err_w: Tensor) -> dict[str, Tensor]:
         """Options shared by the family: the SFT term on the winners and the AI-feedback log."""

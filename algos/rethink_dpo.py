@@ -349,18 +349,19 @@ class RethinkDPO(DPO):
         cfg = self.config
         e = self.errors(*batch)
         errs, weight = (e["model"], e["ref"]), e["weight"]
+        model_w = e["model"].chunk(2)[0]  # (B,) the winners' errors
         logs: dict[str, Tensor] = {}
         if cfg.timestep_aware:
-            inside = implicit_margin(*errs, self.scale(weight, e["model_w"]))  # (B,)
+            inside = implicit_margin(*errs, self.scale(weight, model_w))  # (B,)
             self.scaler.update(e["t"], inside.abs())  # (T1)
             lam = self.scaler(e["t"])  # (T2-T3), no gradient
             weight = weight * lam  # (T4): λ(t) multiplies the inside term
             early = e["t"] >= self.ctx.policy.num_train_timesteps // 2
             logs["lambda_early"] = lam[early].mean() if early.any() else torch.tensor(float("nan"))
             logs["lambda_late"] = lam[~early].mean() if (~early).any() else torch.tensor(float("nan"))
-        out = dpo_loss(*errs, self.scale(weight, e["model_w"]))
+        out = dpo_loss(*errs, self.scale(weight, model_w))
         out.update(logs)
-        return self._extras(out, e["model_w"])
+        return self._extras(out, model_w)
 
     def _after_update_project(self, update: int) -> dict[str, float]:
         if self.config.ref_update == "none" or not self.reference.update(update):
